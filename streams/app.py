@@ -1,0 +1,123 @@
+"""The Faust application: the composition root of a Kestrel worker.
+
+One agent per input topic takes micro-batches (``take_events``), hands them to
+:class:`~streams.processing.Processor`, sends the outputs, waits for the
+broker's acknowledgements, marks them delivered, and only then lets Faust
+ack (and later commit) the input offsets: at-least-once delivery with
+idempotent processing, which is what works on both tansu and Apache Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+
+from streams import topics
+from streams.config import Settings
+from streams.http import install_views
+from streams.metrics import Metrics
+from streams.processing import Output, Processor, RawRecord
+
+log = logging.getLogger("kestrel.worker")
+
+
+class Runtime:
+    """Objects a worker builds once, lazily, inside its event loop."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = Metrics()
+        self._processor: Processor | None = None
+        self._topics: dict[str, Any] = {}
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            client = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5.0)
+            self._processor = Processor(self.settings, client, self.metrics)
+        return self._processor
+
+    def topic(self, name: str) -> Any:
+        if name not in self._topics:
+            self._topics[name] = self.app.topic(name, key_serializer="raw", value_serializer="raw",
+                                                partitions=self.settings.partitions)
+        return self._topics[name]
+
+    async def send(self, outputs: list[Output]) -> None:
+        """Produce and wait until the broker acknowledged every record."""
+        futures = [await self.topic(o.topic).send(key=o.key, value=o.value) for o in outputs]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def handle(self, topic: str, events: list[Any]) -> None:
+        """Process one batch; infrastructure errors are retried, never skipped.
+
+        Faust acks a batch as soon as this returns (or raises), so returning
+        only after delivery is what makes the pipeline lose nothing.
+        """
+        records = [_raw(topic, e) for e in events]
+        delay = 0.1
+        while True:
+            try:
+                outputs = await self.processor.process(topic, records)
+                await self.send(outputs)
+                await self.processor.mark_delivered(outputs)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis or broker trouble: keep the batch, retry
+                log.exception("batch of %d from %s failed; retrying in %.1fs", len(records), topic, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _raw(topic: str, event: Any) -> RawRecord:
+    msg = event.message
+    headers = {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in (msg.headers or [])}
+    ts = msg.timestamp * 1000 if msg.timestamp else None
+    return RawRecord(topic, msg.partition, msg.offset, msg.key, msg.value, headers, ts)
+
+
+def create_app(settings: Settings | None = None) -> faust.App:
+    settings = settings or Settings.from_env()
+    brokers = [f"kafka://{host.strip()}" for host in settings.broker.split(",") if host.strip()]
+    app = faust.App(
+        settings.app_id,
+        broker=brokers,
+        store="memory://",
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        producer_acks=-1,
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+    )
+    runtime = Runtime(app, settings)
+    app.kestrel = runtime  # type: ignore[attr-defined]
+
+    for name in topics.INPUT_TOPICS:
+        _install_agent(app, runtime, name)
+    install_views(app, runtime)
+    return app
+
+
+def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
+    source = runtime.topic(topic_name)
+    size, within = runtime.settings.batch_size, runtime.settings.batch_within_s
+
+    async def consume(stream: Any) -> None:
+        async for events in stream.take_events(size, within=within):
+            await runtime.handle(topic_name, list(events))
+
+    consume.__name__ = consume.__qualname__ = "consume_" + topic_name.replace(".", "_")
+    app.agent(source, name=f"kestrel.{topic_name}")(consume)

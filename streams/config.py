@@ -1,0 +1,81 @@
+"""Runtime settings, read once from the environment (12-factor).
+
+Every knob has a safe default for the embedded demo; production sets the
+broker, Redis URL and secrets through the environment (see README).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "kestrel"
+    app_id: str = "kestrel"
+    partitions: int = 4
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    api_token: str = ""
+    hash_key: str = "kestrel-dev-only-hash-key"
+    max_event_bytes: int = 64 * 1024
+    batch_size: int = 500
+    batch_within_s: float = 0.005
+    dedup_ttl_s: int = 7 * 24 * 3600
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    commit_interval_s: float = 1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        d = cls()
+        return cls(
+            broker=_env("KESTREL_BROKER", d.broker),
+            redis_url=_env("REDIS_URL", d.redis_url),
+            redis_prefix=_env("KESTREL_REDIS_PREFIX", d.redis_prefix),
+            app_id=_env("KESTREL_APP_ID", d.app_id),
+            partitions=int(_env("KESTREL_PARTITIONS", str(d.partitions))),
+            web_host=_env("KESTREL_WEB_HOST", d.web_host),
+            web_port=int(_env("KESTREL_WEB_PORT", str(d.web_port))),
+            api_token=_env("KESTREL_API_TOKEN", d.api_token),
+            hash_key=_env("KESTREL_HASH_KEY", d.hash_key),
+            max_event_bytes=int(_env("KESTREL_MAX_EVENT_BYTES", str(d.max_event_bytes))),
+            batch_size=int(_env("KESTREL_BATCH_SIZE", str(d.batch_size))),
+            batch_within_s=float(_env("KESTREL_BATCH_WITHIN_MS", str(d.batch_within_s * 1000))) / 1000,
+            dedup_ttl_s=int(_env("KESTREL_DEDUP_TTL_S", str(d.dedup_ttl_s))),
+            session_timeout_s=float(_env("KESTREL_SESSION_TIMEOUT_S", str(d.session_timeout_s))),
+            heartbeat_interval_s=float(_env("KESTREL_HEARTBEAT_INTERVAL_S", str(d.heartbeat_interval_s))),
+            commit_interval_s=float(_env("KESTREL_COMMIT_INTERVAL_S", str(d.commit_interval_s))),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give back these settings."""
+        return {
+            "KESTREL_BROKER": self.broker,
+            "REDIS_URL": self.redis_url,
+            "KESTREL_REDIS_PREFIX": self.redis_prefix,
+            "KESTREL_APP_ID": self.app_id,
+            "KESTREL_PARTITIONS": str(self.partitions),
+            "KESTREL_WEB_HOST": self.web_host,
+            "KESTREL_WEB_PORT": str(self.web_port),
+            "KESTREL_API_TOKEN": self.api_token,
+            "KESTREL_HASH_KEY": self.hash_key,
+            "KESTREL_MAX_EVENT_BYTES": str(self.max_event_bytes),
+            "KESTREL_BATCH_SIZE": str(self.batch_size),
+            "KESTREL_BATCH_WITHIN_MS": str(self.batch_within_s * 1000),
+            "KESTREL_DEDUP_TTL_S": str(self.dedup_ttl_s),
+            "KESTREL_SESSION_TIMEOUT_S": str(self.session_timeout_s),
+            "KESTREL_HEARTBEAT_INTERVAL_S": str(self.heartbeat_interval_s),
+            "KESTREL_COMMIT_INTERVAL_S": str(self.commit_interval_s),
+        }

@@ -1,0 +1,327 @@
+"""``kestrel demo``: the whole pipeline on one machine, reconciled end to end.
+
+Starts the embedded broker (unless ``KESTREL_BROKER`` points at one), finds or
+starts Redis, runs a real worker process and the simulator, shows live
+progress, then reconciles every event id sent against the decisions and dead
+letters that came out: ``lost`` and ``duplicates`` are counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from streams import topics
+from streams.config import Settings
+from streams.producer import EventProducer
+from streams.services import EmbeddedBroker, LocalRedis, free_port
+from streams.simulate_cli import paced, send
+from streams.simulator import SimConfig, Simulator
+
+OUTPUT_KINDS = {topics.FRAUD_DECISIONS: "fraud", topics.RECOMMENDATION_DECISIONS: "recs",
+                topics.TRAINING_EXAMPLES: "labels", topics.DEADLETTER: "deadletter"}
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=int, default=20_000, help="events to send (0: use --duration)")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to stream (0: until --events sent)")
+    p.add_argument("--rate", type=float, default=2000.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--invalid-share", type=float, default=0.01, help="share of malformed events injected")
+    p.add_argument("--label-delay", type=float, default=1800.0, help="simulated seconds before labels arrive")
+    p.add_argument("--recs-every", type=int, default=200, help="ask GET /recommendations every N events")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for the last decisions")
+    p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
+
+
+@dataclass
+class Collector:
+    """Reads every output topic from the beginning and tallies event ids."""
+
+    bootstrap: str
+    partitions: int
+    sent_at: dict[str, float]
+    seen: dict[str, Counter] = field(default_factory=lambda: {k: Counter() for k in OUTPUT_KINDS.values()})
+    latencies_ms: list[float] = field(default_factory=list)
+    actions: Counter = field(default_factory=Counter)
+    dl_reasons: Counter = field(default_factory=Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> None:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"demo-{secrets.token_hex(4)}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in OUTPUT_KINDS for p in range(self.partitions)])
+        try:
+            while not self.stop.is_set():
+                for msg in consumer.consume(1000, timeout=0.1):
+                    if msg.error():
+                        continue
+                    self._tally(msg.topic(), msg.value(), time.monotonic())
+        finally:
+            consumer.close()
+
+    def _tally(self, topic: str, value: bytes, now: float) -> None:
+        doc = orjson.loads(value)
+        event_id = doc.get("event_id") or ""
+        kind = OUTPUT_KINDS[topic]
+        with self.lock:
+            self.seen[kind][event_id] += 1
+            sent = self.sent_at.get(event_id)
+            if sent is not None and self.seen[kind][event_id] == 1:
+                self.latencies_ms.append((now - sent) * 1000)
+            if kind == "fraud":
+                self.actions[doc.get("action")] += 1
+            elif kind == "deadletter":
+                self.dl_reasons[doc.get("reason")] += 1
+
+    def distinct(self, kind: str) -> int:
+        with self.lock:
+            return len(self.seen[kind])
+
+    def all_ids(self) -> Counter:
+        with self.lock:
+            total: Counter = Counter()
+            for counts in self.seen.values():
+                total.update(counts)
+            return total
+
+    def percentiles(self) -> tuple[float, float]:
+        with self.lock:
+            if not self.latencies_ms:
+                return 0.0, 0.0
+            arr = np.asarray(self.latencies_ms)
+        return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (urllib.error.URLError, OSError):
+        return 0, None
+
+
+def _wait_ready(base: str, worker: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with code {worker.returncode}")
+        status, _ = _get_json(f"{base}/ready", timeout=1.0)
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"worker not ready after {timeout_s}s")
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    log = log_path.open("ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--loglevel", "warning"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_worker(worker: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def erase_prefix(url: str, prefix: str) -> int:
+    """Delete every key of one run (never FLUSHALL a shared server)."""
+    client = redis.Redis.from_url(url)
+    n = 0
+    batch = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            n += client.delete(*batch)
+            batch.clear()
+    if batch:
+        n += client.delete(*batch)
+    return n
+
+
+class Progress:
+    """One status line, refreshed in place on a terminal and every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, line: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < (0.25 if self.tty else 3.0):
+            return
+        self.last = now
+        if self.tty:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    base = Settings.from_env()
+    run_id = secrets.token_hex(4)
+    embedded = "KESTREL_BROKER" not in os.environ
+    broker = EmbeddedBroker().start() if embedded else None
+    local_redis = LocalRedis(base.redis_url).start()
+    say = (lambda m: print(m, file=sys.stderr))
+    say(f"broker: {'embedded tansu at ' + broker.bootstrap if broker else base.broker + ' (KESTREL_BROKER)'}")
+    say(f"redis: {local_redis.describe()}")
+    settings = base.with_(
+        broker=broker.bootstrap if broker else base.broker, redis_url=local_redis.url,
+        redis_prefix=f"{base.redis_prefix}-demo-{run_id}", app_id=f"{base.app_id}-demo-{run_id}",
+        web_port=free_port(), api_token=base.api_token or secrets.token_urlsafe(24),
+        session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
+    log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
+    worker = None
+    collector_thread = None
+    summary: dict[str, Any] = {}
+    try:
+        topics.ensure_topics(settings.broker, settings.partitions)
+        worker = start_worker(settings, log_path)
+        web = f"http://{settings.web_host}:{settings.web_port}"
+        _wait_ready(web, worker, timeout_s=60)
+        say(f"worker: pid {worker.pid}, {web} (log {log_path})")
+        summary = _stream(args, settings, web, worker)
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        if collector_thread is not None:
+            collector_thread.join()
+        if broker is not None:
+            broker.stop()
+        with contextlib.suppress(redis.RedisError):
+            erase_prefix(settings.redis_url, settings.redis_prefix)
+        local_redis.stop()
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if summary.get("lost", 1) == 0 and summary.get("duplicates", 1) == 0 else 1
+
+
+def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subprocess.Popen) -> dict[str, Any]:
+    sim = Simulator(SimConfig(seed=args.seed, invalid_share=args.invalid_share, label_delay_s=args.label_delay,
+                              max_event_bytes=settings.max_event_bytes))
+    sent_at: dict[str, float] = {}
+    collector = Collector(settings.broker, settings.partitions, sent_at)
+    thread = threading.Thread(target=collector.run, name="collector", daemon=True)
+    thread.start()
+    producer = EventProducer(settings.broker, settings.hash_key)
+    progress = Progress()
+    sent = invalid = recs_requests = 0
+    expected_ctr: list[float] = []
+    started = time.monotonic()
+    last_user: str | None = None
+
+    def line(phase: str) -> str:
+        elapsed = max(time.monotonic() - started, 1e-9)
+        p50, p99 = collector.percentiles()
+        return (f"{phase}: sent {sent:,} ({sent / elapsed:,.0f} ev/s) | fraud decisions "
+                f"{collector.distinct('fraud'):,} | recs {collector.distinct('recs'):,} | labels "
+                f"{collector.distinct('labels'):,} | dead letters {collector.distinct('deadletter'):,} | "
+                f"p50 {p50:.1f} ms p99 {p99:.1f} ms")
+
+    for rec in paced(sim.records(), args.rate, args.events, args.duration):
+        sent_at[rec.event_id] = time.monotonic()
+        send(producer, rec)
+        sent += 1
+        invalid += not rec.valid
+        if rec.kind == "interaction" and rec.event is not None:
+            last_user = rec.event.user_id
+        if args.recs_every and sent % args.recs_every == 0 and last_user:
+            status, body = _get_json(f"{web}/recommendations/{last_user}?k=10")
+            if status == 200:
+                recs_requests += 1
+                user = Simulator.user_index(last_user)
+                items = [Simulator.item_index(i) for i in body["items"]]
+                if items:
+                    expected_ctr.append(float(np.mean([sim.click_probability(user, i) for i in items])))
+        progress.show(line("streaming"))
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker died with code {worker.returncode}")
+    producer.flush()
+    send_elapsed = time.monotonic() - started
+    deadline = time.monotonic() + args.drain_timeout
+    while time.monotonic() < deadline:
+        if set(sent_at) <= set(collector.all_ids()):
+            break
+        progress.show(line("draining"))
+        time.sleep(0.1)
+    time.sleep(0.5)  # let any late duplicate arrive before counting
+    collector.stop.set()
+    thread.join()
+    progress.show(line("done"), force=True)
+    progress.done()
+    seen = collector.all_ids()
+    lost = len(set(sent_at) - set(seen))
+    duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    p50, p99 = collector.percentiles()
+    valid = sum(1 for eid in sent_at if eid in seen) - collector.distinct("deadletter")
+    return {
+        "events_sent": sent,
+        "events_valid": valid,
+        "deadlettered": collector.distinct("deadletter"),
+        "invalid_injected": invalid,
+        "fraud_decisions": collector.distinct("fraud"),
+        "recommendation_decisions": collector.distinct("recs"),
+        "training_examples": collector.distinct("labels"),
+        "recommendation_requests": recs_requests,
+        "recommendation_expected_ctr": round(float(np.mean(expected_ctr)), 4) if expected_ctr else None,
+        "lost": lost,
+        "duplicates": duplicates,
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "events_per_s": round(sent / max(send_elapsed, 1e-9), 1),
+        "actions": dict(collector.actions),
+        "deadletter_reasons": dict(collector.dl_reasons),
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if not summary:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Kestrel demo summary")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    Console(stderr=True).print(table)

@@ -1,0 +1,113 @@
+"""HTTP views of the worker: health, metrics, event intake and recommendations."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import faust
+import orjson
+from faust.web import Request, Response, View
+
+from feature_store.redis_store import read_recent_and_top
+from streams.producer import EVENT_ID_HEADER, partition_key
+from streams.topics import EVENT_TYPE_TOPIC
+from streams.validation import Rejection, validate_document
+
+if TYPE_CHECKING:
+    from streams.app import Runtime
+
+MAX_BATCH = 1000
+
+
+def install_views(app: faust.App, runtime: Runtime) -> None:
+    settings = runtime.settings
+
+    def reply(view: View, doc: Any, status: int = 200) -> Response:
+        return view.bytes(orjson.dumps(doc), content_type="application/json", status=status)
+
+    def refuse(view: View, status: int, error: str, message: str, **extra: Any) -> Response:
+        runtime.metrics.http_rejected.labels(error).inc()
+        return reply(view, {"error": error, "message": message, **extra}, status)
+
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            try:
+                await runtime.processor.client.ping()
+            except Exception as exc:  # noqa: BLE001 - report, do not crash
+                return reply(self, {"status": "degraded", "redis": str(exc)}, 503)
+            return reply(self, {"status": "ok", "redis": "ok", "app": settings.app_id})
+
+    @app.page("/ready")
+    class Ready(View):
+        async def get(self, request: Request) -> Response:
+            assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.consumer.assignment())
+            status = 200 if assigned else 503
+            return reply(self, {"ready": bool(assigned), "partitions": assigned}, status)
+
+    @app.page("/metrics")
+    class PrometheusMetrics(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(runtime.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/recommendations/{user_id}")
+    class Recommendations(View):
+        async def get(self, request: Request, user_id: str) -> Response:
+            raw_k = request.query.get("k", "10")
+            if not raw_k.isdigit() or not 1 <= int(raw_k) <= 100:
+                return refuse(self, 422, "invalid", "k must be an integer from 1 to 100", field="k")
+            k = int(raw_k)
+            proc = runtime.processor
+            token = proc.token("user", user_id)
+            seen_key = proc.keys.entity_part("user", token, "seen_items")
+            (seen,), top = await read_recent_and_top(proc.client, [seen_key], proc.keys.global_("item_popularity"),
+                                                     k + 200)
+            items = proc.recommender.recommend(top, seen, k)
+            return reply(self, {"user_id": user_id, "k": k, "items": items,
+                                "model_version": proc.recommender.version, "path": "popularity"})
+
+    @app.page("/events")
+    class Events(View):
+        async def post(self, request: Request) -> Response:
+            if not settings.api_token:
+                return refuse(self, 403, "disabled", "event intake is off: set KESTREL_API_TOKEN on the worker")
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
+                return refuse(self, 401, "unauthorized", "missing or wrong bearer token")
+            body = await request.read()
+            if len(body) > settings.max_event_bytes * MAX_BATCH:
+                return refuse(self, 413, "oversized", "request body too large")
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return refuse(self, 400, "bad_json", f"not valid JSON: {exc}")
+            docs = doc if isinstance(doc, list) else [doc]
+            if not 1 <= len(docs) <= MAX_BATCH:
+                return refuse(self, 422, "invalid", f"send 1 to {MAX_BATCH} events per request")
+            events = []
+            for i, item in enumerate(docs):
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind not in EVENT_TYPE_TOPIC:
+                    return refuse(self, 422, "invalid", "type must be one of transaction, interaction, label",
+                                  field="type", index=i)
+                if len(orjson.dumps(item)) > settings.max_event_bytes:
+                    return refuse(self, 413, "oversized", f"event larger than {settings.max_event_bytes} bytes",
+                                  index=i)
+                parsed = validate_document(item, kind)
+                if isinstance(parsed, Rejection):
+                    return refuse(self, 422, parsed.reason, parsed.message, field=parsed.field, index=i,
+                                  event_id=parsed.event_id)
+                events.append((kind, item, parsed))
+            futures = []
+            for kind, item, event in events:
+                topic = runtime.topic(EVENT_TYPE_TOPIC[kind])
+                key = partition_key(event, runtime.processor.hasher)
+                futures.append(await topic.send(key=key, value=orjson.dumps(item),
+                                                headers=[(EVENT_ID_HEADER, event.event_id.encode())]))
+            accepted = []
+            for (kind, _, event), fut in zip(events, futures, strict=True):
+                meta = await fut
+                accepted.append({"event_id": event.event_id, "topic": EVENT_TYPE_TOPIC[kind],
+                                 "partition": meta.partition, "offset": meta.offset})
+            return reply(self, {"accepted": len(accepted), "events": accepted}, 202)

@@ -1,0 +1,36 @@
+"""Prometheus metrics of one worker (served at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events_in = Counter("kestrel_events_in", "Records consumed, by topic.", ["topic"], registry=r)
+        self.events_out = Counter("kestrel_events_out", "Records produced, by topic.", ["topic"], registry=r)
+        self.deadletters = Counter("kestrel_deadletters", "Rejected records, by reason.", ["topic", "reason"],
+                                   registry=r)
+        self.replayed = Counter("kestrel_redelivered", "Records seen again after a restart or rebalance.",
+                                ["topic"], registry=r)
+        self.http_rejected = Counter("kestrel_http_rejected", "HTTP events refused, by reason.", ["reason"],
+                                     registry=r)
+        self.decision_latency = Histogram(
+            "kestrel_decision_latency_seconds", "Time from batch receipt to decision produced, by kind.",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.event_age = Histogram(
+            "kestrel_event_age_seconds", "Time from the record's broker timestamp to its decision, by kind.",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
+                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,224 @@
+"""Batch processing of one topic's records: validate, update features, decide.
+
+Broker-agnostic: the Faust agents hand in :class:`RawRecord` batches and send
+the returned :class:`Output` records. Delivery is at-least-once; each output
+carries a ``mark`` key, set in Redis only after the broker acknowledged it,
+so a batch replayed after a crash re-sends only what was never delivered.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from feature_store.definitions import FeatureSet, compile_event
+from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.redis_store import AsyncRedisOnlineStore, read_recent_and_top
+from feature_store.sets import CARD_VELOCITY, USER_ACTIVITY
+from models.popularity import PopularityRecommender
+from models.rules import RuleScorer, card_features
+from models.scoring import FraudScorer
+from streams import topics
+from streams.config import Settings
+from streams.metrics import Metrics
+from streams.producer import EVENT_ID_HEADER
+from streams.schemas import Interaction, Label, Transaction
+from streams.validation import Rejection, parse_event
+
+RECS_PER_DECISION = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes] = field(default_factory=dict)
+    timestamp_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    key: bytes
+    value: bytes
+    mark: str
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def deadletter_record(rec: RawRecord, rej: Rejection, now: float) -> dict[str, Any]:
+    """The dead-letter document: reason, where it came from, and the original bytes."""
+    header_id = rec.headers.get(EVENT_ID_HEADER)
+    return {
+        "type": "deadletter",
+        "reason": rej.reason,
+        "message": rej.message,
+        "field": rej.field,
+        "event_id": rej.event_id or (header_id.decode(errors="replace") if header_id else None),
+        "source_topic": rec.topic,
+        "partition": rec.partition,
+        "offset": rec.offset,
+        "key_b64": base64.b64encode(rec.key).decode() if rec.key is not None else None,
+        "value_b64": base64.b64encode(rec.value).decode() if rec.value is not None else None,
+        "headers": {k: base64.b64encode(v).decode() for k, v in rec.headers.items()},
+        "received_at": _iso(now),
+    }
+
+
+class Processor:
+    """Owns the per-batch logic of every input topic for one worker."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis, metrics: Metrics,
+                 scorer: FraudScorer | None = None, recommender: PopularityRecommender | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.metrics = metrics
+        self.keys = KeySpace(settings.redis_prefix)
+        self.hasher = KeyedHasher(settings.hash_key.encode())
+        self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s)
+        self.scorer: FraudScorer = scorer or RuleScorer()
+        self.recommender = recommender or PopularityRecommender()
+
+    # -- entry point -------------------------------------------------------
+    async def process(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
+        """Every record yields exactly one output (decision or dead letter), minus those already delivered."""
+        started = time.time()
+        event_type = topics.TOPIC_EVENT_TYPE[topic]
+        self.metrics.events_in.labels(topic).inc(len(records))
+        self.metrics.batch_size.labels(topic).observe(len(records))
+        outputs: list[Output] = []
+        valid: list[tuple[RawRecord, Any]] = []
+        for rec in records:
+            parsed = parse_event(rec.value, event_type, self.settings.max_event_bytes)
+            if isinstance(parsed, Rejection):
+                self.metrics.deadletters.labels(topic, parsed.reason).inc()
+                doc = deadletter_record(rec, parsed, started)
+                outputs.append(Output(topics.DEADLETTER, rec.key or b"", orjson.dumps(doc),
+                                      self.keys.published("dl", f"{rec.topic}:{rec.partition}:{rec.offset}")))
+            else:
+                valid.append((rec, parsed))
+        if valid:
+            handler = {"transaction": self._transactions, "interaction": self._interactions,
+                       "label": self._labels}[event_type]
+            outputs.extend(await handler(valid, started))
+        return await self._not_yet_delivered(outputs)
+
+    async def mark_delivered(self, outputs: Sequence[Output]) -> None:
+        """Record that these outputs reached the broker (called after the acks)."""
+        if not outputs:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for out in outputs:
+            pipe.set(out.mark, b"1", ex=self.settings.dedup_ttl_s)
+        await pipe.execute()
+        for out in outputs:
+            self.metrics.events_out.labels(out.topic).inc()
+
+    async def _not_yet_delivered(self, outputs: list[Output]) -> list[Output]:
+        unique: dict[str, Output] = {}
+        for out in outputs:
+            unique.setdefault(out.mark, out)
+        if not unique:
+            return []
+        marks = list(unique)
+        pipe = self.client.pipeline(transaction=False)
+        for mark in marks:
+            pipe.exists(mark)
+        delivered = await pipe.execute()
+        fresh = [unique[m] for m, done in zip(marks, delivered, strict=True) if not done]
+        if len(fresh) < len(outputs):
+            self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))
+        return fresh
+
+    async def _apply(self, fs: FeatureSet, events: Sequence[Any]) -> list[dict[str, float | None]]:
+        ops = [compile_event(fs, e, self.keys, self.hasher) for e in events]
+        return [snap for _, snap in await self.store.apply_batch(ops)]
+
+    def token(self, entity: str, raw_id: str) -> str:
+        return self.hasher.token(entity, raw_id)
+
+    # -- per event type ----------------------------------------------------
+    async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float) -> list[Output]:
+        events = [e for _, e in valid]
+        snaps = await self._apply(CARD_VELOCITY, events)
+        feats = [card_features(e.amount, e.epoch_s, s) for e, s in zip(events, snaps, strict=True)]
+        scores = self.scorer.score_batch(events, feats)
+        now = time.time()
+        outputs, log = [], self.client.pipeline(transaction=False)
+        for (rec, e), f, s in zip(valid, feats, scores, strict=True):
+            card = self.token("card", e.card_id)
+            doc = {
+                "type": "fraud_decision", "event_id": e.event_id, "card": card, "merchant_id": e.merchant_id,
+                "amount": e.amount, "currency": e.currency, "score": s.score, "action": s.action,
+                "reasons": [{"code": r.code, "message": r.message, "value": r.value} for r in s.reasons],
+                "model_version": self.scorer.version,
+                "feature_set": f"{CARD_VELOCITY.name}:{CARD_VELOCITY.version}", "features": f,
+                "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
+                "processing_ms": round((now - started) * 1000, 3),
+            }
+            body = orjson.dumps(doc)
+            log.set(self.keys.decision(e.event_id), body, ex=self.settings.dedup_ttl_s)
+            outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
+                                  self.keys.published("fraud", e.event_id)))
+            self._observe("fraud", rec, started, now)
+        await log.execute()
+        return outputs
+
+    async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float) -> list[Output]:
+        events = [e for _, e in valid]
+        await self._apply(USER_ACTIVITY, events)
+        users = sorted({self.token("user", e.user_id) for e in events})
+        seen_keys = [self.keys.entity_part("user", u, "seen_items") for u in users]
+        seen_sets, top = await read_recent_and_top(
+            self.client, seen_keys, self.keys.global_("item_popularity"), RECS_PER_DECISION * 5)
+        seen_by_user = dict(zip(users, seen_sets, strict=True))
+        now = time.time()
+        outputs = []
+        for rec, e in valid:
+            user = self.token("user", e.user_id)
+            items = self.recommender.recommend(top, seen_by_user[user], RECS_PER_DECISION)
+            doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": items,
+                   "model_version": self.recommender.version, "path": "popularity",
+                   "trigger": {"item_id": e.item_id, "kind": e.kind},
+                   "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
+                   "processing_ms": round((now - started) * 1000, 3)}
+            outputs.append(Output(topics.RECOMMENDATION_DECISIONS, user.encode(), orjson.dumps(doc),
+                                  self.keys.published("recs", e.event_id)))
+            self._observe("recommendation", rec, started, now)
+        return outputs
+
+    async def _labels(self, valid: list[tuple[RawRecord, Label]], started: float) -> list[Output]:
+        pipe = self.client.pipeline(transaction=False)
+        for _, e in valid:
+            pipe.get(self.keys.decision(e.transaction_id))
+        decisions = await pipe.execute()
+        now = time.time()
+        outputs = []
+        for (rec, e), raw in zip(valid, decisions, strict=True):
+            decision = orjson.loads(raw) if raw else None
+            doc = {"type": "training_example", "event_id": e.event_id, "transaction_id": e.transaction_id,
+                   "label": 1 if e.verdict == "fraud" else 0, "verdict": e.verdict, "source": e.source,
+                   "label_time": _iso(e.epoch_s), "decision": decision,
+                   "note": None if decision else "no logged decision for this transaction (expired or unknown)"}
+            key = (decision or {}).get("card") or (self.token("card", e.card_id) if e.card_id else e.transaction_id)
+            outputs.append(Output(topics.TRAINING_EXAMPLES, key.encode(), orjson.dumps(doc),
+                                  self.keys.published("label", e.event_id)))
+            self._observe("label", rec, started, now)
+        return outputs
+
+    def _observe(self, kind: str, rec: RawRecord, started: float, now: float) -> None:
+        self.metrics.decision_latency.labels(kind).observe(now - started)
+        if rec.timestamp_ms:
+            self.metrics.event_age.labels(kind).observe(max(now - rec.timestamp_ms / 1000, 0.0))
