@@ -21,7 +21,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = settings.with_(web_port=args.web_port)
     ensure_topics(settings.broker, settings.partitions)
     app = create_app(settings)
-    worker = Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
+    class QuietWorker(Worker):
+        """No terminal spinner: its DEBUG-level handler makes every library log call build a record."""
+
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            logger.setLevel(level or logging.WARNING)
+
+    worker = QuietWorker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
 

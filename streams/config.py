@@ -32,6 +32,8 @@ class Settings:
     session_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
     commit_interval_s: float = 1.0
+    fetch_max_wait_ms: int = 10
+    linger_ms: float = 1.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -54,6 +56,8 @@ class Settings:
             session_timeout_s=float(_env("KESTREL_SESSION_TIMEOUT_S", str(d.session_timeout_s))),
             heartbeat_interval_s=float(_env("KESTREL_HEARTBEAT_INTERVAL_S", str(d.heartbeat_interval_s))),
             commit_interval_s=float(_env("KESTREL_COMMIT_INTERVAL_S", str(d.commit_interval_s))),
+            fetch_max_wait_ms=int(_env("KESTREL_FETCH_MAX_WAIT_MS", str(d.fetch_max_wait_ms))),
+            linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -78,4 +82,6 @@ class Settings:
             "KESTREL_SESSION_TIMEOUT_S": str(self.session_timeout_s),
             "KESTREL_HEARTBEAT_INTERVAL_S": str(self.heartbeat_interval_s),
             "KESTREL_COMMIT_INTERVAL_S": str(self.commit_interval_s),
+            "KESTREL_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
+            "KESTREL_LINGER_MS": str(self.linger_ms),
         }

@@ -70,11 +70,12 @@ class Collector:
 
     def run(self) -> None:
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"demo-{secrets.token_hex(4)}",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "fetch.wait.max.ms": 10})
         consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in OUTPUT_KINDS for p in range(self.partitions)])
         try:
             while not self.stop.is_set():
-                for msg in consumer.consume(1000, timeout=0.1):
+                for msg in consumer.consume(500, timeout=0.005):
                     if msg.error():
                         continue
                     self._tally(msg.topic(), msg.value(), time.monotonic())

@@ -99,6 +99,7 @@ class Processor:
         self.metrics.events_in.labels(topic).inc(len(records))
         self.metrics.batch_size.labels(topic).observe(len(records))
         outputs: list[Output] = []
+        writes: list[tuple[str, bytes]] = []
         valid: list[tuple[RawRecord, Any]] = []
         for rec in records:
             parsed = parse_event(rec.value, event_type, self.settings.max_event_bytes)
@@ -112,8 +113,8 @@ class Processor:
         if valid:
             handler = {"transaction": self._transactions, "interaction": self._interactions,
                        "label": self._labels}[event_type]
-            outputs.extend(await handler(valid, started))
-        return await self._not_yet_delivered(outputs)
+            outputs.extend(await handler(valid, started, writes))
+        return await self._not_yet_delivered(outputs, writes)
 
     async def mark_delivered(self, outputs: Sequence[Output]) -> None:
         """Record that these outputs reached the broker (called after the acks)."""
@@ -126,17 +127,20 @@ class Processor:
         for out in outputs:
             self.metrics.events_out.labels(out.topic).inc()
 
-    async def _not_yet_delivered(self, outputs: list[Output]) -> list[Output]:
+    async def _not_yet_delivered(self, outputs: list[Output], writes: list[tuple[str, bytes]]) -> list[Output]:
+        """Drop outputs already delivered before a restart; also flushes ``writes`` in the same round trip."""
         unique: dict[str, Output] = {}
         for out in outputs:
             unique.setdefault(out.mark, out)
-        if not unique:
-            return []
         marks = list(unique)
         pipe = self.client.pipeline(transaction=False)
+        for key, value in writes:
+            pipe.set(key, value, ex=self.settings.dedup_ttl_s)
         for mark in marks:
             pipe.exists(mark)
-        delivered = await pipe.execute()
+        if not len(pipe):
+            return []
+        delivered = (await pipe.execute())[len(writes):]
         fresh = [unique[m] for m, done in zip(marks, delivered, strict=True) if not done]
         if len(fresh) < len(outputs):
             self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))
@@ -150,13 +154,14 @@ class Processor:
         return self.hasher.token(entity, raw_id)
 
     # -- per event type ----------------------------------------------------
-    async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float) -> list[Output]:
+    async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
+                            writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
         snaps = await self._apply(CARD_VELOCITY, events)
         feats = [card_features(e.amount, e.epoch_s, s) for e, s in zip(events, snaps, strict=True)]
         scores = self.scorer.score_batch(events, feats)
         now = time.time()
-        outputs, log = [], self.client.pipeline(transaction=False)
+        outputs = []
         for (rec, e), f, s in zip(valid, feats, scores, strict=True):
             card = self.token("card", e.card_id)
             doc = {
@@ -169,14 +174,14 @@ class Processor:
                 "processing_ms": round((now - started) * 1000, 3),
             }
             body = orjson.dumps(doc)
-            log.set(self.keys.decision(e.event_id), body, ex=self.settings.dedup_ttl_s)
+            writes.append((self.keys.decision(e.event_id), body))  # the decision log labels join to
             outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
                                   self.keys.published("fraud", e.event_id)))
             self._observe("fraud", rec, started, now)
-        await log.execute()
         return outputs
 
-    async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float) -> list[Output]:
+    async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
+                            writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
         await self._apply(USER_ACTIVITY, events)
         users = sorted({self.token("user", e.user_id) for e in events})
@@ -199,7 +204,8 @@ class Processor:
             self._observe("recommendation", rec, started, now)
         return outputs
 
-    async def _labels(self, valid: list[tuple[RawRecord, Label]], started: float) -> list[Output]:
+    async def _labels(self, valid: list[tuple[RawRecord, Label]], started: float,
+                      writes: list[tuple[str, bytes]]) -> list[Output]:
         pipe = self.client.pipeline(transaction=False)
         for _, e in valid:
             pipe.get(self.keys.decision(e.transaction_id))
