@@ -45,14 +45,24 @@ def _timestamp(value: Any) -> Any:
 
 
 def csv_records(path: str | Path, event_type: str, mapping: Mapping[str, str], hasher: KeyedHasher,
-                time_field: str = "timestamp") -> Iterator[SimRecord]:
-    """Rows of ``path`` (plain or .gz) as wire records, ordered by the mapped time column."""
-    frame = pd.read_csv(path)
-    rename = {column: field for field, column in mapping.items()}
-    missing = [c for c in rename if c not in frame.columns]
+                constants: Mapping[str, str] | None = None, time_field: str = "timestamp") -> Iterator[SimRecord]:
+    """Rows of ``path`` (plain or .gz) as wire records, ordered by the mapped time column.
+
+    ``mapping`` is field -> column (one column may feed several fields);
+    ``constants`` fills fields the file lacks (e.g. ``currency=EUR``).
+    """
+    source = pd.read_csv(path)
+    missing = sorted({c for c in mapping.values() if c not in source.columns})
     if missing:
         raise ValueError(f"columns not in {path}: {', '.join(missing)}")
-    frame = frame.rename(columns=rename)
+    mapped_columns = set(mapping.values())
+    frame = pd.DataFrame({
+        **{c: source[c] for c in source.columns if c not in mapped_columns},
+        **{field: source[column] for field, column in mapping.items()},
+    })
+    for field, value in (constants or {}).items():
+        if field not in frame.columns:
+            frame[field] = value
     if time_field not in frame.columns:
         raise ValueError(f"no {time_field!r} column: map one with --map {time_field}=COLUMN")
     order = pd.to_datetime(frame[time_field], utc=True, errors="coerce", format="mixed")

@@ -27,6 +27,8 @@ def add_produce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", choices=["transaction", "interaction", "label"], default="transaction",
                    help="event type of the CSV rows")
     p.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="CSV column mapping, repeatable")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="constant for a field the CSV lacks, e.g. currency=EUR; repeatable")
 
 
 def simulated(args: argparse.Namespace, max_event_bytes: int) -> Iterator[SimRecord]:
@@ -62,7 +64,8 @@ def run_produce(args: argparse.Namespace) -> int:
     ensure_topics(settings.broker, settings.partitions)
     producer = EventProducer(settings.broker, settings.hash_key)
     if args.csv:
-        source = csv_records(args.csv, args.type, parse_mapping(args.map), KeyedHasher(settings.hash_key.encode()))
+        source = csv_records(args.csv, args.type, parse_mapping(args.map), KeyedHasher(settings.hash_key.encode()),
+                             constants=parse_mapping(args.set))
     else:
         source = simulated(args, settings.max_event_bytes)
     sent = invalid = 0

@@ -1,0 +1,74 @@
+"""The `kestrel` commands end to end: demo, produce (simulator and CSV replay), schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from streams import topics
+
+pytestmark = pytest.mark.integration
+
+
+def _kestrel(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_demo_reconciles_every_event(redis_url):
+    env = {k: v for k, v in os.environ.items() if k != "KESTREL_BROKER"}
+    env["REDIS_URL"] = redis_url
+    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--events", "2500", "--rate", "800",
+                           "--invalid-share", "0.03", "--label-delay", "60", "--json"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["events_sent"] == 2500
+    assert summary["lost"] == 0 and summary["duplicates"] == 0
+    assert summary["deadlettered"] == summary["invalid_injected"] > 0
+    assert summary["events_valid"] + summary["deadlettered"] == 2500
+    assert summary["fraud_decisions"] > 0 and summary["recommendation_requests"] > 0
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    for key in ("events_sent", "events_valid", "deadlettered", "fraud_decisions", "recommendation_requests",
+                "lost", "duplicates", "p50_ms", "p99_ms", "events_per_s"):
+        assert key in summary
+    assert "embedded tansu" in proc.stderr and "redis:" in proc.stderr
+
+
+def test_csv_replay_in_time_order_with_column_mapping(settings, worker, outputs, tmp_path):
+    rows = [
+        ("TX_ID", "CUSTOMER", "TERMINAL", "TX_AMOUNT", "TX_DATETIME"),
+        ("a3", "c1", "t1", "30.00", "2026-02-01 10:02:00"),
+        ("a1", "c1", "t1", "10.00", "2026-02-01 10:00:00"),
+        ("a2", "c2", "t2", "20.00", "2026-02-01 10:01:00"),
+        ("a4", "c1", "t9", "-5", "2026-02-01 10:03:00"),
+    ]
+    path = tmp_path / "history.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    env = {**settings.to_env()}
+    proc = _kestrel("produce", "--csv", str(path), "--type", "transaction", "--rate", "0",
+                    "--map", "event_id=TX_ID,card_id=CUSTOMER,merchant_id=TERMINAL,terminal_id=TERMINAL",
+                    "--map", "amount=TX_AMOUNT", "--map", "timestamp=TX_DATETIME", "--set", "currency=EUR", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 invalid" in proc.stderr
+    worker.start()
+    outputs.wait_for(topics.FRAUD_DECISIONS, {"a1", "a2", "a3"}, timeout_s=30)
+    outputs.wait_for(topics.DEADLETTER, {"a4"}, timeout_s=30)
+    by_id = {d["event_id"]: d for d in outputs.docs[topics.FRAUD_DECISIONS]}
+    # a1 happened before a3 on the same card: a3 sees two payments in its 10-minute window
+    assert by_id["a3"]["features"]["txn_count_10m"] == 2.0
+    assert by_id["a3"]["features"]["seconds_since_prev"] == 120.0
+    dl = outputs.docs[topics.DEADLETTER][0]
+    assert dl["field"] == "amount"
+
+
+def test_schema_command_exports_all_contracts():
+    proc = _kestrel("schema")
+    doc = json.loads(proc.stdout)
+    assert set(doc["$defs"]) == {"transaction", "interaction", "label"}
+    assert "amount" in doc["$defs"]["transaction"]["required"]
+    assert doc["$defs"]["interaction"]["properties"]["kind"]["enum"] == ["view", "click", "add_to_cart", "purchase"]
