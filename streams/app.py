@@ -41,7 +41,7 @@ class _AiokafkaWithFetchWait:
     def __getattr__(self, name: str) -> Any:
         return getattr(aiokafka, name)
 
-    def AIOKafkaConsumer(self, *args: Any, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:  # noqa: N802
+    def AIOKafkaConsumer(self, *args: Any, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:
         kwargs["fetch_max_wait_ms"] = self._wait
         return aiokafka.AIOKafkaConsumer(*args, **kwargs)
 
@@ -96,7 +96,7 @@ class Runtime:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - Redis or broker trouble: keep the batch, retry
+            except Exception:
                 log.exception("batch of %d from %s failed; retrying in %.1fs", len(records), topic, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -201,7 +201,8 @@ def run_demo(args: argparse.Namespace) -> int:
     embedded = "KESTREL_BROKER" not in os.environ
     broker = EmbeddedBroker().start() if embedded else None
     local_redis = LocalRedis(base.redis_url).start()
-    say = (lambda m: print(m, file=sys.stderr))
+    def say(m):
+        return (print(m, file=sys.stderr))
     say(f"broker: {'embedded tansu at ' + broker.bootstrap if broker else base.broker + ' (KESTREL_BROKER)'}")
     say(f"redis: {local_redis.describe()}")
     settings = base.with_(

@@ -112,7 +112,7 @@ def _wait_for_metadata(bootstrap: str, timeout_s: float) -> None:
         try:
             admin.list_topics(timeout=1.0)
             return
-        except Exception as exc:  # noqa: BLE001 - retry until deadline
+        except Exception as exc:
             last = exc
             time.sleep(0.05)
     raise TimeoutError(f"broker at {bootstrap} gave no metadata: {last}")

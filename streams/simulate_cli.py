@@ -12,7 +12,7 @@ from feature_store.keys import KeyedHasher
 from streams.config import Settings
 from streams.producer import EventProducer
 from streams.replay import csv_records, parse_mapping
-from streams.simulator import SimConfig, Simulator, SimRecord
+from streams.simulator import SimConfig, SimRecord, Simulator
 from streams.topics import ensure_topics
 
 

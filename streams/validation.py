@@ -55,8 +55,8 @@ def validate_document(doc: object, event_type: str) -> Event | Rejection:
     event_id = doc.get("event_id") if isinstance(doc.get("event_id"), str) else None
     version = doc.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        return Rejection("unsupported_version", f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})",
-                         "schema_version", event_id)
+        message = f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        return Rejection("unsupported_version", message, "schema_version", event_id)
     declared = doc.get("type", event_type)
     if declared != event_type:
         return Rejection("wrong_type", f"a {declared!r} event on the {event_type!r} topic", "type", event_id)
@@ -64,6 +64,32 @@ def validate_document(doc: object, event_type: str) -> Event | Rejection:
         return EVENT_MODELS[event_type].model_validate(doc)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
+        where = _field_path(doc, first["loc"], missing=first["type"] == "missing")
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         return Rejection("invalid", f"{where}: {first['msg']}{more}", where, event_id)
+
+
+def _field_path(doc: object, loc: tuple, missing: bool) -> str | None:
+    """The error location as a dotted path of the document's own keys.
+
+    pydantic adds union member tags ("int", "constrained-str") to the
+    location; a producer needs the path of the field it sent (or forgot).
+
+    >>> _field_path({"context": {"a": {"b": 1}}}, ("context", "a", "constrained-str"), missing=False)
+    'context.a'
+    >>> _field_path({"geo": {"lat": 1}}, ("geo", "lon"), missing=True)
+    'geo.lon'
+    """
+    parts: list[str] = []
+    node = doc
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+        else:
+            if missing:
+                parts.append(str(part))
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None

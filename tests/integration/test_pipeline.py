@@ -138,7 +138,7 @@ def test_worker_killed_mid_stream_still_decides_every_event_once(settings, worke
     # byte-identical (same features, same decision) so consumers keyed by event_id see one decision.
     for topic in topics.OUTPUT_TOPICS:
         copies: dict[str, set[bytes]] = {}
-        for doc, raw in zip(outputs.docs[topic], outputs.raw[topic], strict=True):
+        for doc, _raw in zip(outputs.docs[topic], outputs.raw[topic], strict=True):
             copies.setdefault(doc["event_id"], set()).add(_without_timing(doc))
         assert all(len(v) == 1 for v in copies.values()), f"{topic}: an event got two different decisions"
     wire_dupes = sum(n - 1 for t in topics.OUTPUT_TOPICS for n in outputs.ids(t).values() if n > 1)
