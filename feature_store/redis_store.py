@@ -19,41 +19,50 @@ from feature_store.definitions import EventOps
 
 APPLY_BATCH_LUA = r"""
 local ttl = tonumber(ARGV[1])
-local function window(key, name, bucket_s, n, t)
-  local last = math.floor(t / bucket_s)
-  local fields = {}
-  for b = last - n + 1, last do fields[#fields + 1] = name .. '|' .. b end
-  local total = 0
-  for _, v in ipairs(redis.call('HMGET', key, unpack(fields))) do
-    if v then total = total + tonumber(v) end
+local floor = math.floor
+local function windows(reads, vals)
+  -- every window read of one key in a single HMGET
+  local by_key = {}
+  for _, r in ipairs(reads) do
+    if r[2] == 'window' then
+      local g = by_key[r[3]]
+      if not g then g = {fields = {}, spans = {}}; by_key[r[3]] = g end
+      local last, first = floor(r[7] / r[5]), #g.fields + 1
+      for b = last - r[6] + 1, last do g.fields[#g.fields + 1] = r[4] .. '|' .. b end
+      g.spans[#g.spans + 1] = {r[1], first, #g.fields}
+    elseif r[2] == 'hget' then
+      local v = redis.call('HGET', r[3], r[4])
+      if v then vals[r[1]] = tonumber(v) else vals[r[1]] = cjson.null end
+    end
   end
-  return total
-end
-local function read(r, vals)
-  local kind = r[2]
-  if kind == 'hget' then
-    local v = redis.call('HGET', r[3], r[4])
-    if v then vals[r[1]] = tonumber(v) else vals[r[1]] = cjson.null end
-  elseif kind == 'window' then
-    vals[r[1]] = window(r[3], r[4], r[5], r[6], r[7])
+  for key, g in pairs(by_key) do
+    local got = redis.call('HMGET', key, unpack(g.fields))
+    for _, span in ipairs(g.spans) do
+      local total = 0
+      for j = span[2], span[3] do if got[j] then total = total + tonumber(got[j]) end end
+      vals[span[1]] = total
+    end
   end
 end
 local function write(op)
   local kind, key, name, a = op[1], op[2], op[3], op[4]
   if kind == 'bucket' then
     local bucket_s, keep, value, t = a[1], a[2], a[3], a[4]
-    local b = math.floor(t / bucket_s)
+    local b = floor(t / bucket_s)
     local lo_field = name .. '|lo'
-    local lo = tonumber(redis.call('HGET', key, lo_field) or (b - keep + 1))
-    if b < lo then return end  -- later than the allowed lateness: outside every kept bucket
-    redis.call('HINCRBYFLOAT', key, name .. '|' .. b, value)
+    local now = tonumber(redis.call('HINCRBYFLOAT', key, name .. '|' .. b, value))
+    if now ~= value then return end  -- an existing bucket: nothing to clean up
+    -- a new bucket: drop the buckets that fell out of window + lateness (bounded memory)
     local new_lo = b - keep + 1
-    if new_lo > lo then
+    local lo = tonumber(redis.call('HGET', key, lo_field))
+    if lo == nil then
+      redis.call('HSET', key, lo_field, new_lo)
+    elseif b < lo then
+      redis.call('HDEL', key, name .. '|' .. b)  -- later than the allowed lateness: not counted
+    elseif new_lo > lo then
       local stop = math.min(new_lo - 1, lo + 4 * keep)
       for x = lo, stop do redis.call('HDEL', key, name .. '|' .. x) end
       redis.call('HSET', key, lo_field, new_lo)
-    elseif redis.call('HEXISTS', key, lo_field) == 0 then
-      redis.call('HSET', key, lo_field, lo)
     end
   elseif kind == 'hmax' then
     local cur = tonumber(redis.call('HGET', key, name))
@@ -77,9 +86,9 @@ for i = 2, #ARGV do
     out[#out + 1] = {0, prior}
   else
     local vals = {}
-    for _, r in ipairs(ev.pre) do read(r, vals) end
+    windows(ev.pre, vals)
     for _, op in ipairs(ev.w) do write(op) end
-    for _, r in ipairs(ev.post) do read(r, vals) end
+    windows(ev.post, vals)
     local snap = cjson.encode(vals)
     redis.call('SET', ev.d, snap, 'EX', ttl)
     out[#out + 1] = {1, snap}

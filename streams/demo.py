@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import queue
 import secrets
 import signal
 import subprocess
@@ -123,6 +125,43 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return exc.code, None
     except (urllib.error.URLError, OSError):
         return 0, None
+
+
+class RecommendationAsker:
+    """Asks ``GET /recommendations`` from a thread of its own, as an app would, and scores the answers.
+
+    The expected click-through uses the simulator's ground-truth click model.
+    """
+
+    def __init__(self, web: str, sim: Simulator) -> None:
+        self.web, self.sim = web, sim
+        self.answered = 0
+        self.latencies_ms: list[float] = []
+        self.expected_ctr: list[float] = []
+        self.queue: queue.Queue[str | None] = queue.Queue(maxsize=100)
+        self.thread = threading.Thread(target=self._run, name="recs", daemon=True)
+        self.thread.start()
+
+    def ask(self, user_id: str) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(user_id)
+
+    def _run(self) -> None:
+        while (user_id := self.queue.get()) is not None:
+            t0 = time.monotonic()
+            status, body = _get_json(f"{self.web}/recommendations/{user_id}?k=10")
+            if status != 200:
+                continue
+            self.latencies_ms.append((time.monotonic() - t0) * 1000)
+            self.answered += 1
+            user = Simulator.user_index(user_id)
+            items = [Simulator.item_index(i) for i in body["items"]]
+            if items:
+                self.expected_ctr.append(float(np.mean([self.sim.click_probability(user, i) for i in items])))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
 
 
 def _wait_ready(base: str, worker: subprocess.Popen, timeout_s: float) -> None:
@@ -246,10 +285,10 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
     thread.start()
     producer = EventProducer(settings.broker, settings.hash_key)
     progress = Progress()
-    sent = invalid = recs_requests = 0
-    expected_ctr: list[float] = []
-    started = time.monotonic()
+    sent = invalid = 0
+    asker = RecommendationAsker(web, sim)
     last_user: str | None = None
+    started = time.monotonic()
 
     def line(phase: str) -> str:
         elapsed = max(time.monotonic() - started, 1e-9)
@@ -259,7 +298,12 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
                 f"{collector.distinct('labels'):,} | dead letters {collector.distinct('deadletter'):,} | "
                 f"p50 {p50:.1f} ms p99 {p99:.1f} ms")
 
-    for rec in paced(sim.records(), args.rate, args.events, args.duration):
+    # Generate up front, so the send loop measures the pipeline and not the simulator.
+    planned = args.events or int(max(args.rate, 1000) * args.duration)
+    print(f"simulating {planned:,} events ...", file=sys.stderr)
+    stream = list(itertools.islice(sim.records(), planned))
+    started = time.monotonic()
+    for rec in paced(iter(stream), args.rate, args.events, args.duration):
         sent_at[rec.event_id] = time.monotonic()
         send(producer, rec)
         sent += 1
@@ -267,13 +311,7 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         if rec.kind == "interaction" and rec.event is not None:
             last_user = rec.event.user_id
         if args.recs_every and sent % args.recs_every == 0 and last_user:
-            status, body = _get_json(f"{web}/recommendations/{last_user}?k=10")
-            if status == 200:
-                recs_requests += 1
-                user = Simulator.user_index(last_user)
-                items = [Simulator.item_index(i) for i in body["items"]]
-                if items:
-                    expected_ctr.append(float(np.mean([sim.click_probability(user, i) for i in items])))
+            asker.ask(last_user)
         progress.show(line("streaming"))
         if worker.poll() is not None:
             raise RuntimeError(f"worker died with code {worker.returncode}")
@@ -288,6 +326,7 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
     time.sleep(0.5)  # let any late duplicate arrive before counting
     collector.stop.set()
     thread.join()
+    asker.close()
     progress.show(line("done"), force=True)
     progress.done()
     seen = collector.all_ids()
@@ -303,8 +342,9 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         "fraud_decisions": collector.distinct("fraud"),
         "recommendation_decisions": collector.distinct("recs"),
         "training_examples": collector.distinct("labels"),
-        "recommendation_requests": recs_requests,
-        "recommendation_expected_ctr": round(float(np.mean(expected_ctr)), 4) if expected_ctr else None,
+        "recommendation_requests": asker.answered,
+        "recommendation_p99_ms": round(float(np.percentile(asker.latencies_ms, 99)), 2) if asker.latencies_ms else None,
+        "recommendation_expected_ctr": round(float(np.mean(asker.expected_ctr)), 4) if asker.expected_ctr else None,
         "lost": lost,
         "duplicates": duplicates,
         "p50_ms": round(p50, 2),

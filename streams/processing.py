@@ -27,6 +27,7 @@ from models.rules import RuleScorer, card_features
 from models.scoring import FraudScorer
 from streams import topics
 from streams.config import Settings
+from streams.delivery import DeliveryLedger
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.schemas import Interaction, Label, Transaction
@@ -88,6 +89,7 @@ class Processor:
         self.keys = KeySpace(settings.redis_prefix)
         self.hasher = KeyedHasher(settings.hash_key.encode())
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s)
+        self.ledger = DeliveryLedger(client, settings.dedup_ttl_s)
         self.scorer: FraudScorer = scorer or RuleScorer()
         self.recommender = recommender or PopularityRecommender()
 
@@ -120,10 +122,7 @@ class Processor:
         """Record that these outputs reached the broker (called after the acks)."""
         if not outputs:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for out in outputs:
-            pipe.set(out.mark, b"1", ex=self.settings.dedup_ttl_s)
-        await pipe.execute()
+        await self.ledger.mark([out.mark for out in outputs])
         for out in outputs:
             self.metrics.events_out.labels(out.topic).inc()
 
@@ -133,14 +132,7 @@ class Processor:
         for out in outputs:
             unique.setdefault(out.mark, out)
         marks = list(unique)
-        pipe = self.client.pipeline(transaction=False)
-        for key, value in writes:
-            pipe.set(key, value, ex=self.settings.dedup_ttl_s)
-        for mark in marks:
-            pipe.exists(mark)
-        if not len(pipe):
-            return []
-        delivered = (await pipe.execute())[len(writes):]
+        delivered = await self.ledger.delivered(marks, writes)
         fresh = [unique[m] for m, done in zip(marks, delivered, strict=True) if not done]
         if len(fresh) < len(outputs):
             self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from feature_store.keys import KeyedHasher
 from streams.config import Settings
-from streams.producer import EventProducer
+from streams.producer import EventProducer, partition_key
 from streams.replay import csv_records, parse_mapping
 from streams.simulator import SimConfig, SimRecord, Simulator
 from streams.topics import ensure_topics
@@ -53,10 +53,9 @@ def paced(records: Iterator[SimRecord], rate: float, count: int, duration: float
 
 
 def send(producer: EventProducer, rec: SimRecord) -> None:
-    if rec.event is not None:
-        producer.send(rec.event)
-    else:
-        producer.send_raw(rec.topic, rec.key, rec.value, rec.event_id)
+    """Send a record's own bytes (no re-serialisation), keyed by the hashed entity when it is valid."""
+    key = partition_key(rec.event, producer.hasher) if rec.event is not None else rec.key
+    producer.send_raw(rec.topic, key, rec.value, rec.event_id)
 
 
 def run_produce(args: argparse.Namespace) -> int:
