@@ -149,3 +149,18 @@ def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
 
     consume.__name__ = consume.__qualname__ = "consume_" + topic_name.replace(".", "_")
     app.agent(source, name=f"kestrel.{topic_name}")(consume)
+
+
+def run_worker(app: faust.App, loglevel: str = "warning") -> None:
+    """Run ``app`` in this process until SIGTERM/SIGINT, without Faust's terminal spinner.
+
+    The spinner installs a DEBUG-level log handler, which makes every library
+    log call in the hot path build a record; measurably slower.
+    """
+    from faust.worker import Worker
+
+    class QuietWorker(Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            logger.setLevel(level or logging.WARNING)
+
+    QuietWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()

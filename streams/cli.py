@@ -11,24 +11,46 @@ from streams.config import Settings
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from faust.worker import Worker
-
-    from streams.app import create_app
+    from streams.app import create_app, run_worker
     from streams.topics import ensure_topics
 
     settings = Settings.from_env()
+    if settings.hash_key == Settings().hash_key:
+        logging.getLogger("kestrel").warning(
+            "KESTREL_HASH_KEY is not set: identifiers are hashed with the public development key")
     if args.web_port is not None:
         settings = settings.with_(web_port=args.web_port)
     ensure_topics(settings.broker, settings.partitions)
-    app = create_app(settings)
-    class QuietWorker(Worker):
-        """No terminal spinner: its DEBUG-level handler makes every library log call build a record."""
+    run_worker(create_app(settings), args.loglevel)
+    return 0
 
-        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-            logger.setLevel(level or logging.WARNING)
 
-    worker = QuietWorker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+def cmd_services(args: argparse.Namespace) -> int:
+    """Run the dev services in the foreground until Ctrl-C (or SIGTERM), then stop them cleanly."""
+    import signal
+    import threading
+
+    from streams.services import EmbeddedBroker, LocalRedis
+    from streams.topics import ensure_topics
+
+    settings = Settings.from_env()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    broker = EmbeddedBroker(port=args.port) if args.port else EmbeddedBroker()
+    with broker, LocalRedis(settings.redis_url) as local_redis:
+        ensure_topics(broker.bootstrap, settings.partitions)
+        print(f"# tansu broker at {broker.bootstrap} (memory storage); redis: {local_redis.describe()}",
+              file=sys.stderr)
+        print(f"export KESTREL_BROKER={broker.bootstrap}")
+        print(f"export REDIS_URL={local_redis.url}", flush=True)
+        try:
+            while not stop.wait(0.5):
+                if broker.proc is None or broker.proc.poll() is not None:
+                    print("broker exited", file=sys.stderr)
+                    return 1
+        except KeyboardInterrupt:
+            pass
+    print("# services stopped", file=sys.stderr)
     return 0
 
 
@@ -62,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web-port", type=int, default=None, help="HTTP port (default KESTREL_WEB_PORT or 6066)")
     p.add_argument("--loglevel", default="warning")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("services", help="run the embedded broker (and Redis if none answers) until Ctrl-C")
+    p.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    p.set_defaults(func=cmd_services)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the event contracts")
     p.add_argument("--type", choices=["transaction", "interaction", "label"])
