@@ -1,11 +1,17 @@
 """Declarative feature definitions and their compilation to store operations.
 
-A feature is declared once (entity, source field, aggregation, window); the
-store backend executes the compiled operations. Windows are time buckets, so
-memory per entity is bounded by ``window / bucket`` fields plus lateness.
+A feature is declared once (entity, source field, aggregation, window, filter,
+delay); the store backend executes the compiled operations and
+:func:`finalize` turns the stored components into feature values. The same
+definitions drive the offline recomputation (``offline/features.py``), so the
+online and offline values agree by construction and are checked by a test.
 
-Pure: compiling an event touches no I/O, which keeps the online path and any
-offline recomputation on one definition.
+Windows are time buckets: memory per entity is bounded by the number of
+buckets in window + delay + allowed lateness. A window read at time ``t``
+covers the ``window_s // bucket_s`` buckets ending with the bucket of
+``t - delay_s``; with no delay, the event's own bucket is included.
+
+Pure: compiling an event touches no I/O.
 """
 
 from __future__ import annotations
@@ -18,30 +24,44 @@ from typing import Any, Literal
 from feature_store.keys import KeyedHasher, KeySpace
 
 Predicate = Callable[[Any], bool]
+Agg = Literal["count", "sum", "mean", "std", "min", "max", "distinct"]
+
+# The stored components of each aggregation and how buckets combine.
+COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "count": (("n", "add"),),
+    "sum": (("s", "add"),),
+    "mean": (("n", "add"), ("s", "add")),
+    "std": (("n", "add"), ("s", "add"), ("q", "add")),
+    "min": (("m", "min"),),
+    "max": (("m", "max"),),
+}
 
 
 @dataclass(frozen=True)
 class Windowed:
-    """Count or sum of ``value_of(event)`` over the trailing ``window_s`` seconds, bucketed.
+    """An aggregation of ``value_of(event)`` over a trailing, optionally delayed, window.
 
-    The window is the ``window_s // bucket_s`` buckets ending with the event's
-    own bucket, read at the event's time (point-in-time correct, the event
-    itself included).
+    ``distinct`` counts distinct values with a HyperLogLog per bucket (about
+    1% error); ``std`` is the population standard deviation.
     """
 
     name: str
-    agg: Literal["count", "sum"]
+    agg: Agg
     window_s: int
     bucket_s: int
-    value_of: Callable[[Any], float] | None = None
+    value_of: Callable[[Any], Any] | None = None
     where: Predicate | None = None
+    delay_s: int = 0
     lateness_s: int = 3600
+    default: float = 0.0
 
     def __post_init__(self) -> None:
         if self.window_s % self.bucket_s:
             raise ValueError(f"{self.name}: window {self.window_s}s is not a multiple of bucket {self.bucket_s}s")
-        if self.agg == "sum" and self.value_of is None:
-            raise ValueError(f"{self.name}: a sum needs value_of")
+        if self.agg != "count" and self.value_of is None:
+            raise ValueError(f"{self.name}: a {self.agg} needs value_of")
+        if "|" in self.name:
+            raise ValueError(f"{self.name}: '|' is reserved")
 
     @property
     def buckets(self) -> int:
@@ -49,21 +69,34 @@ class Windowed:
 
     @property
     def kept_buckets(self) -> int:
-        """Buckets kept in Redis: the window plus enough to accept late events."""
-        return self.buckets + math.ceil(self.lateness_s / self.bucket_s)
+        """Buckets kept in Redis: window and delay, plus enough to accept late events."""
+        return self.buckets + math.ceil((self.delay_s + self.lateness_s) / self.bucket_s)
+
+    def bounds(self, t: float) -> tuple[int, int]:
+        """First and last bucket read at time ``t``."""
+        return window_bounds(t - self.delay_s, self.bucket_s, self.buckets)
 
 
 @dataclass(frozen=True)
-class Previous:
-    """The largest ``value_of`` seen before this event (e.g. the previous event time)."""
+class TimeSince:
+    """Seconds since the entity's previous event (``default`` when there was none)."""
 
     name: str
-    value_of: Callable[[Any], float]
+    default: float = -1.0
+
+
+@dataclass(frozen=True)
+class LastValue:
+    """The value of a field in the entity's previous event (by event time)."""
+
+    name: str
+    value_of: Callable[[Any], Any]
+    default: Any = None
 
 
 @dataclass(frozen=True)
 class LastN:
-    """The last ``n`` values of a field, newest first (e.g. a user's recent items)."""
+    """The last ``n`` distinct values of a field by event time, newest first (e.g. recent items)."""
 
     name: str
     value_of: Callable[[Any], str]
@@ -87,7 +120,8 @@ class GlobalScore:
     weight_of: Callable[[Any], float]
 
 
-Feature = Windowed | Previous | LastN | SeenSet | GlobalScore
+Feature = Windowed | TimeSince | LastValue | LastN | SeenSet | GlobalScore
+VECTOR_KINDS = (Windowed, TimeSince, LastValue)
 
 
 @dataclass(frozen=True)
@@ -97,14 +131,29 @@ class FeatureSet:
     name: str
     version: str
     entity: str
+    source: str
     entity_id_of: Callable[[Any], str]
     time_of: Callable[[Any], float]
     features: tuple[Feature, ...]
     ttl_s: int = 35 * 24 * 3600
 
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        if len(names) != len(set(names)):
+            raise ValueError(f"{self.name}: duplicate feature names")
+
+    @property
+    def vector(self) -> tuple[Windowed | TimeSince | LastValue, ...]:
+        """The features that make up the entity's feature vector, in order."""
+        return tuple(f for f in self.features if isinstance(f, VECTOR_KINDS))
+
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self.features if isinstance(f, Windowed | Previous))
+        return tuple(f.name for f in self.vector)
+
+    @property
+    def qualified_version(self) -> str:
+        return f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True)
@@ -112,54 +161,14 @@ class EventOps:
     """What the store must do for one event: one idempotent unit keyed by ``applied_key``."""
 
     applied_key: str
+    entity_key: str
+    time: float
     pre: list[list[Any]] = field(default_factory=list)
     writes: list[list[Any]] = field(default_factory=list)
     post: list[list[Any]] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return {"d": self.applied_key, "pre": self.pre, "w": self.writes, "post": self.post}
-
-
-def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHasher) -> EventOps:
-    """The store operations that apply ``event`` to every feature of ``fs``.
-
-    >>> from types import SimpleNamespace as E
-    >>> fs = FeatureSet("t", "1", "card", lambda e: e.card, lambda e: e.ts,
-    ...                 (Windowed("n_10m", "count", 600, 60),))
-    >>> ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), KeySpace("k"), KeyedHasher(b"x"))
-    >>> ops.writes[0][0], ops.writes[0][2], ops.writes[0][3]
-    ('bucket', 'n_10m', [60, 70, 1.0, 1000.0])
-    >>> ops.post[0][:2], ops.post[0][3:]
-    (['n_10m', 'window'], ['n_10m', 60, 10, 1000.0])
-    """
-    token = hasher.token(fs.entity, fs.entity_id_of(event))
-    key = keys.entity(fs.entity, token)
-    t = fs.time_of(event)
-    ops = EventOps(applied_key=keys.applied(f"{fs.name}:{event.event_id}"))
-    for feat in fs.features:
-        if isinstance(feat, Windowed):
-            if feat.where is not None and not feat.where(event):
-                ops.post.append([feat.name, "window", key, feat.name, feat.bucket_s, feat.buckets, t])
-                continue
-            value = 1.0 if feat.agg == "count" else float(feat.value_of(event))  # type: ignore[misc]
-            ops.writes.append(["bucket", key, feat.name, [feat.bucket_s, feat.kept_buckets, value, t]])
-            ops.post.append([feat.name, "window", key, feat.name, feat.bucket_s, feat.buckets, t])
-        elif isinstance(feat, Previous):
-            ops.pre.append([feat.name, "hget", key, feat.name])
-            ops.writes.append(["hmax", key, feat.name, [float(feat.value_of(event))]])
-        elif isinstance(feat, LastN):
-            list_key = keys.entity_part(fs.entity, token, feat.name)
-            ops.writes.append(["lpush_trim", list_key, feat.value_of(event), [feat.n]])
-            ops.writes.append(["expire", list_key, "", [fs.ttl_s]])
-        elif isinstance(feat, SeenSet):
-            set_key = keys.entity_part(fs.entity, token, feat.name)
-            ops.writes.append(["sadd", set_key, feat.value_of(event), []])
-            ops.writes.append(["expire", set_key, "", [fs.ttl_s]])
-        elif isinstance(feat, GlobalScore):
-            ops.writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [float(feat.weight_of(event))]])
-    if any(isinstance(f, Windowed | Previous) for f in fs.features):
-        ops.writes.append(["expire", key, "", [fs.ttl_s]])
-    return ops
 
 
 def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:
@@ -172,6 +181,149 @@ def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:
     return last - buckets + 1, last
 
 
-def derived(values: Mapping[str, float | None]) -> dict[str, float]:
-    """Replace missing values by 0.0 (missing entity or feature gives defaults, not errors)."""
-    return {k: (0.0 if v is None else float(v)) for k, v in values.items()}
+def hll_key(entity_key: str, name: str) -> str:
+    """Prefix of a distinct-count feature's per-bucket HyperLogLog keys."""
+    return f"{entity_key}|{name}"
+
+
+def vector_reads(fs: FeatureSet, entity_key: str, t: float) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The reads that give the feature vector at time ``t``: (before this event, after it).
+
+    Windows are read after the event's own writes (they include it); the
+    previous event's time and values before (they exclude it).
+    """
+    pre: list[list[Any]] = []
+    post: list[list[Any]] = []
+    for feat in fs.vector:
+        if isinstance(feat, Windowed):
+            first, last = feat.bounds(t)
+            if feat.agg == "distinct":
+                post.append([feat.name, "hll", hll_key(entity_key, feat.name), first, last])
+            else:
+                modes = [[suffix, mode] for suffix, mode in COMPONENTS[feat.agg]]
+                post.append([feat.name, "window", entity_key, feat.name, first, last, modes])
+        elif isinstance(feat, TimeSince):
+            pre.append([feat.name, "hget", entity_key, "@|t"])
+        elif isinstance(feat, LastValue):
+            pre.append([feat.name, "hget", entity_key, f"{feat.name}|v"])
+    return pre, post
+
+
+def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHasher) -> EventOps:
+    """The store operations that apply ``event`` to every feature of ``fs``.
+
+    >>> from types import SimpleNamespace as E
+    >>> fs = FeatureSet("t", "1", "card", "transaction", lambda e: e.card, lambda e: e.ts,
+    ...                 (Windowed("n_10m", "count", 600, 60),))
+    >>> ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), KeySpace("k"), KeyedHasher(b"x"))
+    >>> ops.writes[0][0], ops.writes[0][2], ops.writes[0][3]
+    ('bucket', 'n_10m', [60, 70, 1000.0, [['n', 'add', 1.0]]])
+    >>> ops.post[0][:2], ops.post[0][3:]
+    (['n_10m', 'window'], ['n_10m', 7, 16, [['n', 'add']]])
+    """
+    token = hasher.token(fs.entity, fs.entity_id_of(event))
+    key = keys.entity(fs.entity, token)
+    t = fs.time_of(event)
+    pre, post = vector_reads(fs, key, t)
+    ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, pre, [], post)
+    has_hash = False
+    for feat in fs.features:
+        if isinstance(feat, Windowed):
+            if feat.where is not None and not feat.where(event):
+                continue
+            if feat.agg == "distinct":
+                ttl = (feat.kept_buckets + 1) * feat.bucket_s
+                ops.writes.append(["pfadd", hll_key(key, feat.name), str(feat.value_of(event)),  # type: ignore[misc]
+                                   [feat.bucket_s, t, ttl]])
+                continue
+            x = 1.0 if feat.agg == "count" else float(feat.value_of(event))  # type: ignore[misc]
+            comps = [[suffix, mode, {"n": 1.0, "q": x * x}.get(suffix, x)] for suffix, mode in COMPONENTS[feat.agg]]
+            ops.writes.append(["bucket", key, feat.name, [feat.bucket_s, feat.kept_buckets, t, comps]])
+            has_hash = True
+        elif isinstance(feat, TimeSince):
+            ops.writes.append(["last", key, "@", [t, ""]])
+            has_hash = True
+        elif isinstance(feat, LastValue):
+            ops.writes.append(["last", key, feat.name, [t, str(feat.value_of(event))]])
+            has_hash = True
+        elif isinstance(feat, LastN):
+            zkey = keys.entity_part(fs.entity, token, feat.name)
+            ops.writes.append(["zlast", zkey, str(feat.value_of(event)), [t, feat.n, fs.ttl_s]])
+        elif isinstance(feat, SeenSet):
+            skey = keys.entity_part(fs.entity, token, feat.name)
+            ops.writes.append(["sadd", skey, str(feat.value_of(event)), [fs.ttl_s]])
+        elif isinstance(feat, GlobalScore):
+            ops.writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [float(feat.weight_of(event))]])
+    if has_hash:
+        ops.writes.append(["expire", key, "", [fs.ttl_s]])
+    return ops
+
+
+def combine(mode: str, values: list[float]) -> float | None:
+    """How bucket values of one component combine over a window."""
+    if not values:
+        return None if mode in ("min", "max") else 0.0
+    if mode == "min":
+        return min(values)
+    if mode == "max":
+        return max(values)
+    return math.fsum(values)
+
+
+def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]:
+    """Feature values at time ``t`` from the stored components in ``raw``.
+
+    ``raw`` maps ``name|component`` (windows), ``name`` (distinct counts) and
+    ``name`` (previous time / value) to what the store returned; missing
+    entries give each feature's default, never an error.
+
+    >>> fs = FeatureSet("t", "1", "card", "transaction", lambda e: e.card, lambda e: e.ts, (
+    ...     Windowed("amt_mean", "mean", 600, 60, value_of=lambda e: e.amount),
+    ...     Windowed("amt_std", "std", 600, 60, value_of=lambda e: e.amount),
+    ...     TimeSince("since_prev")))
+    >>> finalize(fs, {"amt_mean|n": 2, "amt_mean|s": 30.0, "amt_std|n": 2, "amt_std|s": 30.0,
+    ...               "amt_std|q": 500.0, "since_prev": 990.0}, 1000.0)
+    {'amt_mean': 15.0, 'amt_std': 5.0, 'since_prev': 10.0}
+    >>> finalize(fs, {}, 1000.0)
+    {'amt_mean': 0.0, 'amt_std': 0.0, 'since_prev': -1.0}
+    """
+    out: dict[str, Any] = {}
+    for feat in fs.vector:
+        name = feat.name
+        if isinstance(feat, Windowed):
+            if feat.agg == "distinct":
+                value = raw.get(name)
+                out[name] = float(value) if value is not None else feat.default
+                continue
+            c = {s: raw.get(f"{name}|{s}") for s, _ in COMPONENTS[feat.agg]}
+            n = c.get("n") or 0.0
+            if feat.agg in ("count", "sum"):
+                value = c["n" if feat.agg == "count" else "s"]
+                out[name] = float(value) if value is not None else feat.default
+            elif feat.agg == "mean":
+                out[name] = float(c["s"]) / n if n else feat.default
+            elif feat.agg == "std":
+                mean = float(c["s"]) / n if n else 0.0
+                out[name] = math.sqrt(max(float(c["q"]) / n - mean * mean, 0.0)) if n else feat.default
+            else:
+                out[name] = float(c["m"]) if c["m"] is not None else feat.default
+        elif isinstance(feat, TimeSince):
+            prev = raw.get(name)
+            out[name] = max(t - float(prev), 0.0) if prev is not None else feat.default
+        else:
+            value = raw.get(name)
+            out[name] = value if value is not None else feat.default
+    return out
+
+
+def compile_lookup(fs: FeatureSet, entity_id: str, t: float, event_id: str, keys: KeySpace,
+                   hasher: KeyedHasher) -> EventOps:
+    """Read-only operations: ``fs``'s vector for ``entity_id`` at ``t``, remembered under ``event_id``.
+
+    Used where an event reads features it does not feed (a payment reads its
+    terminal's fraud rate, which labels feed); the stored snapshot makes the
+    read repeatable when the event is redelivered.
+    """
+    key = keys.entity(fs.entity, hasher.token(fs.entity, entity_id))
+    pre, post = vector_reads(fs, key, t)
+    return EventOps(keys.applied(f"{fs.name}@{event_id}"), key, t, pre, [], post)

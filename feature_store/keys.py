@@ -44,6 +44,14 @@ class KeySpace:
     def entity_part(self, entity: str, token: str, part: str) -> str:
         return f"{self.prefix}:e:{entity}:{token}:{part}"
 
+    def tombstone(self, entity: str, token: str) -> str:
+        """Marks an erased data subject: writes for it are refused, so a replay cannot recreate it."""
+        return f"{self.prefix}:tomb:{entity}:{token}"
+
+    def tombstone_of(self, entity_key: str) -> str:
+        _, _, entity, token = entity_key.rsplit(":", 3)
+        return self.tombstone(entity, token)
+
     def applied(self, event_id: str) -> str:
         """Marks an event whose feature updates were applied; holds the feature snapshot."""
         return f"{self.prefix}:applied:{event_id}"

@@ -1,25 +1,76 @@
-"""The feature sets that ship with Kestrel (fraud: per card; recommendations: per user)."""
+"""The feature sets that ship with Kestrel.
+
+Fraud: a card's spending profile and velocity, a terminal's activity, and a
+terminal's fraud rate from labels that have already arrived (delayed window).
+Recommendations: a user's recent and seen items, item popularity.
+"""
 
 from __future__ import annotations
 
-from feature_store.definitions import FeatureSet, GlobalScore, LastN, Previous, SeenSet, Windowed
+from feature_store.definitions import (
+    FeatureSet,
+    GlobalScore,
+    LastN,
+    LastValue,
+    SeenSet,
+    TimeSince,
+    Windowed,
+)
 
+MINUTE, HOUR, DAY = 60, 3600, 86400
 SMALL_AMOUNT = 5.0  # below this a payment looks like a card-testing probe
+LABEL_DELAY_S = 7 * DAY  # labels of the last week are not complete yet
 
-CARD_VELOCITY = FeatureSet(
-    name="card_velocity",
-    version="1",
+CARD_PROFILE = FeatureSet(
+    name="card_profile",
+    version="2",
     entity="card",
+    source="transaction",
     entity_id_of=lambda e: e.card_id,
     time_of=lambda e: e.epoch_s,
     features=(
-        Windowed("txn_count_10m", "count", 600, 60),
-        Windowed("txn_count_1h", "count", 3600, 300),
-        Windowed("txn_count_24h", "count", 86400, 3600),
-        Windowed("amount_sum_1h", "sum", 3600, 300, value_of=lambda e: e.amount),
-        Windowed("amount_sum_24h", "sum", 86400, 3600, value_of=lambda e: e.amount),
-        Windowed("small_txn_count_10m", "count", 600, 60, where=lambda e: e.amount < SMALL_AMOUNT),
-        Previous("prev_txn_ts", value_of=lambda e: e.epoch_s),
+        Windowed("txn_count_10m", "count", 10 * MINUTE, MINUTE),
+        Windowed("txn_count_1h", "count", HOUR, 5 * MINUTE),
+        Windowed("txn_count_24h", "count", DAY, HOUR),
+        Windowed("txn_count_30d", "count", 30 * DAY, DAY),
+        Windowed("amount_sum_1h", "sum", HOUR, 5 * MINUTE, value_of=lambda e: e.amount),
+        Windowed("amount_sum_24h", "sum", DAY, HOUR, value_of=lambda e: e.amount),
+        Windowed("amount_mean_30d", "mean", 30 * DAY, DAY, value_of=lambda e: e.amount),
+        Windowed("amount_std_30d", "std", 30 * DAY, DAY, value_of=lambda e: e.amount),
+        Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=lambda e: e.amount),
+        Windowed("small_txn_count_10m", "count", 10 * MINUTE, MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
+        Windowed("distinct_terminals_24h", "distinct", DAY, HOUR, value_of=lambda e: e.terminal_id,
+                 where=lambda e: e.terminal_id is not None),
+        TimeSince("seconds_since_prev"),
+        LastValue("prev_terminal", value_of=lambda e: e.terminal_id or ""),
+    ),
+)
+
+TERMINAL_ACTIVITY = FeatureSet(
+    name="terminal_activity",
+    version="1",
+    entity="terminal",
+    source="transaction",
+    entity_id_of=lambda e: e.terminal_id or f"merchant:{e.merchant_id}",
+    time_of=lambda e: e.epoch_s,
+    features=(
+        Windowed("terminal_txn_count_1h", "count", HOUR, 5 * MINUTE),
+        Windowed("terminal_txn_count_7d", "count", 7 * DAY, DAY),
+        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id),
+    ),
+)
+
+TERMINAL_RISK = FeatureSet(
+    name="terminal_risk",
+    version="1",
+    entity="terminal",
+    source="labelled_transaction",  # a label joined with its logged decision: terminal_id, time, is_fraud
+    entity_id_of=lambda e: e.terminal_id,
+    time_of=lambda e: e.epoch_s,
+    features=(
+        Windowed("terminal_frauds_30d_d7", "sum", 30 * DAY, DAY, value_of=lambda e: e.is_fraud,
+                 delay_s=LABEL_DELAY_S, lateness_s=60 * DAY),
+        Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=60 * DAY),
     ),
 )
 
@@ -27,14 +78,22 @@ INTERACTION_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase"
 
 USER_ACTIVITY = FeatureSet(
     name="user_activity",
-    version="1",
+    version="2",
     entity="user",
+    source="interaction",
     entity_id_of=lambda e: e.user_id,
     time_of=lambda e: e.epoch_s,
     features=(
+        Windowed("user_clicks_1h", "count", HOUR, 5 * MINUTE, where=lambda e: e.kind == "click"),
+        Windowed("user_purchases_7d", "count", 7 * DAY, DAY, where=lambda e: e.kind == "purchase"),
+        Windowed("user_distinct_items_24h", "distinct", DAY, HOUR, value_of=lambda e: e.item_id),
+        TimeSince("user_seconds_since_prev"),
         LastN("recent_items", value_of=lambda e: e.item_id, n=50),
         SeenSet("seen_items", value_of=lambda e: e.item_id),
         GlobalScore("item_popularity", member_of=lambda e: e.item_id, weight_of=lambda e: INTERACTION_WEIGHTS[e.kind]),
     ),
-    ttl_s=30 * 24 * 3600,
+    ttl_s=30 * DAY,
 )
+
+FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
+ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, USER_ACTIVITY)}

@@ -20,30 +20,36 @@ class RuleConfig:
     burst_10m: int = 6
     card_testing_small_10m: int = 3
     rapid_seconds: float = 10.0
+    many_terminals_24h: int = 5
+    terminal_fraud_rate: float = 0.2
+    terminal_min_labels: int = 5
 
 
-def card_features(amount: float, event_ts: float, raw: Mapping[str, float | None]) -> dict[str, float]:
-    """Derive model-ready values from the stored snapshot (which includes this event).
+def derive(amount: float, f: Mapping[str, float]) -> dict[str, float]:
+    """Model-ready values from the stored feature vector (which includes this payment).
 
-    >>> f = card_features(50.0, 1000.0, {"txn_count_24h": 3, "amount_sum_24h": 90.0, "prev_txn_ts": 990.0})
-    >>> f["mean_amount_24h_before"], f["seconds_since_prev"]
-    (20.0, 10.0)
+    >>> d = derive(50.0, {"txn_count_30d": 3, "amount_mean_30d": 30.0,
+    ...                   "terminal_frauds_30d_d7": 2, "terminal_labels_30d_d7": 8})
+    >>> d["txn_count_30d_before"], d["amount_mean_30d_before"], d["amount_vs_mean_30d"], d["terminal_fraud_rate_30d_d7"]
+    (2.0, 20.0, 2.5, 0.25)
     """
-    out = {k: float(v) for k, v in raw.items() if v is not None and k != "prev_txn_ts"}
-    count_before = max(out.get("txn_count_24h", 1.0) - 1.0, 0.0)
-    sum_before = max(out.get("amount_sum_24h", amount) - amount, 0.0)
+    out = {k: float(v) for k, v in f.items() if isinstance(v, int | float)}
+    n = out.get("txn_count_30d", 1.0)
+    before = max(n - 1.0, 0.0)
+    mean_before = max(out.get("amount_mean_30d", amount) * n - amount, 0.0) / before if before else 0.0
+    labels = out.get("terminal_labels_30d_d7", 0.0)
     out["amount"] = amount
-    out["txn_count_24h_before"] = count_before
-    out["mean_amount_24h_before"] = sum_before / count_before if count_before else 0.0
-    prev = raw.get("prev_txn_ts")
-    out["seconds_since_prev"] = max(event_ts - float(prev), 0.0) if prev is not None else -1.0
+    out["txn_count_30d_before"] = before
+    out["amount_mean_30d_before"] = mean_before
+    out["amount_vs_mean_30d"] = amount / mean_before if mean_before > 0 else 0.0
+    out["terminal_fraud_rate_30d_d7"] = out.get("terminal_frauds_30d_d7", 0.0) / labels if labels else 0.0
     return out
 
 
 class RuleScorer:
     """Scores with fixed rules; ``version`` names the rule set in every decision."""
 
-    version = "rules-v1"
+    version = "rules-v2"
 
     def __init__(self, config: RuleConfig | None = None, thresholds: Thresholds | None = None) -> None:
         self.config = config or RuleConfig()
@@ -60,10 +66,9 @@ class RuleScorer:
         amount = f.get("amount", 0.0)
         if amount >= c.large_amount:
             reasons.append((0.5, Reason("large_amount", f"amount {amount:.2f} ≥ {c.large_amount:.0f}", amount)))
-        mean = f.get("mean_amount_24h_before", 0.0)
-        if f.get("txn_count_24h_before", 0.0) >= c.min_history and mean > 0 and amount >= c.amount_vs_mean * mean:
-            ratio = amount / mean
-            reasons.append((0.35, Reason("amount_vs_history", f"amount {ratio:.1f}× this card's 24h mean", ratio)))
+        ratio = f.get("amount_vs_mean_30d", 0.0)
+        if f.get("txn_count_30d_before", 0.0) >= c.min_history and ratio >= c.amount_vs_mean:
+            reasons.append((0.35, Reason("amount_vs_history", f"amount {ratio:.1f}× this card's 30-day mean", ratio)))
         burst = f.get("txn_count_10m", 0.0)
         if burst >= c.burst_10m:
             reasons.append((0.35, Reason("velocity_10m", f"{burst:.0f} payments in 10 minutes", burst)))
@@ -73,6 +78,13 @@ class RuleScorer:
         since = f.get("seconds_since_prev", -1.0)
         if 0 <= since < c.rapid_seconds:
             reasons.append((0.15, Reason("rapid_repeat", f"{since:.1f}s after the previous payment", since)))
+        terminals = f.get("distinct_terminals_24h", 0.0)
+        if terminals >= c.many_terminals_24h:
+            reasons.append((0.2, Reason("many_terminals", f"{terminals:.0f} terminals in 24 hours", terminals)))
+        rate = f.get("terminal_fraud_rate_30d_d7", 0.0)
+        if f.get("terminal_labels_30d_d7", 0.0) >= c.terminal_min_labels and rate >= c.terminal_fraud_rate:
+            reasons.append((0.3, Reason("terminal_fraud_rate",
+                                        f"terminal fraud rate {rate:.0%} over 30 days (labels known)", rate)))
         score = min(sum(w for w, _ in reasons), 1.0)
         ordered = tuple(r for _, r in sorted(reasons, key=lambda wr: -wr[0]))
         return FraudScore(score=round(score, 4), action=self.thresholds.action(score), reasons=ordered)

@@ -18,12 +18,12 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from feature_store.definitions import FeatureSet, compile_event
+from feature_store.definitions import compile_event, compile_lookup, finalize
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore, read_recent_and_top
-from feature_store.sets import CARD_VELOCITY, USER_ACTIVITY
+from feature_store.sets import CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, USER_ACTIVITY
 from models.popularity import PopularityRecommender
-from models.rules import RuleScorer, card_features
+from models.rules import RuleScorer, derive
 from models.scoring import FraudScorer
 from streams import topics
 from streams.config import Settings
@@ -34,6 +34,25 @@ from streams.schemas import Interaction, Label, Transaction
 from streams.validation import Rejection, parse_event
 
 RECS_PER_DECISION = 10
+FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK))
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledTransaction:
+    """A label joined with its logged decision: what the terminal-risk features aggregate."""
+
+    event_id: str
+    terminal_id: str
+    epoch_s: float
+    is_fraud: bool
+
+
+def _terminal_of(decision: dict[str, Any]) -> str:
+    return decision.get("terminal_id") or f"merchant:{decision['merchant_id']}"
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +107,7 @@ class Processor:
         self.metrics = metrics
         self.keys = KeySpace(settings.redis_prefix)
         self.hasher = KeyedHasher(settings.hash_key.encode())
-        self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s)
+        self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s)
         self.scorer: FraudScorer = scorer or RuleScorer()
         self.recommender = recommender or PopularityRecommender()
@@ -138,10 +157,6 @@ class Processor:
             self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))
         return fresh
 
-    async def _apply(self, fs: FeatureSet, events: Sequence[Any]) -> list[dict[str, float | None]]:
-        ops = [compile_event(fs, e, self.keys, self.hasher) for e in events]
-        return [snap for _, snap in await self.store.apply_batch(ops)]
-
     def token(self, entity: str, raw_id: str) -> str:
         return self.hasher.token(entity, raw_id)
 
@@ -149,8 +164,18 @@ class Processor:
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
-        snaps = await self._apply(CARD_VELOCITY, events)
-        feats = [card_features(e.amount, e.epoch_s, s) for e, s in zip(events, snaps, strict=True)]
+        ops = [compile_event(CARD_PROFILE, e, self.keys, self.hasher) for e in events]
+        ops += [compile_event(TERMINAL_ACTIVITY, e, self.keys, self.hasher) for e in events]
+        ops += [compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, self.keys,
+                               self.hasher) for e in events]
+        snaps = [snap for _, snap in await self.store.apply_batch(ops)]
+        n = len(events)
+        feats = []
+        for i, e in enumerate(events):
+            t = e.epoch_s
+            vector = {**finalize(CARD_PROFILE, snaps[i], t), **finalize(TERMINAL_ACTIVITY, snaps[n + i], t),
+                      **finalize(TERMINAL_RISK, snaps[2 * n + i], t)}
+            feats.append(derive(e.amount, vector) | {"prev_terminal": vector["prev_terminal"]})
         scores = self.scorer.score_batch(events, feats)
         now = time.time()
         outputs = []
@@ -158,10 +183,11 @@ class Processor:
             card = self.token("card", e.card_id)
             doc = {
                 "type": "fraud_decision", "event_id": e.event_id, "card": card, "merchant_id": e.merchant_id,
+                "terminal_id": e.terminal_id,
                 "amount": e.amount, "currency": e.currency, "score": s.score, "action": s.action,
                 "reasons": [{"code": r.code, "message": r.message, "value": r.value} for r in s.reasons],
                 "model_version": self.scorer.version,
-                "feature_set": f"{CARD_VELOCITY.name}:{CARD_VELOCITY.version}", "features": f,
+                "feature_set": FEATURE_SET_VERSION, "features": f,
                 "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
                 "processing_ms": round((now - started) * 1000, 3),
             }
@@ -175,7 +201,7 @@ class Processor:
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
-        await self._apply(USER_ACTIVITY, events)
+        await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         users = sorted({self.token("user", e.user_id) for e in events})
         seen_keys = [self.keys.entity_part("user", u, "seen_items") for u in users]
         seen_sets, top = await read_recent_and_top(
@@ -201,11 +227,13 @@ class Processor:
         pipe = self.client.pipeline(transaction=False)
         for _, e in valid:
             pipe.get(self.keys.decision(e.transaction_id))
-        decisions = await pipe.execute()
+        decisions = [orjson.loads(raw) if raw else None for raw in await pipe.execute()]
+        risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), _epoch(d["event_time"]), e.verdict == "fraud")
+                       for (_, e), d in zip(valid, decisions, strict=True) if d is not None]
+        await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
         now = time.time()
         outputs = []
-        for (rec, e), raw in zip(valid, decisions, strict=True):
-            decision = orjson.loads(raw) if raw else None
+        for (rec, e), decision in zip(valid, decisions, strict=True):
             doc = {"type": "training_example", "event_id": e.event_id, "transaction_id": e.transaction_id,
                    "label": 1 if e.verdict == "fraud" else 0, "verdict": e.verdict, "source": e.source,
                    "label_time": _iso(e.epoch_s), "decision": decision,

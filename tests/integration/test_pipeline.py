@@ -68,11 +68,12 @@ def test_valid_and_invalid_events_each_come_out_exactly_once(settings, worker, o
 
     for d in outputs.docs[topics.FRAUD_DECISIONS]:
         assert d["action"] in {"allow", "review", "block"} and 0.0 <= d["score"] <= 1.0
-        assert d["model_version"] == "rules-v1" and d["processing_ms"] >= 0
+        assert d["model_version"] == "rules-v2" and d["processing_ms"] >= 0
         assert "card_" not in d["card"]  # keyed hash, never the raw card id
     labelled = [d for d in outputs.docs[topics.TRAINING_EXAMPLES] if d["decision"] is not None]
     assert labelled, "labels should join the logged decision of their transaction"
     assert all(d["decision"]["event_id"] == d["transaction_id"] for d in labelled)
+    assert all(d["feature_set"].startswith("card_profile:2+") for d in outputs.docs[topics.FRAUD_DECISIONS])
 
 
 def test_velocity_counters_are_exact_per_card(settings, worker, outputs, redis_client):
