@@ -241,10 +241,10 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
             ops.writes.append(["bucket", key, feat.name, [feat.bucket_s, feat.kept_buckets, t, comps]])
             has_hash = True
         elif isinstance(feat, TimeSince):
-            ops.writes.append(["last", key, "@", [t, ""]])
+            ops.writes.append(["last", key, "@", [t, "", repr(t)]])
             has_hash = True
         elif isinstance(feat, LastValue):
-            ops.writes.append(["last", key, feat.name, [t, str(feat.value_of(event))]])
+            ops.writes.append(["last", key, feat.name, [t, str(feat.value_of(event)), repr(t)]])
             has_hash = True
         elif isinstance(feat, LastN):
             zkey = keys.entity_part(fs.entity, token, feat.name)
@@ -268,6 +268,23 @@ def combine(mode: str, values: list[float]) -> float | None:
     if mode == "max":
         return max(values)
     return math.fsum(values)
+
+
+def std_from_moments(n: float, s: float, q: float, default: float = 0.0) -> float:
+    """Population std from count, sum and sum of squares.
+
+    A variance within rounding of zero is zero: ``q/n - mean²`` cancels
+    catastrophically there, and online (bucket sums) and offline (prefix
+    sums) round differently.
+
+    >>> std_from_moments(2, 30.0, 500.0), std_from_moments(3, 3.3, 3.63), std_from_moments(0, 0.0, 0.0, -1.0)
+    (5.0, 0.0, -1.0)
+    """
+    if not n:
+        return default
+    mean = s / n
+    var = q / n - mean * mean
+    return math.sqrt(var) if var > 1e-9 * max(q / n, 1.0) else 0.0
 
 
 def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]:
@@ -303,8 +320,7 @@ def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]
             elif feat.agg == "mean":
                 out[name] = float(c["s"]) / n if n else feat.default
             elif feat.agg == "std":
-                mean = float(c["s"]) / n if n else 0.0
-                out[name] = math.sqrt(max(float(c["q"]) / n - mean * mean, 0.0)) if n else feat.default
+                out[name] = std_from_moments(n, float(c["s"] or 0.0), float(c["q"] or 0.0), feat.default)
             else:
                 out[name] = float(c["m"]) if c["m"] is not None else feat.default
         elif isinstance(feat, TimeSince):

@@ -48,8 +48,9 @@ local function reads(list, vals)
         g.spans[#g.spans + 1] = {r[1] .. '|' .. m[1], m[2], first, #g.fields}
       end
     elseif kind == 'hget' then
+      -- as stored (text): cjson would round a number to 14 digits
       local v = redis.call('HGET', r[3], r[4])
-      if v then vals[r[1]] = tonumber(v) or v else vals[r[1]] = cjson.null end
+      if v then vals[r[1]] = v else vals[r[1]] = cjson.null end
     elseif kind == 'hll' then
       local keys = {}
       for b = r[4], r[5] do keys[#keys + 1] = r[3] .. '|' .. b end
@@ -120,9 +121,10 @@ local function write(op)
   if kind == 'bucket' then
     bucket(key, name, a)
   elseif kind == 'last' then
+    -- a[3] is the time as text: Lua would print the number with 14 digits only
     local cur = tonumber(redis.call('HGET', key, name .. '|t'))
     if (not cur) or a[1] >= cur then
-      redis.call('HSET', key, name .. '|t', a[1], name .. '|v', a[2])
+      redis.call('HSET', key, name .. '|t', a[3], name .. '|v', a[2])
     end
   elseif kind == 'pfadd' then
     local k = key .. '|' .. floor(a[2] / a[1])
