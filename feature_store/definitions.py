@@ -32,8 +32,8 @@ COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "sum": (("s", "add"),),
     "mean": (("n", "add"), ("s", "add")),
     "std": (("n", "add"), ("s", "add"), ("q", "add")),
-    "min": (("m", "min"),),
-    "max": (("m", "max"),),
+    "min": (("lo", "min"),),
+    "max": (("hi", "max"),),
 }
 
 
@@ -41,8 +41,14 @@ COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
 class Windowed:
     """An aggregation of ``value_of(event)`` over a trailing, optionally delayed, window.
 
-    ``distinct`` counts distinct values with a HyperLogLog per bucket (about
-    1% error); ``std`` is the population standard deviation.
+    ``distinct`` counts distinct values exactly (a sorted set of value ->
+    latest time, trimmed past window + lateness; no delay allowed); ``std`` is
+    the population standard deviation.
+
+    Features naming the same ``series`` (same source value, same filter) and
+    bucket size share their stored buckets: a count, a mean and a std of
+    amounts over 30 days keep one count, one sum and one sum of squares per
+    day, not three copies.
     """
 
     name: str
@@ -54,14 +60,22 @@ class Windowed:
     delay_s: int = 0
     lateness_s: int = 3600
     default: float = 0.0
+    series: str | None = None
 
     def __post_init__(self) -> None:
         if self.window_s % self.bucket_s:
             raise ValueError(f"{self.name}: window {self.window_s}s is not a multiple of bucket {self.bucket_s}s")
         if self.agg != "count" and self.value_of is None:
             raise ValueError(f"{self.name}: a {self.agg} needs value_of")
-        if "|" in self.name:
-            raise ValueError(f"{self.name}: '|' is reserved")
+        if "|" in self.name or "@" in self.name:
+            raise ValueError(f"{self.name}: '|' and '@' are reserved")
+        if self.agg == "distinct" and self.delay_s:
+            raise ValueError(f"{self.name}: a distinct count cannot be delayed")
+
+    @property
+    def storage(self) -> str:
+        """Name of the stored bucket series (shared by features with the same ``series`` and bucket)."""
+        return f"{self.series or self.name}@{self.bucket_s}"
 
     @property
     def buckets(self) -> int:
@@ -141,7 +155,29 @@ class FeatureSet:
         names = [f.name for f in self.features]
         if len(names) != len(set(names)):
             raise ValueError(f"{self.name}: duplicate feature names")
+        for storage, members in self.series_members().items():
+            if len({(f.where is None) for f in members}) > 1 or len({f.lateness_s for f in members}) > 1:
+                raise ValueError(f"{self.name}: features sharing {storage} must share filter and lateness")
 
+    def series_members(self) -> dict[str, list[Windowed]]:
+        out: dict[str, list[Windowed]] = {}
+        for f in self.features:
+            if isinstance(f, Windowed) and f.agg != "distinct":
+                out.setdefault(f.storage, []).append(f)
+        return out
+
+    def series_plan(self) -> dict[str, tuple[Windowed, list[tuple[str, str]], int]]:
+        """Per stored series: a representative feature, the union of components, buckets to keep."""
+        plan = {}
+        for storage, members in self.series_members().items():
+            comps: list[tuple[str, str]] = []
+            for f in members:
+                for c in COMPONENTS[f.agg]:
+                    if c not in comps:
+                        comps.append(c)
+            source = next((f for f in members if f.value_of is not None), members[0])
+            plan[storage] = (source, comps, max(f.kept_buckets for f in members))
+        return plan
     @property
     def vector(self) -> tuple[Windowed | TimeSince | LastValue, ...]:
         """The features that make up the entity's feature vector, in order."""
@@ -181,8 +217,8 @@ def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:
     return last - buckets + 1, last
 
 
-def hll_key(entity_key: str, name: str) -> str:
-    """Prefix of a distinct-count feature's per-bucket HyperLogLog keys."""
+def distinct_key(entity_key: str, name: str) -> str:
+    """The sorted set (value -> latest time) of a distinct-count feature; shares the entity's key prefix."""
     return f"{entity_key}|{name}"
 
 
@@ -198,10 +234,11 @@ def vector_reads(fs: FeatureSet, entity_key: str, t: float) -> tuple[list[list[A
         if isinstance(feat, Windowed):
             first, last = feat.bounds(t)
             if feat.agg == "distinct":
-                post.append([feat.name, "hll", hll_key(entity_key, feat.name), first, last])
+                post.append([feat.name, "zcount", distinct_key(entity_key, feat.name),
+                             first * feat.bucket_s, (last + 1) * feat.bucket_s])
             else:
                 modes = [[suffix, mode] for suffix, mode in COMPONENTS[feat.agg]]
-                post.append([feat.name, "window", entity_key, feat.name, first, last, modes])
+                post.append([feat.name, "window", entity_key, feat.storage, first, last, modes])
         elif isinstance(feat, TimeSince):
             pre.append([feat.name, "hget", entity_key, "@|t"])
         elif isinstance(feat, LastValue):
@@ -217,9 +254,9 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     ...                 (Windowed("n_10m", "count", 600, 60),))
     >>> ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), KeySpace("k"), KeyedHasher(b"x"))
     >>> ops.writes[0][0], ops.writes[0][2], ops.writes[0][3]
-    ('bucket', 'n_10m', [60, 70, 1000.0, [['n', 'add', 1.0]]])
+    ('bucket', 'n_10m@60', [60, 70, 1000.0, [['n', 'add', 1.0]]])
     >>> ops.post[0][:2], ops.post[0][3:]
-    (['n_10m', 'window'], ['n_10m', 7, 16, [['n', 'add']]])
+    (['n_10m', 'window'], ['n_10m@60', 7, 16, [['n', 'add']]])
     """
     token = hasher.token(fs.entity, fs.entity_id_of(event))
     key = keys.entity(fs.entity, token)
@@ -227,19 +264,19 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     pre, post = vector_reads(fs, key, t)
     ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, pre, [], post)
     has_hash = False
+    for storage, (feat, comps, kept) in fs.series_plan().items():
+        if feat.where is not None and not feat.where(event):
+            continue
+        x = 1.0 if feat.value_of is None else float(feat.value_of(event))
+        values = [[suffix, mode, {"n": 1.0, "q": x * x}.get(suffix, x)] for suffix, mode in comps]
+        ops.writes.append(["bucket", key, storage, [feat.bucket_s, kept, t, values]])
+        has_hash = True
     for feat in fs.features:
         if isinstance(feat, Windowed):
-            if feat.where is not None and not feat.where(event):
-                continue
-            if feat.agg == "distinct":
-                ttl = (feat.kept_buckets + 1) * feat.bucket_s
-                ops.writes.append(["pfadd", hll_key(key, feat.name), str(feat.value_of(event)),  # type: ignore[misc]
-                                   [feat.bucket_s, t, ttl]])
-                continue
-            x = 1.0 if feat.agg == "count" else float(feat.value_of(event))  # type: ignore[misc]
-            comps = [[suffix, mode, {"n": 1.0, "q": x * x}.get(suffix, x)] for suffix, mode in COMPONENTS[feat.agg]]
-            ops.writes.append(["bucket", key, feat.name, [feat.bucket_s, feat.kept_buckets, t, comps]])
-            has_hash = True
+            if feat.agg == "distinct" and (feat.where is None or feat.where(event)):
+                horizon = t - feat.window_s - feat.lateness_s
+                ops.writes.append(["zdistinct", distinct_key(key, feat.name), str(feat.value_of(event)),  # type: ignore[misc]
+                                   [t, horizon, fs.ttl_s]])
         elif isinstance(feat, TimeSince):
             ops.writes.append(["last", key, "@", [t, "", repr(t)]])
             has_hash = True
@@ -322,7 +359,8 @@ def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]
             elif feat.agg == "std":
                 out[name] = std_from_moments(n, float(c["s"] or 0.0), float(c["q"] or 0.0), feat.default)
             else:
-                out[name] = float(c["m"]) if c["m"] is not None else feat.default
+                extreme = c["lo" if feat.agg == "min" else "hi"]
+                out[name] = float(extreme) if extreme is not None else feat.default
         elif isinstance(feat, TimeSince):
             prev = raw.get(name)
             out[name] = max(t - float(prev), 0.0) if prev is not None else feat.default

@@ -11,10 +11,11 @@ window arithmetic is the same :func:`~feature_store.definitions.finalize`
 the write path uses.
 
 Layout per entity (key ``{prefix}:e:{entity}:{token}``, a hash):
-``{feature}|{component}|{bucket}`` bucket values, ``{feature}|lo`` oldest kept
-bucket, ``{feature}|v`` / ``{feature}|t`` last value and its time, ``@|t`` time
-of the latest event. Distinct counts use one HyperLogLog key per bucket,
-recent values a sorted set by time.
+``{series}@{bucket_s}|{component}|{bucket}`` bucket values,
+``{series}@{bucket_s}|lo`` oldest kept bucket, ``{feature}|v`` /
+``{feature}|t`` last value and its time, ``@|t`` time of the latest event.
+Distinct counts use a sorted set (value -> latest time) under the same key
+prefix, recent values a sorted set by time.
 """
 
 from __future__ import annotations
@@ -27,41 +28,72 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from feature_store.definitions import EventOps, FeatureSet, combine, finalize, vector_reads
+from feature_store.definitions import (
+    COMPONENTS,
+    EventOps,
+    FeatureSet,
+    TimeSince,
+    Windowed,
+    finalize,
+)
 from feature_store.keys import KeyedHasher, KeySpace
 
-APPLY_BATCH_LUA = r"""
-local ttl = tonumber(ARGV[1])
+LUA_READS = r"""
 local floor = math.floor
+
+-- Number formatting is the costliest step of building field names in Redis's
+-- Lua (about 1 µs each): format each bucket number once per call.
+local bucket_text = {}
+local function bs(b)
+  local s = bucket_text[b]
+  if not s then s = tostring(b); bucket_text[b] = s end
+  return s
+end
+
+-- Values of many fields of one hash. A small hash is a listpack, where every
+-- HMGET field is a linear scan: fetching it whole and looking up in a Lua
+-- table is then several times cheaper.
+local function hvalues(key, fields)
+  if redis.call('HLEN', key) <= 128 then
+    local flat, map, got = redis.call('HGETALL', key), {}, {}
+    for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end
+    for i, f in ipairs(fields) do got[i] = map[f] or false end
+    return got
+  end
+  return redis.call('HMGET', key, unpack(fields))
+end
 
 local function reads(list, vals)
   local by_key = {}
   for _, r in ipairs(list) do
     local kind = r[2]
     if kind == 'window' then
-      -- every window read of one key in a single HMGET
+      -- every window read of one key in a single HMGET, each field once
       local g = by_key[r[3]]
-      if not g then g = {fields = {}, spans = {}}; by_key[r[3]] = g end
+      if not g then g = {fields = {}, index = {}, spans = {}}; by_key[r[3]] = g end
       for _, m in ipairs(r[7]) do
-        local first = #g.fields + 1
-        for b = r[5], r[6] do g.fields[#g.fields + 1] = r[4] .. '|' .. m[1] .. '|' .. b end
-        g.spans[#g.spans + 1] = {r[1] .. '|' .. m[1], m[2], first, #g.fields}
+        local idx, prefix = {}, r[4] .. '|' .. m[1] .. '|'
+        for b = r[5], r[6] do
+          local f = prefix .. bs(b)
+          local at = g.index[f]
+          if not at then g.fields[#g.fields + 1] = f; at = #g.fields; g.index[f] = at end
+          idx[#idx + 1] = at
+        end
+        g.spans[#g.spans + 1] = {r[1] .. '|' .. m[1], m[2], idx}
       end
     elseif kind == 'hget' then
       -- as stored (text): cjson would round a number to 14 digits
       local v = redis.call('HGET', r[3], r[4])
       if v then vals[r[1]] = v else vals[r[1]] = cjson.null end
-    elseif kind == 'hll' then
-      local keys = {}
-      for b = r[4], r[5] do keys[#keys + 1] = r[3] .. '|' .. b end
-      vals[r[1]] = redis.call('PFCOUNT', unpack(keys))
+    elseif kind == 'zcount' then
+      vals[r[1]] = redis.call('ZCOUNT', r[3], r[4], '(' .. r[5])
     end
   end
   for key, g in pairs(by_key) do
-    local got = redis.call('HMGET', key, unpack(g.fields))
+    local got = hvalues(key, g.fields)
     for _, span in ipairs(g.spans) do
       local acc = nil
-      for j = span[3], span[4] do
+      for _, j in ipairs(span[3]) do
         local v = tonumber(got[j])
         if v then
           if acc == nil then acc = v
@@ -78,12 +110,22 @@ local function reads(list, vals)
   end
 end
 
+"""
+
+APPLY_BATCH_LUA = LUA_READS + r"""
+-- The entity hash's field names as they were when this event began (fetched once, if needed).
+local event_fields = nil
+local function fields_before(key)
+  if event_fields == nil then event_fields = redis.call('HKEYS', key) end
+  return event_fields
+end
+
 local function bucket(key, name, a)
   local bucket_s, keep, t, comps = a[1], a[2], a[3], a[4]
   local b = floor(t / bucket_s)
   local new = false
   for i, c in ipairs(comps) do
-    local f = name .. '|' .. c[1] .. '|' .. b
+    local f = name .. '|' .. c[1] .. '|' .. bs(b)
     if c[2] == 'add' then
       local v = tonumber(redis.call('HINCRBYFLOAT', key, f, c[3]))
       if i == 1 and v == c[3] then new = true end
@@ -100,18 +142,28 @@ local function bucket(key, name, a)
   local lo_field = name .. '|lo'
   local new_lo = b - keep + 1
   local lo = tonumber(redis.call('HGET', key, lo_field))
-  local drop_from, drop_to = nil, nil
   if lo == nil then
     redis.call('HSET', key, lo_field, new_lo)
   elseif b < lo then
-    drop_from, drop_to = b, b  -- later than the allowed lateness: not counted
+    -- later than the allowed lateness: not counted
+    for _, c in ipairs(comps) do redis.call('HDEL', key, name .. '|' .. c[1] .. '|' .. bs(b)) end
   elseif new_lo > lo then
-    drop_from, drop_to = lo, math.min(new_lo - 1, lo + 4 * keep)
     redis.call('HSET', key, lo_field, new_lo)
-  end
-  if drop_from then
-    for x = drop_from, drop_to do
-      for _, c in ipairs(comps) do redis.call('HDEL', key, name .. '|' .. c[1] .. '|' .. x) end
+    if new_lo - lo <= 4 then
+      for x = lo, new_lo - 1 do
+        for _, c in ipairs(comps) do redis.call('HDEL', key, name .. '|' .. c[1] .. '|' .. bs(x)) end
+      end
+    else
+      -- a long gap: delete the fields that exist rather than walk every empty bucket
+      local prefix, dead = name .. '|', {}
+      local plen = #prefix
+      for _, f in ipairs(fields_before(key)) do
+        if string.sub(f, 1, plen) == prefix then
+          local fb = tonumber(string.match(f, '|(%-?%d+)$'))
+          if fb and fb < new_lo then dead[#dead + 1] = f end
+        end
+      end
+      if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
     end
   end
 end
@@ -126,10 +178,10 @@ local function write(op)
     if (not cur) or a[1] >= cur then
       redis.call('HSET', key, name .. '|t', a[3], name .. '|v', a[2])
     end
-  elseif kind == 'pfadd' then
-    local k = key .. '|' .. floor(a[2] / a[1])
-    redis.call('PFADD', k, name)
-    redis.call('EXPIRE', k, a[3])
+  elseif kind == 'zdistinct' then
+    redis.call('ZADD', key, 'GT', a[1], name)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. a[2])
+    redis.call('EXPIRE', key, a[3])
   elseif kind == 'zlast' then
     redis.call('ZADD', key, 'GT', a[1], name)
     redis.call('ZREMRANGEBYRANK', key, 0, -(a[2] + 1))
@@ -144,9 +196,11 @@ local function write(op)
   end
 end
 
+local ttl = tonumber(ARGV[1])
 local out = {}
 for i = 2, #ARGV do
   local ev = cjson.decode(ARGV[i])
+  event_fields = nil
   local prior = redis.call('GET', ev.d)
   if prior then
     out[#out + 1] = {0, prior}
@@ -165,7 +219,85 @@ end
 return out
 """
 
+READ_LUA = LUA_READS + r"""
+-- ARGV: template (JSON), at, entity keys...; returns one JSON object of stored components per key.
+-- Every entity is read at the same time, so the field list is built once and only HMGET runs per key.
+local tpl, at = cjson.decode(ARGV[1]), tonumber(ARGV[2])
+local fields, index, spans, others = {}, {}, {}, {}
+for _, f in ipairs(tpl) do
+  if f[1] == 'w' then
+    local last = floor((at - f[6]) / f[4])
+    for _, m in ipairs(f[7]) do
+      local idx, prefix = {}, f[3] .. '|' .. m[1] .. '|'
+      for b = last - f[5] + 1, last do
+        local name = prefix .. bs(b)
+        local at_ = index[name]
+        if not at_ then fields[#fields + 1] = name; at_ = #fields; index[name] = at_ end
+        idx[#idx + 1] = at_
+      end
+      spans[#spans + 1] = {f[2] .. '|' .. m[1], m[2], idx}
+    end
+  elseif f[1] == 'z' then
+    local last = floor((at - f[5]) / f[3])
+    others[#others + 1] = {f[2], 'z', (last - f[4] + 1) * f[3], '(' .. ((last + 1) * f[3])}
+  else
+    others[#others + 1] = {f[2], 'h', f[3]}
+  end
+end
+local out = {}
+for i = 3, #ARGV do
+  local key, vals = ARGV[i], {}
+  if #fields > 0 then
+    local got = hvalues(key, fields)
+    for _, span in ipairs(spans) do
+      local acc = nil
+      for _, j in ipairs(span[3]) do
+        local v = got[j]
+        if v then
+          v = tonumber(v)
+          if acc == nil then acc = v
+          elseif span[2] == 'add' then acc = acc + v
+          elseif span[2] == 'min' then if v < acc then acc = v end
+          elseif v > acc then acc = v end
+        end
+      end
+      if acc == nil then
+        if span[2] == 'add' then acc = 0 else acc = cjson.null end
+      end
+      vals[span[1]] = acc
+    end
+  end
+  for _, o in ipairs(others) do
+    if o[2] == 'z' then
+      vals[o[1]] = redis.call('ZCOUNT', key .. '|' .. o[1], o[3], o[4])
+    else
+      local v = redis.call('HGET', key, o[3])
+      if v then vals[o[1]] = v else vals[o[1]] = cjson.null end
+    end
+  end
+  out[#out + 1] = cjson.encode(vals)
+end
+return out
+"""
+
 Snapshot = dict[str, Any]
+
+
+def read_template(fs: FeatureSet) -> bytes:
+    """The feature set's reads, independent of entity and time, for the read script."""
+    tpl: list[list[Any]] = []
+    for feat in fs.vector:
+        if isinstance(feat, Windowed):
+            if feat.agg == "distinct":
+                tpl.append(["z", feat.name, feat.bucket_s, feat.buckets, feat.delay_s])
+            else:
+                modes = [[suffix, mode] for suffix, mode in COMPONENTS[feat.agg]]
+                tpl.append(["w", feat.name, feat.storage, feat.bucket_s, feat.buckets, feat.delay_s, modes])
+        elif isinstance(feat, TimeSince):
+            tpl.append(["h", feat.name, "@|t"])
+        else:
+            tpl.append(["h", feat.name, f"{feat.name}|v"])
+    return orjson.dumps(tpl)
 
 
 def _decode(rows: Sequence[Any]) -> list[tuple[bool, Snapshot]]:
@@ -178,59 +310,18 @@ def _wire(ops: EventOps, keys: KeySpace) -> bytes:
     return orjson.dumps(doc)
 
 
-class _ReadPlan:
-    """The pipelined commands that read feature vectors at time ``at``, and how to turn replies into values."""
-
-    def __init__(self, fs: FeatureSet, keys: KeySpace, hasher: KeyedHasher) -> None:
-        self.fs, self.keys, self.hasher = fs, keys, hasher
-
-    def queue(self, pipe: Any, entity_id: str, at: float) -> list[tuple[str, Any]]:
-        key = self.keys.entity(self.fs.entity, self.hasher.token(self.fs.entity, entity_id))
-        pre, post = vector_reads(self.fs, key, at)
-        fields: list[str] = []
-        plan: list[tuple[str, Any]] = []
-        for r in pre:  # after the last event, "previous" is the latest
-            fields.append(r[3])
-            plan.append(("field", r[0]))
-        for r in post:
-            if r[1] == "window":
-                name, first, last, modes = r[3], r[4], r[5], r[6]
-                for suffix, mode in modes:
-                    start = len(fields)
-                    fields.extend(f"{name}|{suffix}|{b}" for b in range(first, last + 1))
-                    plan.append(("span", (f"{name}|{suffix}", mode, start, len(fields))))
-            else:  # hll
-                pipe.pfcount(*[f"{r[2]}|{b}" for b in range(r[3], r[4] + 1)])
-                plan.append(("hll", r[0]))
-        pipe.hmget(key, fields) if fields else pipe.exists(key)
-        plan.append(("hmget", None))
-        return plan
-
-    def values(self, plan: list[tuple[str, Any]], replies: list[Any], at: float) -> dict[str, Any]:
-        raw: dict[str, Any] = {}
-        hmget = replies[-1] if isinstance(replies[-1], list) else []
-        hll_replies = iter(replies[:-1])
-        field_index = 0
-        for kind, arg in plan:
-            if kind == "field":
-                v = hmget[field_index] if field_index < len(hmget) else None
-                field_index += 1
-                raw[arg] = _number(v)
-            elif kind == "span":
-                name, mode, start, end = arg
-                raw[name] = combine(mode, [float(v) for v in hmget[start:end] if v is not None])
-            elif kind == "hll":
-                raw[arg] = next(hll_replies)
-        return finalize(self.fs, raw, at)
+def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
+    return [keys.entity(fs.entity, hasher.token(fs.entity, e)) for e in entity_ids]
 
 
-def _number(v: bytes | None) -> Any:
-    if v is None:
-        return None
-    try:
-        return float(v)
-    except ValueError:
-        return v.decode()
+_TEMPLATES: dict[int, bytes] = {}
+
+
+def _template(fs: FeatureSet) -> bytes:
+    key = id(fs)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = read_template(fs)
+    return _TEMPLATES[key]
 
 
 class RedisOnlineStore:
@@ -243,6 +334,7 @@ class RedisOnlineStore:
         self.keys = keys or KeySpace("kestrel")
         self.hasher = hasher or KeyedHasher(b"kestrel-dev-only-hash-key")
         self._script = client.register_script(APPLY_BATCH_LUA)
+        self._read = client.register_script(READ_LUA)
 
     def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         """Apply each event once; returns (newly_applied, stored components) per event."""
@@ -255,12 +347,13 @@ class RedisOnlineStore:
         return self.read_batch(fs, [entity_id], at)[0]
 
     def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str], at: float | None = None) -> list[dict[str, Any]]:
-        """Feature vectors of many entities in one round trip."""
+        """Feature vectors of many entities in one round trip (windows summed inside Redis)."""
         at = time.time() if at is None else at
-        reader = _ReadPlan(fs, self.keys, self.hasher)
-        pipe = self.client.pipeline(transaction=False)
-        plans = [reader.queue(pipe, e, at) for e in entity_ids]
-        return _split(reader, plans, pipe.execute(), at)
+        rows = self._read(args=[_template(fs), repr(at), *self._entity_keys(fs, entity_ids)])
+        return [finalize(fs, orjson.loads(row), at) for row in rows]
+
+    def _entity_keys(self, fs: FeatureSet, entity_ids: Sequence[str]) -> list[str]:
+        return entity_keys(fs, entity_ids, self.keys, self.hasher)
 
 
 class AsyncRedisOnlineStore:
@@ -273,6 +366,7 @@ class AsyncRedisOnlineStore:
         self.keys = keys or KeySpace("kestrel")
         self.hasher = hasher or KeyedHasher(b"kestrel-dev-only-hash-key")
         self._script = client.register_script(APPLY_BATCH_LUA)
+        self._read = client.register_script(READ_LUA)
 
     async def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         if not batch:
@@ -285,20 +379,8 @@ class AsyncRedisOnlineStore:
     async def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str],
                          at: float | None = None) -> list[dict[str, Any]]:
         at = time.time() if at is None else at
-        reader = _ReadPlan(fs, self.keys, self.hasher)
-        pipe = self.client.pipeline(transaction=False)
-        plans = [reader.queue(pipe, e, at) for e in entity_ids]
-        return _split(reader, plans, await pipe.execute(), at)
-
-
-def _split(reader: _ReadPlan, plans: list[list[tuple[str, Any]]], replies: list[Any],
-           at: float) -> list[dict[str, Any]]:
-    out, i = [], 0
-    for plan in plans:
-        n = sum(1 for kind, _ in plan if kind in ("hll", "hmget"))
-        out.append(reader.values(plan, replies[i:i + n], at))
-        i += n
-    return out
+        rows = await self._read(args=[_template(fs), repr(at), *entity_keys(fs, entity_ids, self.keys, self.hasher)])
+        return [finalize(fs, orjson.loads(row), at) for row in rows]
 
 
 async def read_recent_and_top(client: aioredis.Redis, set_keys: Sequence[str], top_key: str,

@@ -21,25 +21,31 @@ MINUTE, HOUR, DAY = 60, 3600, 86400
 SMALL_AMOUNT = 5.0  # below this a payment looks like a card-testing probe
 LABEL_DELAY_S = 7 * DAY  # labels of the last week are not complete yet
 
+
+def _amount(e: object) -> float:
+    return e.amount  # type: ignore[attr-defined]
+
 CARD_PROFILE = FeatureSet(
     name="card_profile",
-    version="2",
+    version="4",
     entity="card",
     source="transaction",
     entity_id_of=lambda e: e.card_id,
     time_of=lambda e: e.epoch_s,
     features=(
-        Windowed("txn_count_10m", "count", 10 * MINUTE, MINUTE),
-        Windowed("txn_count_1h", "count", HOUR, 5 * MINUTE),
-        Windowed("txn_count_24h", "count", DAY, HOUR),
-        Windowed("txn_count_30d", "count", 30 * DAY, DAY),
-        Windowed("amount_sum_1h", "sum", HOUR, 5 * MINUTE, value_of=lambda e: e.amount),
-        Windowed("amount_sum_24h", "sum", DAY, HOUR, value_of=lambda e: e.amount),
-        Windowed("amount_mean_30d", "mean", 30 * DAY, DAY, value_of=lambda e: e.amount),
-        Windowed("amount_std_30d", "std", 30 * DAY, DAY, value_of=lambda e: e.amount),
-        Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=lambda e: e.amount),
-        Windowed("small_txn_count_10m", "count", 10 * MINUTE, MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
-        Windowed("distinct_terminals_24h", "distinct", DAY, HOUR, value_of=lambda e: e.terminal_id,
+        # One stored series of payment amounts per bucket size, shared by count, sum, mean and std.
+        # Buckets are a tenth to a twelfth of each window: a read touches ~80 values, not ~300.
+        Windowed("txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, series="txn"),
+        Windowed("txn_count_1h", "count", HOUR, 10 * MINUTE, series="txn"),
+        Windowed("amount_sum_1h", "sum", HOUR, 10 * MINUTE, value_of=_amount, series="txn"),
+        Windowed("txn_count_24h", "count", DAY, 2 * HOUR, series="txn"),
+        Windowed("amount_sum_24h", "sum", DAY, 2 * HOUR, value_of=_amount, series="txn"),
+        Windowed("txn_count_30d", "count", 30 * DAY, 3 * DAY, series="txn"),
+        Windowed("amount_mean_30d", "mean", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
+        Windowed("amount_std_30d", "std", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
+        Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=_amount),
+        Windowed("small_txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
+        Windowed("distinct_terminals_24h", "distinct", DAY, 2 * HOUR, value_of=lambda e: e.terminal_id,
                  where=lambda e: e.terminal_id is not None),
         TimeSince("seconds_since_prev"),
         LastValue("prev_terminal", value_of=lambda e: e.terminal_id or ""),

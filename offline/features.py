@@ -181,39 +181,46 @@ def _distinct(values: list[str], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _replay_exactly(fs: FeatureSet, events: list[Any]) -> pd.DataFrame:
-    """The online algorithm itself, per entity, in log order (buckets, lateness, cleanup)."""
+    """The online algorithm itself, per entity, in log order (shared series, lateness, cleanup)."""
+    plan = fs.series_plan()
     state: dict[str, dict[str, Any]] = {}
     rows = []
     for e in events:
         t = fs.time_of(e)
-        st = state.setdefault(fs.entity_id_of(e), {"buckets": {}, "lo": {}, "last": {}, "hll": {}})
+        st = state.setdefault(fs.entity_id_of(e), {"buckets": {}, "lo": {}, "last": {}, "distinct": {}})
         raw: dict[str, Any] = {}
         for feat in fs.vector:  # reads before the event's writes
             if isinstance(feat, TimeSince):
                 raw[feat.name] = st["last"].get("@", (None, None))[0]
             elif isinstance(feat, LastValue):
                 raw[feat.name] = st["last"].get(feat.name, (None, None))[1]
-        for feat in fs.vector:  # writes
-            if isinstance(feat, Windowed) and (feat.where is None or feat.where(e)):
-                b = math.floor(t / feat.bucket_s)
-                if feat.agg == "distinct":
-                    st["hll"].setdefault(feat.name, {}).setdefault(b, set()).add(str(feat.value_of(e)))
-                    continue
-                x = 1.0 if feat.agg == "count" else float(feat.value_of(e))
-                lo = st["lo"].get(feat.name)
-                buckets = st["buckets"].setdefault(feat.name, {})
-                if lo is not None and b < lo:
-                    continue
-                for suffix, mode in COMPONENTS[feat.agg]:
-                    v = {"n": 1.0, "q": x * x}.get(suffix, x)
-                    cur = buckets.get((suffix, b))
-                    buckets[(suffix, b)] = v if cur is None else (
-                        cur + v if mode == "add" else (min(cur, v) if mode == "min" else max(cur, v)))
-                new_lo = b - feat.kept_buckets + 1
-                if lo is None or new_lo > lo:
-                    st["lo"][feat.name] = new_lo
-                    for key in [k for k in buckets if k[1] < new_lo]:
-                        del buckets[key]
+        for storage, (feat, comps, kept) in plan.items():  # bucket writes, one per stored series
+            if feat.where is not None and not feat.where(e):
+                continue
+            b = math.floor(t / feat.bucket_s)
+            x = 1.0 if feat.value_of is None else float(feat.value_of(e))
+            lo = st["lo"].get(storage)
+            buckets = st["buckets"].setdefault(storage, {})
+            if lo is not None and b < lo:
+                continue  # later than the allowed lateness
+            for suffix, mode in comps:
+                v = {"n": 1.0, "q": x * x}.get(suffix, x)
+                cur = buckets.get((suffix, b))
+                buckets[(suffix, b)] = v if cur is None else (
+                    cur + v if mode == "add" else (min(cur, v) if mode == "min" else max(cur, v)))
+            new_lo = b - kept + 1
+            if lo is None or new_lo > lo:
+                st["lo"][storage] = new_lo
+                for key in [k for k in buckets if k[1] < new_lo]:
+                    del buckets[key]
+        for feat in fs.vector:  # other writes
+            if isinstance(feat, Windowed) and feat.agg == "distinct" and (feat.where is None or feat.where(e)):
+                seen = st["distinct"].setdefault(feat.name, {})
+                v = str(feat.value_of(e))  # type: ignore[misc]
+                seen[v] = max(seen.get(v, t), t)
+                horizon = t - feat.window_s - feat.lateness_s
+                for old in [k for k, when in seen.items() if when < horizon]:
+                    del seen[old]
             elif isinstance(feat, TimeSince | LastValue):
                 name = "@" if isinstance(feat, TimeSince) else feat.name
                 value = "" if isinstance(feat, TimeSince) else str(feat.value_of(e))
@@ -224,10 +231,11 @@ def _replay_exactly(fs: FeatureSet, events: list[Any]) -> pd.DataFrame:
             if isinstance(feat, Windowed):
                 first, last = feat.bounds(t)
                 if feat.agg == "distinct":
-                    hll = st["hll"].get(feat.name, {})
-                    raw[feat.name] = len(set().union(*(hll.get(b, set()) for b in range(first, last + 1))))
+                    seen = st["distinct"].get(feat.name, {})
+                    lo_t, hi_t = first * feat.bucket_s, (last + 1) * feat.bucket_s
+                    raw[feat.name] = sum(1 for when in seen.values() if lo_t <= when < hi_t)
                     continue
-                buckets = st["buckets"].get(feat.name, {})
+                buckets = st["buckets"].get(feat.storage, {})
                 for suffix, mode in COMPONENTS[feat.agg]:
                     vals = [buckets[(suffix, b)] for b in range(first, last + 1) if (suffix, b) in buckets]
                     raw[f"{feat.name}|{suffix}"] = combine(mode, vals)

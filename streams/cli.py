@@ -54,6 +54,38 @@ def cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    import redis
+
+    from feature_store.erase import erase_subject
+    from feature_store.keys import KeyedHasher, KeySpace
+
+    settings = Settings.from_env()
+    entity, _, raw_id = args.entity.partition(":")
+    if not raw_id:
+        print("use --entity ENTITY:ID, e.g. card:4111111111111111", file=sys.stderr)
+        return 2
+    report = erase_subject(redis.Redis.from_url(settings.redis_url), KeySpace(settings.redis_prefix),
+                           KeyedHasher(settings.hash_key.encode()), entity, raw_id)
+    print(json.dumps({"entity": report.entity, "token": report.token, "keys_deleted": report.keys_deleted,
+                      "tombstone": report.tombstone}))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from feature_store.bench import BenchConfig, run
+
+    settings = Settings.from_env()
+    result = run(BenchConfig(redis_url=settings.redis_url, events=args.events, entities=args.entities,
+                             naive_events=args.naive_events, reads=args.reads))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}  {value}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from streams.schemas import json_schema
 
@@ -88,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("services", help="run the embedded broker (and Redis if none answers) until Ctrl-C")
     p.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("erase", help="delete every feature-store key of a data subject and leave a tombstone")
+    p.add_argument("--entity", required=True, metavar="ENTITY:ID",
+                   help="card:ID, user:ID or terminal:ID (the raw id; only its keyed hash is used)")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("bench", help="benchmarks: `features` (online store writes, reads, memory)")
+    p.add_argument("what", choices=["features"])
+    p.add_argument("--events", type=int, default=50_000)
+    p.add_argument("--entities", type=int, default=5_000)
+    p.add_argument("--naive-events", type=int, default=3_000)
+    p.add_argument("--reads", type=int, default=3_000)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the event contracts")
     p.add_argument("--type", choices=["transaction", "interaction", "label"])

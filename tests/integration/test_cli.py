@@ -72,3 +72,33 @@ def test_schema_command_exports_all_contracts():
     assert set(doc["$defs"]) == {"transaction", "interaction", "label"}
     assert "amount" in doc["$defs"]["transaction"]["required"]
     assert doc["$defs"]["interaction"]["properties"]["kind"]["enum"] == ["view", "click", "add_to_cart", "purchase"]
+
+
+def test_bench_features_reports_every_measure(redis_url):
+    proc = _kestrel("bench", "features", "--events", "3000", "--entities", "300", "--naive-events", "300",
+                    "--reads", "200", "--json", env={"REDIS_URL": redis_url})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("write_events_per_s", "naive_write_events_per_s", "read_p50_ms", "read_p99_ms", "batch_read_p99_ms",
+                "bytes_per_entity"):
+        assert result[key] > 0, key
+    assert result["write_events_per_s"] > result["naive_write_events_per_s"]  # one round trip per batch wins
+    assert result["read_p50_ms"] <= result["read_p99_ms"]
+
+
+def test_erase_command_removes_a_subject(settings, redis_client):
+    from feature_store.definitions import compile_event
+    from feature_store.keys import KeyedHasher, KeySpace
+    from feature_store.redis_store import RedisOnlineStore
+    from feature_store.sets import CARD_PROFILE
+    from streams.schemas import Transaction
+
+    keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
+    txn = Transaction(event_id="er-1", card_id="4000123412341234", merchant_id="m", terminal_id="t",
+                      amount=12.0, currency="EUR", timestamp=1_767_225_600)
+    RedisOnlineStore(redis_client, 3600, keys, hasher).apply_batch([compile_event(CARD_PROFILE, txn, keys, hasher)])
+    proc = _kestrel("erase", "--entity", "card:4000123412341234", env=settings.to_env())
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["keys_deleted"] >= 2 and "4000" not in proc.stdout
+    assert not list(redis_client.scan_iter(match=f"{keys.entity('card', report['token'])}*"))

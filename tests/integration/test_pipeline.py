@@ -73,7 +73,7 @@ def test_valid_and_invalid_events_each_come_out_exactly_once(settings, worker, o
     labelled = [d for d in outputs.docs[topics.TRAINING_EXAMPLES] if d["decision"] is not None]
     assert labelled, "labels should join the logged decision of their transaction"
     assert all(d["decision"]["event_id"] == d["transaction_id"] for d in labelled)
-    assert all(d["feature_set"].startswith("card_profile:2+") for d in outputs.docs[topics.FRAUD_DECISIONS])
+    assert all(d["feature_set"].startswith("card_profile:4+") for d in outputs.docs[topics.FRAUD_DECISIONS])
 
 
 def test_velocity_counters_are_exact_per_card(settings, worker, outputs, redis_client):

@@ -218,3 +218,29 @@ def test_a_tombstoned_subject_is_not_recreated(space):
     rows = store.apply_batch([compile_event(RICH, _rich(1, 5_000_000.0, 5.0, "t", "gone"), keys, HASHER)])
     assert rows[0][0] is False
     assert not client.exists(keys.entity("card", token))
+
+
+def test_erase_deletes_every_key_of_the_subject_and_a_replay_does_not_recreate_it(space):
+    from feature_store.erase import erase_subject
+
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    events = [_rich(i, 6_000_000.0 + 60 * i, 5.0, "ab"[i % 2], "subject") for i in range(5)]
+    others = [_rich(i, 6_000_000.0 + 60 * i, 5.0, "a", "bystander") for i in range(3)]
+    store.apply_batch([compile_event(RICH, e, keys, HASHER) for e in events + others])
+    token = HASHER.token("card", "subject")
+    base = keys.entity("card", token)
+    before = [k for k in client.scan_iter(match=f"{base}*")]
+    assert len(before) >= 3  # the hash, HyperLogLog buckets, the recent-values set
+
+    report = erase_subject(client, keys, HASHER, "card", "subject")
+    assert report.keys_deleted == len(before)
+    assert not list(client.scan_iter(match=f"{base}*"))
+    assert store.read(RICH, "bystander", at=6_000_200.0)["n_10m"] == 3  # nobody else is touched
+
+    replay = [_rich(10 + i, 6_001_000.0 + i, 5.0, "a", "subject") for i in range(3)]
+    rows = store.apply_batch([compile_event(RICH, e, keys, HASHER) for e in replay])
+    assert all(not applied for applied, _ in rows)
+    assert not list(client.scan_iter(match=f"{base}*"))
+    assert store.read(RICH, "subject", at=6_001_010.0) == finalize(RICH, {}, 6_001_010.0)
+    assert "subject" not in report.token and "subject" not in report.tombstone

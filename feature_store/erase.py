@@ -1,0 +1,46 @@
+"""Right to erasure: delete every key of a data subject and leave a tombstone.
+
+The tombstone is written first, so a write racing the erasure (or a later
+replay of old events) is refused by the store's script and cannot quietly
+recreate the subject's data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from feature_store.keys import KeyedHasher, KeySpace
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    entity: str
+    token: str
+    keys_deleted: int
+    tombstone: str
+
+
+def erase_subject(client: redis.Redis, keys: KeySpace, hasher: KeyedHasher, entity: str, raw_id: str,
+                  tombstone_ttl_s: int | None = None) -> ErasureReport:
+    """Erase one subject (e.g. ``card`` / ``4111...``); only its keyed hash is ever used or printed."""
+    token = hasher.token(entity, raw_id)
+    tombstone = keys.tombstone(entity, token)
+    client.set(tombstone, b"1", ex=tombstone_ttl_s)
+    base = keys.entity(entity, token)
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{_escape(base)}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return ErasureReport(entity, token, deleted, tombstone)
+
+
+def _escape(pattern: str) -> str:
+    """Escape glob characters so a prefix matches literally."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in pattern)
