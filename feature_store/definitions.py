@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from feature_store.keys import KeyedHasher, KeySpace
@@ -72,16 +73,16 @@ class Windowed:
         if self.agg == "distinct" and self.delay_s:
             raise ValueError(f"{self.name}: a distinct count cannot be delayed")
 
-    @property
+    @cached_property
     def storage(self) -> str:
         """Name of the stored bucket series (shared by features with the same ``series`` and bucket)."""
         return f"{self.series or self.name}@{self.bucket_s}"
 
-    @property
+    @cached_property
     def buckets(self) -> int:
         return self.window_s // self.bucket_s
 
-    @property
+    @cached_property
     def kept_buckets(self) -> int:
         """Buckets kept in Redis: window and delay, plus enough to accept late events."""
         return self.buckets + math.ceil((self.delay_s + self.lateness_s) / self.bucket_s)
@@ -166,6 +167,7 @@ class FeatureSet:
                 out.setdefault(f.storage, []).append(f)
         return out
 
+    @cached_property
     def series_plan(self) -> dict[str, tuple[Windowed, list[tuple[str, str]], int]]:
         """Per stored series: a representative feature, the union of components, buckets to keep."""
         plan = {}
@@ -178,7 +180,7 @@ class FeatureSet:
             source = next((f for f in members if f.value_of is not None), members[0])
             plan[storage] = (source, comps, max(f.kept_buckets for f in members))
         return plan
-    @property
+    @cached_property
     def vector(self) -> tuple[Windowed | TimeSince | LastValue, ...]:
         """The features that make up the entity's feature vector, in order."""
         return tuple(f for f in self.features if isinstance(f, VECTOR_KINDS))
@@ -194,17 +196,17 @@ class FeatureSet:
 
 @dataclass(frozen=True)
 class EventOps:
-    """What the store must do for one event: one idempotent unit keyed by ``applied_key``."""
+    """What the store must do for one event: one idempotent unit keyed by ``applied_key``.
+
+    The reads are ``reads_of``'s feature vector at ``time`` (evaluated by the
+    store from the set's read template); ``writes`` are this event's updates.
+    """
 
     applied_key: str
     entity_key: str
     time: float
-    pre: list[list[Any]] = field(default_factory=list)
+    reads_of: FeatureSet
     writes: list[list[Any]] = field(default_factory=list)
-    post: list[list[Any]] = field(default_factory=list)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"d": self.applied_key, "pre": self.pre, "w": self.writes, "post": self.post}
 
 
 def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:
@@ -255,16 +257,15 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     >>> ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), KeySpace("k"), KeyedHasher(b"x"))
     >>> ops.writes[0][0], ops.writes[0][2], ops.writes[0][3]
     ('bucket', 'n_10m@60', [60, 70, 1000.0, [['n', 'add', 1.0]]])
-    >>> ops.post[0][:2], ops.post[0][3:]
-    (['n_10m', 'window'], ['n_10m@60', 7, 16, [['n', 'add']]])
+    >>> ops.entity_key.startswith("k:e:card:"), ops.reads_of is fs
+    (True, True)
     """
     token = hasher.token(fs.entity, fs.entity_id_of(event))
     key = keys.entity(fs.entity, token)
     t = fs.time_of(event)
-    pre, post = vector_reads(fs, key, t)
-    ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, pre, [], post)
+    ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs)
     has_hash = False
-    for storage, (feat, comps, kept) in fs.series_plan().items():
+    for storage, (feat, comps, kept) in fs.series_plan.items():
         if feat.where is not None and not feat.where(event):
             continue
         x = 1.0 if feat.value_of is None else float(feat.value_of(event))
@@ -379,5 +380,4 @@ def compile_lookup(fs: FeatureSet, entity_id: str, t: float, event_id: str, keys
     read repeatable when the event is redelivered.
     """
     key = keys.entity(fs.entity, hasher.token(fs.entity, entity_id))
-    pre, post = vector_reads(fs, key, t)
-    return EventOps(keys.applied(f"{fs.name}@{event_id}"), key, t, pre, [], post)
+    return EventOps(keys.applied(f"{fs.name}@{event_id}"), key, t, fs)

@@ -112,7 +112,29 @@ end
 
 """
 
-APPLY_BATCH_LUA = LUA_READS + r"""
+LUA_PLAN = r"""
+-- The reads of one entity's vector at time `at`, from a feature set's template:
+-- phase 'pre' (previous event's time and values) or 'post' (windows, distinct counts).
+local function plan_reads(tpl, key, at, phase)
+  local list = {}
+  for _, f in ipairs(tpl) do
+    if f[1] == 'h' then
+      if phase == 'pre' then list[#list + 1] = {f[2], 'hget', key, f[3]} end
+    elseif phase == 'post' then
+      if f[1] == 'w' then
+        local last = floor((at - f[6]) / f[4])
+        list[#list + 1] = {f[2], 'window', key, f[3], last - f[5] + 1, last, f[7]}
+      else
+        local last = floor((at - f[5]) / f[3])
+        list[#list + 1] = {f[2], 'zcount', key .. '|' .. f[2], (last - f[4] + 1) * f[3], (last + 1) * f[3]}
+      end
+    end
+  end
+  return list
+end
+"""
+
+APPLY_BATCH_LUA = LUA_READS + LUA_PLAN + r"""
 -- The entity hash's field names as they were when this event began (fetched once, if needed).
 local event_fields = nil
 local function fields_before(key)
@@ -196,9 +218,9 @@ local function write(op)
   end
 end
 
-local ttl = tonumber(ARGV[1])
+local ttl, templates = tonumber(ARGV[1]), cjson.decode(ARGV[2])
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local ev = cjson.decode(ARGV[i])
   event_fields = nil
   local prior = redis.call('GET', ev.d)
@@ -207,10 +229,10 @@ for i = 2, #ARGV do
   elseif redis.call('EXISTS', ev.x) == 1 then
     out[#out + 1] = {0, '{"erased":true}'}  -- the subject was erased: never recreate its data
   else
-    local vals = {}
-    reads(ev.pre, vals)
+    local vals, tpl = {}, templates[ev.r + 1]
+    reads(plan_reads(tpl, ev.k, ev.t, 'pre'), vals)
     for _, op in ipairs(ev.w) do write(op) end
-    reads(ev.post, vals)
+    reads(plan_reads(tpl, ev.k, ev.t, 'post'), vals)
     local snap = cjson.encode(vals)
     redis.call('SET', ev.d, snap, 'EX', ttl)
     out[#out + 1] = {1, snap}
@@ -221,7 +243,8 @@ return out
 
 READ_LUA = LUA_READS + r"""
 -- ARGV: template (JSON), at, entity keys...; returns one JSON object of stored components per key.
--- Every entity is read at the same time, so the field list is built once and only HMGET runs per key.
+-- Every entity is read at the same time, so the field list is built once; per key only the fetch
+-- and the sums run.
 local tpl, at = cjson.decode(ARGV[1]), tonumber(ARGV[2])
 local fields, index, spans, others = {}, {}, {}, {}
 for _, f in ipairs(tpl) do
@@ -304,10 +327,19 @@ def _decode(rows: Sequence[Any]) -> list[tuple[bool, Snapshot]]:
     return [(bool(applied), orjson.loads(snap)) for applied, snap in rows]
 
 
-def _wire(ops: EventOps, keys: KeySpace) -> bytes:
-    doc = ops.to_wire()
-    doc["x"] = keys.tombstone_of(ops.entity_key)
-    return orjson.dumps(doc)
+def _apply_args(batch: Sequence[EventOps], keys: KeySpace, ttl_s: int) -> list[Any]:
+    """Script arguments: TTL, the read templates used in this batch, then one JSON document per event."""
+    sets: dict[int, int] = {}
+    templates: list[bytes] = []
+    events: list[bytes] = []
+    for ops in batch:
+        index = sets.get(id(ops.reads_of))
+        if index is None:
+            index = sets[id(ops.reads_of)] = len(templates)
+            templates.append(_template(ops.reads_of))
+        events.append(orjson.dumps({"d": ops.applied_key, "x": keys.tombstone_of(ops.entity_key), "k": ops.entity_key,
+                                    "t": ops.time, "r": index, "w": ops.writes}))
+    return [ttl_s, b"[" + b",".join(templates) + b"]", *events]
 
 
 def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
@@ -340,7 +372,7 @@ class RedisOnlineStore:
         """Apply each event once; returns (newly_applied, stored components) per event."""
         if not batch:
             return []
-        return _decode(self._script(args=[self.dedup_ttl_s, *(_wire(o, self.keys) for o in batch)]))
+        return _decode(self._script(args=_apply_args(batch, self.keys, self.dedup_ttl_s)))
 
     def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         """One entity's feature vector at ``at`` (default now); a missing entity gives the defaults."""
@@ -371,7 +403,7 @@ class AsyncRedisOnlineStore:
     async def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         if not batch:
             return []
-        return _decode(await self._script(args=[self.dedup_ttl_s, *(_wire(o, self.keys) for o in batch)]))
+        return _decode(await self._script(args=_apply_args(batch, self.keys, self.dedup_ttl_s)))
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]

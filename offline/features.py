@@ -182,7 +182,7 @@ def _distinct(values: list[str], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def _replay_exactly(fs: FeatureSet, events: list[Any]) -> pd.DataFrame:
     """The online algorithm itself, per entity, in log order (shared series, lateness, cleanup)."""
-    plan = fs.series_plan()
+    plan = fs.series_plan
     state: dict[str, dict[str, Any]] = {}
     rows = []
     for e in events:
