@@ -27,6 +27,7 @@ import numpy as np
 import redis
 
 from feature_store.definitions import Windowed, compile_event, vector_reads
+from feature_store.erase import delete_matching
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import RedisOnlineStore
 from feature_store.sets import CARD_PROFILE
@@ -186,11 +187,4 @@ def run(config: BenchConfig) -> dict[str, Any]:
         }
     finally:
         for prefix in (keys.prefix, keys.prefix + "-naive"):
-            batch_keys: list[bytes] = []
-            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                batch_keys.append(key)
-                if len(batch_keys) >= 1000:
-                    client.unlink(*batch_keys)
-                    batch_keys.clear()
-            if batch_keys:
-                client.unlink(*batch_keys)
+            delete_matching(client, f"{prefix}:*")

@@ -28,17 +28,22 @@ def erase_subject(client: redis.Redis, keys: KeySpace, hasher: KeyedHasher, enti
     token = hasher.token(entity, raw_id)
     tombstone = keys.tombstone(entity, token)
     client.set(tombstone, b"1", ex=tombstone_ttl_s)
-    base = keys.entity(entity, token)
+    deleted = delete_matching(client, f"{_escape(keys.entity(entity, token))}*")
+    return ErasureReport(entity, token, deleted, tombstone)
+
+
+def delete_matching(client: redis.Redis, pattern: str, batch_size: int = 500) -> int:
+    """Delete every key matching a SCAN pattern, in batches (never FLUSHALL a shared server)."""
     deleted = 0
     batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{_escape(base)}*", count=1000):
+    for key in client.scan_iter(match=pattern, count=1000):
         batch.append(key)
-        if len(batch) >= 500:
+        if len(batch) >= batch_size:
             deleted += client.unlink(*batch)
             batch.clear()
     if batch:
         deleted += client.unlink(*batch)
-    return ErasureReport(entity, token, deleted, tombstone)
+    return deleted
 
 
 def _escape(pattern: str) -> str:

@@ -63,6 +63,27 @@ local function hvalues(key, fields)
   return redis.call('HMGET', key, unpack(fields))
 end
 
+-- Combine bucket values into one value per span {name, mode, field positions}:
+-- add -> sum (0 when empty), min / max -> extreme (null when empty).
+local function combine_spans(got, spans, vals)
+  for _, span in ipairs(spans) do
+    local acc = nil
+    for _, j in ipairs(span[3]) do
+      local v = tonumber(got[j])
+      if v then
+        if acc == nil then acc = v
+        elseif span[2] == 'add' then acc = acc + v
+        elseif span[2] == 'min' then if v < acc then acc = v end
+        elseif v > acc then acc = v end
+      end
+    end
+    if acc == nil then
+      if span[2] == 'add' then acc = 0 else acc = cjson.null end
+    end
+    vals[span[1]] = acc
+  end
+end
+
 local function reads(list, vals)
   local by_key = {}
   for _, r in ipairs(list) do
@@ -91,22 +112,7 @@ local function reads(list, vals)
   end
   for key, g in pairs(by_key) do
     local got = hvalues(key, g.fields)
-    for _, span in ipairs(g.spans) do
-      local acc = nil
-      for _, j in ipairs(span[3]) do
-        local v = tonumber(got[j])
-        if v then
-          if acc == nil then acc = v
-          elseif span[2] == 'add' then acc = acc + v
-          elseif span[2] == 'min' then if v < acc then acc = v end
-          elseif v > acc then acc = v end
-        end
-      end
-      if acc == nil then
-        if span[2] == 'add' then acc = 0 else acc = cjson.null end
-      end
-      vals[span[1]] = acc
-    end
+    combine_spans(got, g.spans, vals)
   end
 end
 
@@ -272,23 +278,7 @@ for i = 3, #ARGV do
   local key, vals = ARGV[i], {}
   if #fields > 0 then
     local got = hvalues(key, fields)
-    for _, span in ipairs(spans) do
-      local acc = nil
-      for _, j in ipairs(span[3]) do
-        local v = got[j]
-        if v then
-          v = tonumber(v)
-          if acc == nil then acc = v
-          elseif span[2] == 'add' then acc = acc + v
-          elseif span[2] == 'min' then if v < acc then acc = v end
-          elseif v > acc then acc = v end
-        end
-      end
-      if acc == nil then
-        if span[2] == 'add' then acc = 0 else acc = cjson.null end
-      end
-      vals[span[1]] = acc
-    end
+    combine_spans(got, spans, vals)
   end
   for _, o in ipairs(others) do
     if o[2] == 'z' then

@@ -31,16 +31,17 @@ return #ARGV - 1
 
 
 class DeliveryLedger:
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, writes_ttl_s: int | None = None) -> None:
         self.ttl_s = ttl_s
+        self.writes_ttl_s = writes_ttl_s or ttl_s
         self._write_and_check = client.register_script(WRITE_AND_CHECK_LUA)
         self._mark = client.register_script(MARK_LUA)
 
     async def delivered(self, marks: Sequence[str], writes: Sequence[tuple[str, bytes]] = ()) -> list[bool]:
-        """Which ``marks`` are set; first stores ``writes`` (key, value) with the same TTL, same round trip."""
+        """Which ``marks`` are set; first stores ``writes`` (key, value) with ``writes_ttl_s``, same round trip."""
         if not marks and not writes:
             return []
-        args: list[object] = [self.ttl_s, len(writes)]
+        args: list[object] = [self.writes_ttl_s, len(writes)]
         for key, value in writes:
             args += [key, value]
         args += list(marks)

@@ -33,6 +33,7 @@ import orjson
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from feature_store.erase import delete_matching
 from streams import topics
 from streams.config import Settings
 from streams.producer import EventProducer
@@ -199,17 +200,7 @@ def stop_worker(worker: subprocess.Popen, timeout_s: float = 20.0) -> None:
 
 def erase_prefix(url: str, prefix: str) -> int:
     """Delete every key of one run (never FLUSHALL a shared server)."""
-    client = redis.Redis.from_url(url)
-    n = 0
-    batch = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            n += client.delete(*batch)
-            batch.clear()
-    if batch:
-        n += client.delete(*batch)
-    return n
+    return delete_matching(redis.Redis.from_url(url), f"{prefix}:*")
 
 
 class Progress:

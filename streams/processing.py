@@ -108,7 +108,7 @@ class Processor:
         self.keys = KeySpace(settings.redis_prefix)
         self.hasher = KeyedHasher(settings.hash_key.encode())
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
-        self.ledger = DeliveryLedger(client, settings.dedup_ttl_s)
+        self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or RuleScorer()
         self.recommender = recommender or PopularityRecommender()
 
