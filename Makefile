@@ -5,7 +5,7 @@ install:
 	bash deploy/install.sh
 
 demo: install
-	.venv/bin/kestrel demo --events 20000 --rate 1500
+	.venv/bin/kestrel demo --events 20000 --rate 1000
 
 test: install
 	bash deploy/test.sh
