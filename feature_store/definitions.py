@@ -62,6 +62,7 @@ class Windowed:
     lateness_s: int = 3600
     default: float = 0.0
     series: str | None = None
+    hash_as: str | None = None  # distinct values that identify a person (a card) are stored as keyed hashes
 
     def __post_init__(self) -> None:
         if self.window_s % self.bucket_s:
@@ -81,6 +82,11 @@ class Windowed:
     @cached_property
     def buckets(self) -> int:
         return self.window_s // self.bucket_s
+
+    @cached_property
+    def late_buckets(self) -> int:
+        """How many buckets older than the newest an event may fall and still be counted."""
+        return math.ceil(self.lateness_s / self.bucket_s)
 
     @cached_property
     def kept_buckets(self) -> int:
@@ -157,8 +163,9 @@ class FeatureSet:
         if len(names) != len(set(names)):
             raise ValueError(f"{self.name}: duplicate feature names")
         for storage, members in self.series_members().items():
-            if len({(f.where is None) for f in members}) > 1 or len({f.lateness_s for f in members}) > 1:
-                raise ValueError(f"{self.name}: features sharing {storage} must share filter and lateness")
+            values = {id(f.value_of) for f in members if f.value_of is not None}
+            if len({id(f.where) for f in members}) > 1 or len(values) > 1 or len({f.lateness_s for f in members}) > 1:
+                raise ValueError(f"{self.name}: features sharing {storage} must share filter, value and lateness")
 
     def series_members(self) -> dict[str, list[Windowed]]:
         out: dict[str, list[Windowed]] = {}
@@ -256,7 +263,7 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     ...                 (Windowed("n_10m", "count", 600, 60),))
     >>> ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), KeySpace("k"), KeyedHasher(b"x"))
     >>> ops.writes[0][0], ops.writes[0][2], ops.writes[0][3]
-    ('bucket', 'n_10m@60', [60, 70, 1000.0, [['n', 'add', 1.0]]])
+    ('bucket', 'n_10m@60', [60, 70, 1000.0, [['n', 'add', 1.0]], 60])
     >>> ops.entity_key.startswith("k:e:card:"), ops.reads_of is fs
     (True, True)
     """
@@ -270,14 +277,16 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
             continue
         x = 1.0 if feat.value_of is None else float(feat.value_of(event))
         values = [[suffix, mode, {"n": 1.0, "q": x * x}.get(suffix, x)] for suffix, mode in comps]
-        ops.writes.append(["bucket", key, storage, [feat.bucket_s, kept, t, values]])
+        ops.writes.append(["bucket", key, storage, [feat.bucket_s, kept, t, values, feat.late_buckets]])
         has_hash = True
     for feat in fs.features:
         if isinstance(feat, Windowed):
             if feat.agg == "distinct" and (feat.where is None or feat.where(event)):
                 horizon = t - feat.window_s - feat.lateness_s
-                ops.writes.append(["zdistinct", distinct_key(key, feat.name), str(feat.value_of(event)),  # type: ignore[misc]
-                                   [t, horizon, fs.ttl_s]])
+                member = str(feat.value_of(event))  # type: ignore[misc]
+                if feat.hash_as:
+                    member = hasher.token(feat.hash_as, member)
+                ops.writes.append(["zdistinct", distinct_key(key, feat.name), member, [t, repr(horizon), fs.ttl_s]])
         elif isinstance(feat, TimeSince):
             ops.writes.append(["last", key, "@", [t, "", repr(t)]])
             has_hash = True
@@ -325,6 +334,10 @@ def std_from_moments(n: float, s: float, q: float, default: float = 0.0) -> floa
     return math.sqrt(var) if var > 1e-9 * max(q / n, 1.0) else 0.0
 
 
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
 def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]:
     """Feature values at time ``t`` from the stored components in ``raw``.
 
@@ -350,7 +363,7 @@ def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]
                 value = raw.get(name)
                 out[name] = float(value) if value is not None else feat.default
                 continue
-            c = {s: raw.get(f"{name}|{s}") for s, _ in COMPONENTS[feat.agg]}
+            c = {s: _num(raw.get(f"{name}|{s}")) for s, _ in COMPONENTS[feat.agg]}
             n = c.get("n") or 0.0
             if feat.agg in ("count", "sum"):
                 value = c["n" if feat.agg == "count" else "s"]

@@ -78,7 +78,9 @@ local function combine_spans(got, spans, vals)
       end
     end
     if acc == nil then
-      if span[2] == 'add' then acc = 0 else acc = cjson.null end
+      if span[2] == 'add' then acc = '0' else acc = cjson.null end
+    else
+      acc = string.format('%.17g', acc)  -- cjson would keep only 14 digits
     end
     vals[span[1]] = acc
   end
@@ -149,8 +151,12 @@ local function fields_before(key)
 end
 
 local function bucket(key, name, a)
-  local bucket_s, keep, t, comps = a[1], a[2], a[3], a[4]
+  local bucket_s, keep, t, comps, late = a[1], a[2], a[3], a[4], a[5]
   local b = floor(t / bucket_s)
+  local lo_field = name .. '|lo'
+  local lo = tonumber(redis.call('HGET', key, lo_field))
+  -- the newest bucket is lo + keep - 1; an event more than `late` buckets older is not counted
+  if lo and b < lo + keep - 1 - late then return end
   local new = false
   for i, c in ipairs(comps) do
     local f = name .. '|' .. c[1] .. '|' .. bs(b)
@@ -167,14 +173,9 @@ local function bucket(key, name, a)
   end
   if not new then return end
   -- a new bucket: drop buckets that fell out of window + delay + lateness (bounded memory)
-  local lo_field = name .. '|lo'
   local new_lo = b - keep + 1
-  local lo = tonumber(redis.call('HGET', key, lo_field))
   if lo == nil then
     redis.call('HSET', key, lo_field, new_lo)
-  elseif b < lo then
-    -- later than the allowed lateness: not counted
-    for _, c in ipairs(comps) do redis.call('HDEL', key, name .. '|' .. c[1] .. '|' .. bs(b)) end
   elseif new_lo > lo then
     redis.call('HSET', key, lo_field, new_lo)
     if new_lo - lo <= 4 then
@@ -323,7 +324,7 @@ def _apply_args(batch: Sequence[EventOps], keys: KeySpace, ttl_s: int) -> list[A
     templates: list[bytes] = []
     events: list[bytes] = []
     for ops in batch:
-        index = sets.get(id(ops.reads_of))
+        index = sets.get(id(ops.reads_of))  # ops keep their feature set alive for this call
         if index is None:
             index = sets[id(ops.reads_of)] = len(templates)
             templates.append(_template(ops.reads_of))
@@ -336,14 +337,13 @@ def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hashe
     return [keys.entity(fs.entity, hasher.token(fs.entity, e)) for e in entity_ids]
 
 
-_TEMPLATES: dict[int, bytes] = {}
+_TEMPLATES: dict[FeatureSet, bytes] = {}
 
 
 def _template(fs: FeatureSet) -> bytes:
-    key = id(fs)
-    if key not in _TEMPLATES:
-        _TEMPLATES[key] = read_template(fs)
-    return _TEMPLATES[key]
+    if fs not in _TEMPLATES:
+        _TEMPLATES[fs] = read_template(fs)
+    return _TEMPLATES[fs]
 
 
 class RedisOnlineStore:

@@ -62,7 +62,7 @@ TERMINAL_ACTIVITY = FeatureSet(
     features=(
         Windowed("terminal_txn_count_1h", "count", HOUR, 5 * MINUTE),
         Windowed("terminal_txn_count_7d", "count", 7 * DAY, DAY),
-        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id),
+        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
     ),
 )
 
@@ -75,8 +75,9 @@ TERMINAL_RISK = FeatureSet(
     time_of=lambda e: e.epoch_s,
     features=(
         Windowed("terminal_frauds_30d_d7", "sum", 30 * DAY, DAY, value_of=lambda e: e.is_fraud,
-                 delay_s=LABEL_DELAY_S, lateness_s=60 * DAY),
-        Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=60 * DAY),
+                 delay_s=LABEL_DELAY_S, lateness_s=30 * DAY, series="labels"),
+        Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=30 * DAY,
+                 series="labels"),
     ),
 )
 

@@ -47,13 +47,11 @@ def compute_features(fs: FeatureSet, events: Sequence[Any]) -> pd.DataFrame:
     codes, _ = pd.factorize(entity)
     order = np.lexsort((np.arange(n), codes))  # group by entity, keep log order inside a group
     g, ts = codes[order], t[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
     in_order = _groups_in_time_order(g, ts)
     columns: dict[str, np.ndarray] = {}
     for feat in fs.vector:
         if isinstance(feat, Windowed):
-            columns[feat.name] = _windowed(feat, [events[i] for i in order], g, ts, group_start)
+            columns[feat.name] = _windowed(feat, [events[i] for i in order], g, ts)
         elif isinstance(feat, TimeSince):
             prev = pd.Series(ts).groupby(g).cummax().groupby(g).shift(1).to_numpy()
             columns[feat.name] = np.where(np.isnan(prev), feat.default, np.maximum(ts - prev, 0.0))
@@ -84,8 +82,7 @@ def _groups_in_time_order(g: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return ~bad
 
 
-def _windowed(feat: Windowed, events: list[Any], g: np.ndarray, ts: np.ndarray,
-              group_start: np.ndarray) -> np.ndarray:
+def _windowed(feat: Windowed, events: list[Any], g: np.ndarray, ts: np.ndarray) -> np.ndarray:
     n = len(events)
     mask = np.array([feat.where(e) for e in events], dtype=bool) if feat.where else np.ones(n, dtype=bool)
     bucket = np.floor(ts / feat.bucket_s).astype(np.int64)
@@ -107,14 +104,14 @@ def _windowed(feat: Windowed, events: list[Any], g: np.ndarray, ts: np.ndarray,
     count = (hi - lo).astype(float)
     if feat.agg == "count":
         return count
-    groups = g[rows]
-    s = _range_sum(x, groups, lo, hi)
+    sums = _BucketSums(keyed, offset + last, feat.buckets, hi)
+    s = sums(x)
     if feat.agg == "sum":
         return s
     if feat.agg == "mean":
         return np.where(count > 0, s / np.maximum(count, 1), feat.default)
     if feat.agg == "std":
-        q = _range_sum(x * x, groups, lo, hi)
+        q = sums(x * x)
         return np.array([std_from_moments(c, a, b, feat.default) for c, a, b in zip(count, s, q, strict=True)])
     out = _range_extreme(x, lo, hi, np.minimum if feat.agg == "min" else np.maximum)
     return np.where(count > 0, out, feat.default)
@@ -125,15 +122,37 @@ def _bounds(ts: np.ndarray, feat: Windowed) -> tuple[np.ndarray, np.ndarray]:
     return last - feat.buckets + 1, last
 
 
-def _range_sum(x: np.ndarray, groups: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Sum of x[lo:hi] per query; prefix sums restart per entity so rounding stays per entity."""
-    if x.size == 0:
-        return np.zeros(lo.shape)
-    upto = pd.Series(x).groupby(groups).cumsum().to_numpy()  # sum of the entity's rows up to and incl. j
-    before = upto - x  # sum of the entity's rows before j
-    last = np.clip(hi - 1, 0, x.size - 1)
-    start = np.clip(lo, 0, x.size - 1)
-    return np.where(hi > lo, upto[last] - before[start], 0.0)
+class _BucketSums:
+    """Window sums taken bucket by bucket, as the store does.
+
+    A difference of prefix sums would let one huge old value swamp a window
+    that no longer holds it (catastrophic cancellation); summing the
+    window's own buckets keeps the error to that of the values inside.
+    """
+
+    def __init__(self, keyed: np.ndarray, last_key: np.ndarray, buckets: int, hi: np.ndarray) -> None:
+        self.keyed, self.last_key, self.buckets, self.hi = keyed, last_key, buckets, hi
+        starts = np.flatnonzero(np.r_[True, keyed[1:] != keyed[:-1]]) if keyed.size else np.zeros(0, dtype=int)
+        self.run_start = starts
+        self.run_end = np.r_[starts[1:], keyed.size].astype(int)
+        self.run_key = keyed[starts]
+        self.run_id = np.repeat(np.arange(starts.size), self.run_end - starts)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.last_key.shape)
+        if x.size == 0:
+            return out
+        total = np.add.reduceat(x, self.run_start)
+        within = pd.Series(x).groupby(self.run_id).cumsum().to_numpy()  # rounding stays inside a bucket
+        hi = self.hi
+        for k in range(self.buckets - 1, -1, -1):  # oldest bucket first, like the store
+            key = self.last_key - k
+            r = np.clip(np.searchsorted(self.run_key, key), 0, self.run_key.size - 1)
+            ok = (self.run_key[r] == key) & (self.run_start[r] < hi)
+            full = self.run_end[r] <= hi
+            part = within[np.clip(hi - 1, 0, x.size - 1)]
+            out += np.where(ok, np.where(full, total[r], part), 0.0)
+        return out
 
 
 def _range_extreme(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, op: np.ufunc) -> np.ndarray:
@@ -201,7 +220,7 @@ def _replay_exactly(fs: FeatureSet, events: list[Any]) -> pd.DataFrame:
             x = 1.0 if feat.value_of is None else float(feat.value_of(e))
             lo = st["lo"].get(storage)
             buckets = st["buckets"].setdefault(storage, {})
-            if lo is not None and b < lo:
+            if lo is not None and b < lo + kept - 1 - feat.late_buckets:
                 continue  # later than the allowed lateness
             for suffix, mode in comps:
                 v = {"n": 1.0, "q": x * x}.get(suffix, x)

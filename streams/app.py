@@ -145,7 +145,14 @@ def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
 
     async def consume(stream: Any) -> None:
         async for events in stream.take_events(size, within=within):
-            await runtime.handle(topic_name, list(events))
+            # Faust acks the batch as soon as this body exits, even when cancelled (shutdown):
+            # let a batch in flight finish its delivery first.
+            task = asyncio.ensure_future(runtime.handle(topic_name, list(events)))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task
+                raise
 
     consume.__name__ = consume.__qualname__ = "consume_" + topic_name.replace(".", "_")
     app.agent(source, name=f"kestrel.{topic_name}")(consume)

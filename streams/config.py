@@ -28,7 +28,8 @@ class Settings:
     max_event_bytes: int = 64 * 1024
     batch_size: int = 500
     batch_within_s: float = 0.005
-    dedup_ttl_s: int = 24 * 3600
+    dedup_ttl_s: int = 7 * 24 * 3600
+    max_future_s: float = 3600.0
     decision_log_ttl_s: int = 35 * 24 * 3600
     session_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
@@ -54,6 +55,7 @@ class Settings:
             batch_size=int(_env("KESTREL_BATCH_SIZE", str(d.batch_size))),
             batch_within_s=float(_env("KESTREL_BATCH_WITHIN_MS", str(d.batch_within_s * 1000))) / 1000,
             dedup_ttl_s=int(_env("KESTREL_DEDUP_TTL_S", str(d.dedup_ttl_s))),
+            max_future_s=float(_env("KESTREL_MAX_FUTURE_S", str(d.max_future_s))),
             decision_log_ttl_s=int(_env("KESTREL_DECISION_LOG_TTL_S", str(d.decision_log_ttl_s))),
             session_timeout_s=float(_env("KESTREL_SESSION_TIMEOUT_S", str(d.session_timeout_s))),
             heartbeat_interval_s=float(_env("KESTREL_HEARTBEAT_INTERVAL_S", str(d.heartbeat_interval_s))),
@@ -82,6 +84,7 @@ class Settings:
             "KESTREL_BATCH_WITHIN_MS": str(self.batch_within_s * 1000),
             "KESTREL_DEDUP_TTL_S": str(self.dedup_ttl_s),
             "KESTREL_DECISION_LOG_TTL_S": str(self.decision_log_ttl_s),
+            "KESTREL_MAX_FUTURE_S": str(self.max_future_s),
             "KESTREL_SESSION_TIMEOUT_S": str(self.session_timeout_s),
             "KESTREL_HEARTBEAT_INTERVAL_S": str(self.heartbeat_interval_s),
             "KESTREL_COMMIT_INTERVAL_S": str(self.commit_interval_s),

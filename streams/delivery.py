@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 WRITE_AND_CHECK_LUA = r"""
 local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 0, n - 1 do
-  redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl)
+  -- NX: a replayed batch must not rewrite what was logged (and sent) the first time
+  redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX')
 end
 local out = {}
 for i = 3 + 2 * n, #ARGV do out[#out + 1] = redis.call('EXISTS', ARGV[i]) end

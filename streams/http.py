@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -12,7 +13,7 @@ from faust.web import Request, Response, View
 from feature_store.redis_store import read_recent_and_top
 from streams.producer import EVENT_ID_HEADER, partition_key
 from streams.topics import EVENT_TYPE_TOPIC
-from streams.validation import Rejection, validate_document
+from streams.validation import Rejection, check_time, validate_document
 
 if TYPE_CHECKING:
     from streams.app import Runtime
@@ -95,6 +96,8 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
                     return refuse(self, 413, "oversized", f"event larger than {settings.max_event_bytes} bytes",
                                   index=i)
                 parsed = validate_document(item, kind)
+                if not isinstance(parsed, Rejection):
+                    parsed = check_time(parsed, time.time(), settings.max_future_s) or parsed
                 if isinstance(parsed, Rejection):
                     return refuse(self, 422, parsed.reason, parsed.message, field=parsed.field, index=i,
                                   event_id=parsed.event_id)

@@ -31,7 +31,7 @@ from streams.delivery import DeliveryLedger
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.schemas import Interaction, Label, Transaction
-from streams.validation import Rejection, parse_event
+from streams.validation import Rejection, check_time, parse_event
 
 RECS_PER_DECISION = 10
 FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK))
@@ -123,7 +123,12 @@ class Processor:
         writes: list[tuple[str, bytes]] = []
         valid: list[tuple[RawRecord, Any]] = []
         for rec in records:
-            parsed = parse_event(rec.value, event_type, self.settings.max_event_bytes)
+            try:
+                parsed = parse_event(rec.value, event_type, self.settings.max_event_bytes)
+                if not isinstance(parsed, Rejection):
+                    parsed = check_time(parsed, started, self.settings.max_future_s) or parsed
+            except Exception as exc:
+                parsed = Rejection("invalid", f"could not be validated: {exc!r}")
             if isinstance(parsed, Rejection):
                 self.metrics.deadletters.labels(topic, parsed.reason).inc()
                 doc = deadletter_record(rec, parsed, started)

@@ -62,6 +62,8 @@ def validate_document(doc: object, event_type: str) -> Event | Rejection:
         return Rejection("wrong_type", f"a {declared!r} event on the {event_type!r} topic", "type", event_id)
     try:
         return EVENT_MODELS[event_type].model_validate(doc)
+    except (OverflowError, ArithmeticError) as exc:  # e.g. a date that leaves the calendar when made UTC
+        return Rejection("invalid", f"timestamp: {exc}", "timestamp", event_id)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = _field_path(doc, first["loc"], missing=first["type"] == "missing")
@@ -93,3 +95,17 @@ def _field_path(doc: object, loc: tuple, missing: bool) -> str | None:
             break
         parts.append(str(part))
     return ".".join(parts) or None
+
+
+def check_time(event: Event, now: float, max_future_s: float) -> Rejection | None:
+    """Refuse events dated too far in the future: one would pull every window of its entity forward.
+
+    >>> from streams.schemas import Label
+    >>> e = Label(event_id="l", transaction_id="t", verdict="fraud", source="analyst", timestamp=10_000)
+    >>> check_time(e, now=0.0, max_future_s=3600).field, check_time(e, now=9_000.0, max_future_s=3600)
+    ('timestamp', None)
+    """
+    if event.epoch_s > now + max_future_s:
+        return Rejection("invalid", f"timestamp is more than {max_future_s:.0f}s in the future", "timestamp",
+                         event.event_id)
+    return None

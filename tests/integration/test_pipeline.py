@@ -142,8 +142,9 @@ def test_worker_killed_mid_stream_still_decides_every_event_once(settings, worke
         for doc, _raw in zip(outputs.docs[topic], outputs.raw[topic], strict=True):
             copies.setdefault(doc["event_id"], set()).add(_without_timing(doc))
         assert all(len(v) == 1 for v in copies.values()), f"{topic}: an event got two different decisions"
+    # At most the batch in flight on each input topic when the kill landed (acked, not yet marked).
     wire_dupes = sum(n - 1 for t in topics.OUTPUT_TOPICS for n in outputs.ids(t).values() if n > 1)
-    assert wire_dupes <= 10, f"{wire_dupes} duplicate deliveries"
+    assert wire_dupes <= len(topics.INPUT_TOPICS) * settings.batch_size, f"{wire_dupes} duplicate deliveries"
 
     # Features counted once: every card's 24h count equals its number of transactions.
     decisions = {d["event_id"]: d for d in outputs.docs[topics.FRAUD_DECISIONS]}

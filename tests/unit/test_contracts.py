@@ -73,3 +73,17 @@ def test_json_schema_documents_every_field():
     assert {"event_id", "card_id", "merchant_id", "amount", "currency", "timestamp"} <= set(txn["required"])
     assert all("description" in txn["properties"][f] for f in ("event_id", "amount", "card_id"))
     assert "$ref" not in orjson.dumps(doc["$defs"]).decode()  # nested models are inlined
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-05:00"])
+def test_dates_that_leave_the_calendar_are_rejections_not_crashes(stamp):
+    got = parse_event(_bytes({**TXN, "timestamp": stamp}), "transaction", 4096)
+    assert isinstance(got, Rejection) and got.field == "timestamp"
+
+
+def test_far_future_events_are_refused():
+    from streams.validation import check_time
+
+    event = parse_event(_bytes({**TXN, "timestamp": "2030-01-01T00:00:00Z"}), "transaction", 4096)
+    assert check_time(event, now=1_767_225_600.0, max_future_s=3600).field == "timestamp"
+    assert check_time(event, now=1_893_456_000.0, max_future_s=3600) is None

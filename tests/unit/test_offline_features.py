@@ -64,3 +64,18 @@ def test_tiny_inputs(n):
     events = [SimpleNamespace(event_id="a", card="c", ts=10.0, amount=1.0, term="t")][:n]
     frame = compute_features(FS, events)
     assert len(frame) == n
+
+
+def test_a_huge_old_amount_does_not_leak_into_later_windows():
+    events = [SimpleNamespace(event_id=str(i), card="c", ts=ts, amount=a, term="t")
+              for i, (ts, a) in enumerate([(0.0, 1e9), (40 * 86400.0, 10.0), (40 * 86400.0 + 60, 20.0)])]
+    def amount(e):
+        return e.amount
+
+    fs = FeatureSet("big", "1", "card", "test", lambda e: e.card, lambda e: e.ts, (
+        Windowed("std_30d", "std", 30 * 86400, 86400, value_of=amount, series="a"),
+        Windowed("sum_30d", "sum", 30 * 86400, 86400, value_of=amount, series="a"),
+    ))
+    fast, exact = compute_features(fs, events), _replay_exactly(fs, events)
+    assert fast["std_30d"].tolist() == pytest.approx([0.0, 0.0, 5.0]) == exact["std_30d"].tolist()
+    assert fast["sum_30d"].tolist() == pytest.approx([1e9, 10.0, 30.0]) == exact["sum_30d"].tolist()
