@@ -346,10 +346,10 @@ def _template(fs: FeatureSet) -> bytes:
     return _TEMPLATES[fs]
 
 
-class RedisOnlineStore:
-    """Sync store: batch writes in one round trip, typed reads of one or many entities."""
+class _StoreBase:
+    """What the sync and asyncio stores share: client, scripts, key layout, hashing."""
 
-    def __init__(self, client: redis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
+    def __init__(self, client: redis.Redis | aioredis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
                  hasher: KeyedHasher | None = None) -> None:
         self.client = client
         self.dedup_ttl_s = dedup_ttl_s
@@ -358,11 +358,21 @@ class RedisOnlineStore:
         self._script = client.register_script(APPLY_BATCH_LUA)
         self._read = client.register_script(READ_LUA)
 
+    def _apply_args(self, batch: Sequence[EventOps]) -> list[Any]:
+        return _apply_args(batch, self.keys, self.dedup_ttl_s)
+
+    def _read_args(self, fs: FeatureSet, entity_ids: Sequence[str], at: float) -> list[Any]:
+        return [_template(fs), repr(at), *entity_keys(fs, entity_ids, self.keys, self.hasher)]
+
+
+class RedisOnlineStore(_StoreBase):
+    """Sync store: batch writes in one round trip, typed reads of one or many entities."""
+
     def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         """Apply each event once; returns (newly_applied, stored components) per event."""
         if not batch:
             return []
-        return _decode(self._script(args=_apply_args(batch, self.keys, self.dedup_ttl_s)))
+        return _decode(self._script(args=self._apply_args(batch)))
 
     def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         """One entity's feature vector at ``at`` (default now); a missing entity gives the defaults."""
@@ -371,29 +381,18 @@ class RedisOnlineStore:
     def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str], at: float | None = None) -> list[dict[str, Any]]:
         """Feature vectors of many entities in one round trip (windows summed inside Redis)."""
         at = time.time() if at is None else at
-        rows = self._read(args=[_template(fs), repr(at), *self._entity_keys(fs, entity_ids)])
+        rows = self._read(args=self._read_args(fs, entity_ids, at))
         return [finalize(fs, orjson.loads(row), at) for row in rows]
 
-    def _entity_keys(self, fs: FeatureSet, entity_ids: Sequence[str]) -> list[str]:
-        return entity_keys(fs, entity_ids, self.keys, self.hasher)
 
 
-class AsyncRedisOnlineStore:
+class AsyncRedisOnlineStore(_StoreBase):
     """The asyncio twin of :class:`RedisOnlineStore`, used by the stream agents and HTTP views."""
-
-    def __init__(self, client: aioredis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
-                 hasher: KeyedHasher | None = None) -> None:
-        self.client = client
-        self.dedup_ttl_s = dedup_ttl_s
-        self.keys = keys or KeySpace("kestrel")
-        self.hasher = hasher or KeyedHasher(b"kestrel-dev-only-hash-key")
-        self._script = client.register_script(APPLY_BATCH_LUA)
-        self._read = client.register_script(READ_LUA)
 
     async def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         if not batch:
             return []
-        return _decode(await self._script(args=_apply_args(batch, self.keys, self.dedup_ttl_s)))
+        return _decode(await self._script(args=self._apply_args(batch)))
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]
@@ -401,7 +400,7 @@ class AsyncRedisOnlineStore:
     async def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str],
                          at: float | None = None) -> list[dict[str, Any]]:
         at = time.time() if at is None else at
-        rows = await self._read(args=[_template(fs), repr(at), *entity_keys(fs, entity_ids, self.keys, self.hasher)])
+        rows = await self._read(args=self._read_args(fs, entity_ids, at))
         return [finalize(fs, orjson.loads(row), at) for row in rows]
 
 

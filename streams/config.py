@@ -7,7 +7,7 @@ broker, Redis URL and secrets through the environment (see README).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 def _env(name: str, default: str) -> str:
@@ -36,7 +36,6 @@ class Settings:
     commit_interval_s: float = 1.0
     fetch_max_wait_ms: int = 10
     linger_ms: float = 1.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:

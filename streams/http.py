@@ -10,7 +10,6 @@ import faust
 import orjson
 from faust.web import Request, Response, View
 
-from feature_store.redis_store import read_recent_and_top
 from streams.producer import EVENT_ID_HEADER, partition_key
 from streams.topics import EVENT_TYPE_TOPIC
 from streams.validation import Rejection, check_time, validate_document
@@ -60,11 +59,7 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
                 return refuse(self, 422, "invalid", "k must be an integer from 1 to 100", field="k")
             k = int(raw_k)
             proc = runtime.processor
-            token = proc.token("user", user_id)
-            seen_key = proc.keys.entity_part("user", token, "seen_items")
-            (seen,), top = await read_recent_and_top(proc.client, [seen_key], proc.keys.global_("item_popularity"),
-                                                     k + 200)
-            items = proc.recommender.recommend(top, seen, k)
+            (items,) = await proc.recommend([proc.token("user", user_id)], k, candidates=k + 200)
             return reply(self, {"user_id": user_id, "k": k, "items": items,
                                 "model_version": proc.recommender.version, "path": "popularity"})
 

@@ -165,6 +165,13 @@ class Processor:
     def token(self, entity: str, raw_id: str) -> str:
         return self.hasher.token(entity, raw_id)
 
+    async def recommend(self, user_tokens: Sequence[str], k: int, candidates: int) -> list[list[str]]:
+        """Top-k of the ``candidates`` most popular items that each user (by token) has not seen; one round trip."""
+        seen_keys = [self.keys.entity_part("user", u, "seen_items") for u in user_tokens]
+        seen_sets, top = await read_recent_and_top(self.client, seen_keys, self.keys.global_("item_popularity"),
+                                                   candidates)
+        return [self.recommender.recommend(top, seen, k) for seen in seen_sets]
+
     # -- per event type ----------------------------------------------------
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
@@ -208,15 +215,12 @@ class Processor:
         events = [e for _, e in valid]
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         users = sorted({self.token("user", e.user_id) for e in events})
-        seen_keys = [self.keys.entity_part("user", u, "seen_items") for u in users]
-        seen_sets, top = await read_recent_and_top(
-            self.client, seen_keys, self.keys.global_("item_popularity"), RECS_PER_DECISION * 5)
-        seen_by_user = dict(zip(users, seen_sets, strict=True))
+        recs = dict(zip(users, await self.recommend(users, RECS_PER_DECISION, RECS_PER_DECISION * 5), strict=True))
         now = time.time()
         outputs = []
         for rec, e in valid:
             user = self.token("user", e.user_id)
-            items = self.recommender.recommend(top, seen_by_user[user], RECS_PER_DECISION)
+            items = recs[user]
             doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": items,
                    "model_version": self.recommender.version, "path": "popularity",
                    "trigger": {"item_id": e.item_id, "kind": e.kind},
