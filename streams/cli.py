@@ -126,14 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="card:ID, user:ID or terminal:ID (the raw id; only its keyed hash is used)")
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("bench", help="benchmarks: `features` (online store writes, reads, memory)")
-    p.add_argument("what", choices=["features"])
+    # Nested verbs: `kestrel train|eval {fraud,recs}`, `kestrel bench {features,recs}`.
+    train = sub.add_parser("train", help="train a model and write a versioned artifact").add_subparsers(
+        dest="what", required=True)
+    evaluate = sub.add_parser("eval", help="replay a historical CSV and report quality against baselines") \
+        .add_subparsers(dest="what", required=True)
+    bench = sub.add_parser("bench", help="benchmarks with a baseline in the same run").add_subparsers(
+        dest="what", required=True)
+
+    p = bench.add_parser("features", help="online feature store: writes, reads, memory")
     p.add_argument("--events", type=int, default=50_000)
     p.add_argument("--entities", type=int, default=5_000)
     p.add_argument("--naive-events", type=int, default=3_000)
     p.add_argument("--reads", type=int, default=3_000)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_bench)
+
+    from streams import cli_fraud, cli_recs
+
+    cli_fraud.register(train, evaluate, bench)
+    cli_recs.register(train, evaluate, bench)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the event contracts")
     p.add_argument("--type", choices=["transaction", "interaction", "label"])

@@ -1,0 +1,10 @@
+"""`kestrel train|eval|bench recs`: argument parsing only; the work lives in `offline/` and `models/`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAction,
+             bench: argparse._SubParsersAction) -> None:
+    """Add the recs verbs to the `train`, `eval` and `bench` command groups."""
