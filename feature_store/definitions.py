@@ -157,6 +157,17 @@ class FeatureSet:
     time_of: Callable[[Any], float]
     features: tuple[Feature, ...]
     ttl_s: int = 35 * 24 * 3600
+    # Pair entities (card x terminal): the data subject they belong to. Their token starts with the
+    # owner's token, so erasing the owner finds them by prefix without any raw id in the key.
+    owner: tuple[str, Callable[[Any], str]] | None = None
+
+    def token_of(self, event: Any, hasher: KeyedHasher) -> str:
+        """The entity's keyed-hash token (owner token + pair token for pair entities)."""
+        token = hasher.token(self.entity, self.entity_id_of(event))
+        if self.owner is None:
+            return token
+        owner_entity, owner_id_of = self.owner
+        return hasher.token(owner_entity, owner_id_of(event)) + token[:16]
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
@@ -267,7 +278,7 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     >>> ops.entity_key.startswith("k:e:card:"), ops.reads_of is fs
     (True, True)
     """
-    token = hasher.token(fs.entity, fs.entity_id_of(event))
+    token = fs.token_of(event, hasher)
     key = keys.entity(fs.entity, token)
     t = fs.time_of(event)
     ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
-from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.keys import PAIR_OWNER, KeyedHasher, KeySpace
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ def erase_subject(client: redis.Redis, keys: KeySpace, hasher: KeyedHasher, enti
     tombstone = keys.tombstone(entity, token)
     client.set(tombstone, b"1", ex=tombstone_ttl_s)
     deleted = delete_matching(client, f"{_escape(keys.entity(entity, token))}*")
+    # Pair keys (card x terminal) start with the owner's token.
+    for pair in (p for p, owner in PAIR_OWNER.items() if owner == entity):
+        deleted += delete_matching(client, f"{_escape(keys.entity(pair, token))}*")
     return ErasureReport(entity, token, deleted, tombstone)
 
 

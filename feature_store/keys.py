@@ -11,6 +11,10 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+TOKEN_CHARS = 32
+# Pair entities (FeatureSet.owner) and the data subject they belong to; their tokens start with the owner's.
+PAIR_OWNER = {"card_terminal": "card", "card_device": "card"}
+
 
 @dataclass(frozen=True)
 class KeyedHasher:
@@ -29,7 +33,7 @@ class KeyedHasher:
 
     def token(self, entity: str, raw_id: str) -> str:
         digest = hmac.new(self.key, f"{entity}\x1f{raw_id}".encode(), hashlib.sha256).hexdigest()
-        return digest[:32]
+        return digest[:TOKEN_CHARS]
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,16 @@ class KeySpace:
         return f"{self.prefix}:tomb:{entity}:{token}"
 
     def tombstone_of(self, entity_key: str) -> str:
+        """The tombstone that guards ``entity_key``: a pair entity's is its owner's (erasing a card stops both).
+
+        >>> ks = KeySpace("k")
+        >>> ks.tombstone_of("k:e:card:abc"), ks.tombstone_of("k:e:card_terminal:" + "a" * 32 + "b" * 16)
+        ('k:tomb:card:abc', 'k:tomb:card:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa')
+        """
         _, _, entity, token = entity_key.rsplit(":", 3)
+        owner = PAIR_OWNER.get(entity)
+        if owner is not None:
+            return self.tombstone(owner, token[:TOKEN_CHARS])
         return self.tombstone(entity, token)
 
     def applied(self, event_id: str) -> str:

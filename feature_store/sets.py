@@ -81,6 +81,34 @@ TERMINAL_RISK = FeatureSet(
     ),
 )
 
+# Pairs: has this card paid at this terminal / from this device before? (-1 = never: a new terminal/device)
+CARD_TERMINAL = FeatureSet(
+    name="card_terminal",
+    version="1",
+    entity="card_terminal",  # token: card's keyed hash + keyed hash of "card|terminal"
+    source="transaction",
+    entity_id_of=lambda e: f"{e.card_id}|{e.terminal_id or 'merchant:' + e.merchant_id}",
+    time_of=lambda e: e.epoch_s,
+    features=(
+        TimeSince("card_terminal_seconds_since_prev"),
+        Windowed("card_terminal_txn_count_30d", "count", 30 * DAY, 3 * DAY),
+    ),
+    ttl_s=60 * DAY,
+    owner=("card", lambda e: e.card_id),
+)
+
+CARD_DEVICE = FeatureSet(
+    name="card_device",
+    version="1",
+    entity="card_device",
+    source="transaction",
+    entity_id_of=lambda e: f"{e.card_id}|{e.device_id or '-'}",
+    time_of=lambda e: e.epoch_s,
+    features=(TimeSince("card_device_seconds_since_prev"),),
+    ttl_s=60 * DAY,
+    owner=("card", lambda e: e.card_id),
+)
+
 INTERACTION_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
 
 USER_ACTIVITY = FeatureSet(
@@ -103,4 +131,5 @@ USER_ACTIVITY = FeatureSet(
 )
 
 FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
-ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, USER_ACTIVITY)}
+ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE,
+                                   USER_ACTIVITY)}
