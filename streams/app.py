@@ -19,6 +19,7 @@ import faust.transport.drivers.aiokafka as faust_aiokafka_driver
 import redis.asyncio as aioredis
 
 from streams import topics
+from streams.alerts_web import install_alert_views
 from streams.config import Settings
 from streams.http import install_views
 from streams.metrics import Metrics
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     for name in topics.INPUT_TOPICS:
         _install_agent(app, runtime, name)
     install_views(app, runtime)
+    install_alert_views(app, runtime)
     return app
 
 

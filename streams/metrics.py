@@ -29,6 +29,10 @@ class Metrics:
         self.event_age = Histogram(
             "kestrel_event_age_seconds", "Time from the record's broker timestamp to its decision, by kind.",
             ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.alert_cases = Counter("kestrel_alert_cases", "Analyst case changes from fraud decisions, by change "
+                                   "(opened, updated, escalated).", ["change"], registry=r)
+        self.alert_verdicts = Counter("kestrel_alert_verdicts", "Analyst verdicts that closed a case, by verdict.",
+                                      ["verdict"], registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

@@ -26,6 +26,7 @@ from models.popularity import PopularityRecommender
 from models.rules import RuleScorer, derive
 from models.scoring import FraudScorer
 from streams import topics
+from streams.case_store import AlertDesk
 from streams.config import Settings
 from streams.delivery import DeliveryLedger
 from streams.metrics import Metrics
@@ -111,6 +112,7 @@ class Processor:
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or RuleScorer()
         self.recommender = recommender or PopularityRecommender()
+        self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
 
     # -- entry point -------------------------------------------------------
     async def process(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
@@ -208,7 +210,7 @@ class Processor:
             outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
                                   self.keys.published("fraud", e.event_id)))
             self._observe("fraud", rec, started, now)
-        return outputs
+        return outputs + await self.alerts.on_decisions(outputs)
 
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:

@@ -1,0 +1,421 @@
+"""Analyst cases in Redis, and the desk that feeds them from fraud decisions.
+
+Layout (under the worker's key prefix; cards appear only as keyed-hash tokens):
+
+* ``alerts:case:{case_id}`` hash ``doc`` (the case JSON), ``rev``, ``status``;
+  ``alerts:case:{case_id}:hits`` sorted set of its transactions' event_ids by event time
+* ``alerts:card:{card}`` the card's open case id (absent: none)
+* ``alerts:open`` sorted set of open case ids by :func:`streams.alerts.risk_rank`
+* ``alerts:hist:{card}`` the card's latest decisions (event_ids by event time, capped);
+  the decisions themselves are read from the decision log (``decision:{event_id}``)
+* ``alerts:applied:{event_id}`` what a flagged decision did to its case (and the
+  alert it published): a replayed batch re-emits exactly that instead of counting again;
+  kept as long as the cases, so no replay can re-open a case
+
+A batch costs one script call (history), plus two when it holds flagged
+decisions: a read of the cards' cases, the pure update of
+:mod:`streams.alerts`, then one compare-and-set write of every case and
+marker. The write fails as a whole when a verdict closed a case meanwhile;
+the batch's cases are then read and computed again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from feature_store.keys import KeySpace
+from streams import topics
+from streams.alerts import (
+    HISTORY_IN_ALERT,
+    Case,
+    Change,
+    Hit,
+    Problem,
+    VerdictRequest,
+    alert_doc,
+    apply_hit,
+    close_case,
+    label_docs,
+    mark_delivered,
+    summarize,
+)
+from streams.config import Settings
+from streams.metrics import Metrics
+
+if TYPE_CHECKING:
+    from streams.processing import Output
+
+HISTORY_KEEP = 50  # decisions kept per card for the case page
+HISTORY_SHOWN = 20
+CASE_HITS_SHOWN = 100
+MAX_CASE_HITS = 1000  # transactions remembered per case (labels go to these); the hit count goes on
+COMMIT_ATTEMPTS = 5
+
+# Send (topic, key, value, event_id) and wait for the broker's ack.
+Sender = Callable[[Sequence[tuple[str, bytes, bytes, str]]], Awaitable[None]]
+
+PREPARE_LUA = r"""
+local hist_ttl, keep, nread, case_prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local i = 5
+local ngroups = tonumber(ARGV[i]); i = i + 1
+for g = 1, ngroups do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
+  for j = 1, n do redis.call('ZADD', key, ARGV[i], ARGV[i + 1]); i = i + 2 end
+  redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
+  redis.call('EXPIRE', key, hist_ttl)
+end
+local markers = {}
+local nm = tonumber(ARGV[i]); i = i + 1
+for m = 1, nm do markers[m] = redis.call('GET', ARGV[i]); i = i + 1 end
+local cards = {}
+local nc = tonumber(ARGV[i]); i = i + 1
+for c = 1, nc do
+  local ptr, hist_key = redis.call('GET', ARGV[i]), ARGV[i + 1]; i = i + 2
+  local doc = false
+  if ptr then doc = redis.call('HGET', case_prefix .. ptr, 'doc') end
+  cards[c] = {ptr, doc, redis.call('ZREVRANGE', hist_key, 0, nread - 1, 'WITHSCORES')}
+end
+return {markers, cards}
+"""
+
+COMMIT_LUA = r"""
+local ttl, marker_ttl, max_hits, open_key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local ncases = tonumber(ARGV[5])
+-- check every case first: nothing is written unless all still are as they were read
+local i = 6
+local cases = {}
+for c = 1, ncases do
+  local w = {ptr = ARGV[i], expected = ARGV[i + 1], key = ARGV[i + 2], rev = ARGV[i + 3], doc = ARGV[i + 4],
+             new_rev = ARGV[i + 5], id = ARGV[i + 6], rank = ARGV[i + 7], hits = ARGV[i + 8], n = tonumber(ARGV[i + 9]),
+             at = i + 10}
+  i = i + 10 + 2 * w.n
+  local cur = redis.call('GET', w.ptr) or ''
+  local rev = redis.call('HGET', w.key, 'rev') or '0'
+  if cur ~= w.expected or rev ~= w.rev then return 0 end
+  cases[c] = w
+end
+for _, w in ipairs(cases) do
+  redis.call('HSET', w.key, 'doc', w.doc, 'rev', w.new_rev, 'status', 'open')
+  redis.call('EXPIRE', w.key, ttl)
+  redis.call('SET', w.ptr, w.id, 'EX', ttl)
+  redis.call('ZADD', open_key, w.rank, w.id)
+  for j = 0, w.n - 1 do
+    if redis.call('ZCARD', w.hits) < max_hits then
+      redis.call('ZADD', w.hits, ARGV[w.at + 2 * j], ARGV[w.at + 2 * j + 1])
+    end
+  end
+  redis.call('EXPIRE', w.hits, ttl)
+end
+local nm = tonumber(ARGV[i]); i = i + 1
+for m = 1, nm do redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', marker_ttl, 'NX'); i = i + 2 end
+return 1
+"""
+
+CLOSE_LUA = r"""
+-- ARGV: case key, expected rev, doc, new rev, open key, case id, card pointer key, ttl
+if (redis.call('HGET', ARGV[1], 'rev') or '0') ~= ARGV[2] then return 0 end
+redis.call('HSET', ARGV[1], 'doc', ARGV[3], 'rev', ARGV[4], 'status', 'closed')
+redis.call('EXPIRE', ARGV[1], tonumber(ARGV[8]))
+redis.call('ZREM', ARGV[5], ARGV[6])
+if redis.call('GET', ARGV[7]) == ARGV[6] then redis.call('DEL', ARGV[7]) end
+return 1
+"""
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AlertKeys:
+    prefix: str
+
+    @property
+    def open(self) -> str:
+        return f"{self.prefix}:alerts:open"
+
+    @property
+    def case_prefix(self) -> str:
+        return f"{self.prefix}:alerts:case:"
+
+    def case(self, case_id: str) -> str:
+        return self.case_prefix + case_id
+
+    def hits(self, case_id: str) -> str:
+        return f"{self.prefix}:alerts:case:{case_id}:hits"
+
+    def card(self, card: str) -> str:
+        return f"{self.prefix}:alerts:card:{card}"
+
+    def history(self, card: str) -> str:
+        return f"{self.prefix}:alerts:hist:{card}"
+
+    def applied(self, event_id: str) -> str:
+        return f"{self.prefix}:alerts:applied:{event_id}"
+
+
+@dataclass
+class Prepared:
+    markers: dict[str, bytes | None]
+    pointers: dict[str, str]
+    cases: dict[str, Case | None]
+    history: dict[str, list[tuple[str, float]]]
+
+
+@dataclass
+class CaseWrite:
+    case: Case
+    expected_pointer: str
+    expected_revision: int
+    new_hits: list[Hit] = field(default_factory=list)
+
+
+class CaseStore:
+    """Reads and writes cases; every write is one script call, compare-and-set on the case revision."""
+
+    def __init__(self, client: aioredis.Redis, keys: KeySpace, case_ttl_s: int, marker_ttl_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.k = AlertKeys(keys.prefix)
+        self.case_ttl_s = case_ttl_s
+        self.marker_ttl_s = marker_ttl_s
+        self._prepare = client.register_script(PREPARE_LUA)
+        self._commit = client.register_script(COMMIT_LUA)
+        self._close = client.register_script(CLOSE_LUA)
+
+    async def prepare(self, history: Mapping[str, Sequence[tuple[float, str]]], flagged_ids: Sequence[str],
+                      cards: Sequence[str], history_read: int) -> Prepared:
+        """Record the batch's decisions in each card's history; read markers, open cases and histories."""
+        args: list[Any] = [self.case_ttl_s, HISTORY_KEEP, history_read, self.k.case_prefix, len(history)]
+        for card, entries in history.items():
+            args += [self.k.history(card), len(entries)]
+            for epoch, event_id in entries:
+                args += [repr(epoch), event_id]
+        args += [len(flagged_ids), *(self.k.applied(e) for e in flagged_ids), len(cards)]
+        for card in cards:
+            args += [self.k.card(card), self.k.history(card)]
+        markers, per_card = await self._prepare(args=args)
+        prepared = Prepared(dict(zip(flagged_ids, markers, strict=True)), {}, {}, {})
+        for card, (ptr, doc, hist) in zip(cards, per_card, strict=True):
+            prepared.pointers[card] = ptr.decode() if ptr else ""
+            prepared.cases[card] = Case.from_json(doc) if doc else None
+            prepared.history[card] = [(hist[j].decode(), float(hist[j + 1])) for j in range(0, len(hist), 2)]
+        return prepared
+
+    async def commit(self, writes: Sequence[CaseWrite], markers: Sequence[tuple[str, bytes]]) -> bool:
+        """Write every case and marker, or nothing if any case changed since it was read."""
+        args: list[Any] = [self.case_ttl_s, self.marker_ttl_s, MAX_CASE_HITS, self.k.open, len(writes)]
+        for w in writes:
+            c = w.case
+            args += [self.k.card(c.card), w.expected_pointer, self.k.case(c.case_id), str(w.expected_revision),
+                     c.to_json(), str(c.revision), c.case_id, c.rank, self.k.hits(c.case_id), len(w.new_hits)]
+            for h in w.new_hits:
+                args += [repr(h.epoch), h.event_id]
+        args.append(len(markers))
+        for event_id, value in markers:
+            args += [self.k.applied(event_id), value]
+        return bool(await self._commit(args=args))
+
+    async def close(self, before: Case, after: Case) -> bool:
+        """Store ``after`` (a closed case) if the case is still at ``before``'s revision."""
+        return bool(await self._close(args=[self.k.case(after.case_id), str(before.revision), after.to_json(),
+                                            str(after.revision), self.k.open, after.case_id, self.k.card(after.card),
+                                            self.case_ttl_s]))
+
+    async def get(self, case_id: str) -> Case | None:
+        raw = await self.client.hget(self.k.case(case_id), "doc")
+        return Case.from_json(raw) if raw else None
+
+    async def open_cases(self, limit: int) -> tuple[list[Case], int]:
+        """The highest-risk open cases first, and how many are open in all."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrevrange(self.k.open, 0, limit - 1)
+        pipe.zcard(self.k.open)
+        ids, total = await pipe.execute()
+        if not ids:
+            return [], total
+        pipe = self.client.pipeline(transaction=False)
+        for case_id in ids:
+            pipe.hget(self.k.case(case_id.decode()), "doc")
+        docs = await pipe.execute()
+        gone = [case_id for case_id, doc in zip(ids, docs, strict=True) if doc is None]
+        if gone:  # expired while open: drop them from the queue
+            await self.client.zrem(self.k.open, *gone)
+        cases = [Case.from_json(d) for d in docs if d is not None]
+        return [c for c in cases if c.status == "open"], total - len(gone)
+
+    async def hit_ids(self, case_id: str, limit: int | None = None) -> list[str]:
+        """The case's transactions, newest first."""
+        ids = await self.client.zrevrange(self.k.hits(case_id), 0, -1 if limit is None else limit - 1)
+        return [i.decode() for i in ids]
+
+    async def history_ids(self, card: str, limit: int) -> list[str]:
+        return [i.decode() for i in await self.client.zrevrange(self.k.history(card), 0, limit - 1)]
+
+    async def decisions(self, event_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Logged decisions by event_id (those still in the decision log)."""
+        if not event_ids:
+            return {}
+        raws = await self.client.mget([self.keys.decision(e) for e in event_ids])
+        return {e: orjson.loads(raw) for e, raw in zip(event_ids, raws, strict=True) if raw}
+
+
+class AlertDesk:
+    """Turns each batch's fraud decisions into case updates and ``alerts.fraud`` records; records verdicts."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis, keys: KeySpace, metrics: Metrics) -> None:
+        self.store = CaseStore(client, keys, settings.decision_log_ttl_s, settings.decision_log_ttl_s)
+        self.keys = keys
+        self.metrics = metrics
+
+    # -- stream side --------------------------------------------------------
+    async def on_decisions(self, outputs: Sequence[Output]) -> list[Output]:
+        """Alert records for the fraud decisions among ``outputs`` (the batch's); idempotent per decision."""
+        docs = [orjson.loads(o.value) for o in outputs if o.topic == topics.FRAUD_DECISIONS]
+        if not docs:
+            return []
+        history: dict[str, list[tuple[float, str]]] = {}
+        for d in docs:
+            history.setdefault(d["card"], []).append((_epoch(d["event_time"]), d["event_id"]))
+        hits = [h for h in map(Hit.from_decision, docs) if h is not None]
+        cards = list(dict.fromkeys(h.card for h in hits))
+        by_id = {d["event_id"]: d for d in docs}
+        for _ in range(COMMIT_ATTEMPTS):
+            prep = await self.store.prepare(history, [h.event_id for h in hits], cards, HISTORY_KEEP)
+            if not hits:
+                return []
+            plan = await self._plan(prep, hits, by_id)
+            if await self.store.commit(plan.writes, plan.markers):
+                for change in plan.changes:
+                    self.metrics.alert_cases.labels(change).inc()
+                return plan.outputs
+        raise RuntimeError(f"case updates for {len(cards)} cards kept conflicting with verdicts; batch retried")
+
+    async def _plan(self, prep: Prepared, hits: Sequence[Hit], by_id: Mapping[str, dict[str, Any]]) -> _Plan:
+        """Apply the batch's new hits in order; at most one alert per card per batch (its latest state)."""
+        from streams.processing import Output
+
+        now_iso = _iso(time.time())
+        state = dict(prep.cases)
+        new_hits: dict[str, list[Hit]] = {}
+        opened_here: set[str] = set()
+        trigger: dict[str, Hit] = {}
+        markers: dict[str, dict[str, Any]] = {}
+        plan = _Plan()
+        for h in hits:
+            marker = prep.markers.get(h.event_id)
+            if marker:  # applied before a restart: re-emit what it emitted then, count nothing
+                alert = orjson.loads(marker).get("alert")
+                if alert:
+                    plan.outputs.append(self._output(Output, alert))
+                continue
+            case, change = apply_hit(state[h.card], h, now_iso)
+            state[h.card] = case
+            new_hits.setdefault(h.card, []).append(h)
+            plan.changes.append(change)
+            if change == "opened":
+                opened_here.add(h.card)
+            if change != "updated":
+                trigger[h.card] = h
+            markers[h.event_id] = {"case_id": case.case_id, "revision": case.revision}
+        for card, card_hits in new_hits.items():
+            case, prior = state[card], prep.cases[card]
+            assert case is not None
+            expected_rev = prior.revision if prior is not None and prior.case_id == case.case_id else 0
+            plan.writes.append(CaseWrite(case, prep.pointers[card], expected_rev, card_hits))
+        if trigger:
+            wanted = {card: [e for e, t in prep.history[card] if t <= h.epoch][:HISTORY_IN_ALERT]
+                      for card, h in trigger.items()}
+            logged = await self.store.decisions([e for ids in wanted.values() for e in ids if e not in by_id])
+            for card, h in trigger.items():
+                case = state[card]
+                assert case is not None
+                history = [summarize(by_id.get(e) or logged[e]) for e in wanted[card] if e in by_id or e in logged]
+                alert = alert_doc(case, "opened" if card in opened_here else "escalated", by_id[h.event_id], history,
+                                  now_iso)
+                markers[h.event_id]["alert"] = alert
+                plan.outputs.append(self._output(Output, alert))
+        plan.markers = [(e, orjson.dumps(m)) for e, m in markers.items()]
+        return plan
+
+    # -- analyst side -------------------------------------------------------
+    async def queue(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Open cases by risk (highest first) as the API lists them, and how many are open."""
+        cases, total = await self.store.open_cases(limit)
+        return [c.public() for c in cases], total
+
+    async def case_view(self, case_id: str) -> dict[str, Any] | None:
+        """A case with its transactions and the card's recent history (from the decision log)."""
+        case = await self.store.get(case_id)
+        if case is None:
+            return None
+        hit_ids = await self.store.hit_ids(case_id, CASE_HITS_SHOWN)
+        history_ids = await self.store.history_ids(case.card, HISTORY_SHOWN)
+        logged = await self.store.decisions(list(dict.fromkeys(hit_ids + history_ids)))
+        return {**case.public(),
+                "transactions": [summarize(logged[e]) for e in hit_ids if e in logged],
+                "history": [summarize(logged[e]) for e in history_ids if e in logged]}
+
+    async def record_verdict(self, case_id: str, req: VerdictRequest, send: Sender) -> dict[str, Any] | Problem:
+        """Close the case, then produce one label per transaction of it (and a closing alert).
+
+        The verdict is stored before the labels are sent; when the broker does not acknowledge them, the
+        same verdict sent again re-sends them (same event ids, so they count once). A different verdict,
+        or any verdict once the labels were delivered, is a conflict.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            case = await self.store.get(case_id)
+            if case is None:
+                return Problem(404, "not_found", "no case with this id", "case_id")
+            if case.status == "closed":
+                given = (case.verdict or {}).get("verdict")
+                if (case.verdict or {}).get("delivered") or given != req.verdict:
+                    return Problem(409, "closed", f"this case is already closed with verdict {given!r}", "case_id",
+                                   {"case_id": case_id, "verdict": given})
+                closed = case
+                break
+            transactions = await self.store.hit_ids(case_id)
+            closed = close_case(case, req.verdict, req.note, _iso(time.time()), len(transactions))
+            if await self.store.close(case, closed):
+                self.metrics.alert_verdicts.labels(req.verdict).inc()
+                break
+        else:
+            return Problem(503, "busy", "the case kept changing while closing it; send the verdict again", "case_id")
+        transactions = await self.store.hit_ids(case_id)
+        assert closed.verdict is not None
+        labels = label_docs(closed, transactions, req.verdict, closed.verdict["at"])
+        card = closed.card.encode()
+        records = [(topics.LABELS, card, orjson.dumps(doc), doc["event_id"]) for doc in labels]
+        closing = alert_doc(closed, "closed", None, [], closed.verdict["at"])
+        records.append((topics.ALERTS, card, orjson.dumps(closing), closing["event_id"]))
+        try:
+            await send(records)
+        except Exception as exc:
+            return Problem(503, "unavailable", f"verdict recorded but its labels were not acknowledged ({exc}); "
+                           "send the same verdict again", None, {"case_id": case_id})
+        await self.store.close(closed, mark_delivered(closed))
+        return {"case_id": case_id, "status": "closed", "verdict": req.verdict,
+                "labels": [d["event_id"] for d in labels], "transactions": transactions}
+
+    def _output(self, output_cls: type, alert: Mapping[str, Any]) -> Output:
+        return output_cls(topics.ALERTS, str(alert["card"]).encode(), orjson.dumps(alert),
+                          self.keys.published("alert", str(alert["event_id"])))
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class _Plan:
+    writes: list[CaseWrite] = field(default_factory=list)
+    markers: list[tuple[str, bytes]] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
