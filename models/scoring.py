@@ -19,6 +19,7 @@ class Reason:
     code: str
     message: str
     value: float | None = None
+    contribution: float | None = None  # share of the model's log-odds, when a model (not a rule) gave it
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,9 @@ from streams.schemas import Interaction, Label, Transaction
 from streams.topics import INTERACTIONS, LABELS, TRANSACTIONS
 
 FRAUD_SCENARIOS = ("card_spree", "terminal_compromise", "card_testing", "large_amount")
+# Not in the default mix: a pattern a model trained on the default mix has never seen (new device, card
+# not present, ordinary amounts, at night), used to test that the online learner picks it up from labels.
+EXTRA_SCENARIOS = ("account_takeover",)
 INVALID_KINDS = ("bad_json", "missing_field", "wrong_type", "negative_amount", "unknown_kind", "oversized")
 
 
@@ -45,6 +48,8 @@ class SimConfig:
     fraud_incidents_per_sim_hour: float = 10.0
     label_delay_s: float = 3600.0
     genuine_label_share: float = 0.02
+    scenarios: tuple[str, ...] = FRAUD_SCENARIOS
+    night_fraud_share: float = 0.6  # share of sprees / large amounts moved to the night (00:00-05:00 UTC)
     invalid_share: float = 0.0
     max_event_bytes: int = 64 * 1024
 
@@ -69,6 +74,7 @@ class SimRecord:
 class _Card:
     mean_amount: float
     merchants: np.ndarray
+    devices: tuple[str, ...]
 
 
 @dataclass(order=True)
@@ -92,8 +98,9 @@ class Simulator:
         self.user_activity = rng.pareto(1.5, c.n_users) + 1.0
         self.user_activity /= self.user_activity.sum()
         self.cards = [
-            _Card(float(np.exp(rng.normal(3.6, 0.7))), rng.integers(0, c.n_merchants, int(rng.integers(3, 12))))
-            for _ in range(c.n_cards)
+            _Card(float(np.exp(rng.normal(3.6, 0.7))), rng.integers(0, c.n_merchants, int(rng.integers(3, 12))),
+                  tuple(f"dev_{i:06d}_{j}" for j in range(int(rng.integers(1, 3)))))
+            for i in range(c.n_cards)
         ]
         self.card_activity = rng.pareto(2.0, c.n_cards) + 1.0
         self.card_activity /= self.card_activity.sum()
@@ -161,7 +168,7 @@ class Simulator:
 
     # -- card holders ----------------------------------------------------------
     def _transaction(self, card: int | None = None, amount: float | None = None, terminal: int | None = None,
-                     scenario: str | None = None, at: float | None = None) -> SimRecord:
+                     scenario: str | None = None, at: float | None = None, device: str | None = None) -> SimRecord:
         rng, c = self.rng, self.config
         if card is None:
             card = int(rng.choice(c.n_cards, p=self.card_activity))
@@ -175,10 +182,13 @@ class Simulator:
         t = self.now if at is None else at
         if scenario is None and self.compromised_terminals.get(terminal, 0.0) > t and rng.random() < 0.5:
             scenario, amount = "terminal_compromise", amount * float(rng.uniform(1.5, 3.0))
+        present = bool(rng.random() < 0.6) if device is None else False
+        if device is None and not present:
+            device = holder.devices[int(rng.integers(len(holder.devices)))]
         ev = Transaction(event_id=self._id("t"), card_id=f"card_{card:06d}", customer_id=f"cust_{card:06d}",
                          merchant_id=f"merchant_{merchant}", terminal_id=f"term_{terminal}",
                          amount=round(amount, 2), currency="EUR", timestamp=_dt(t),
-                         card_present=bool(rng.random() < 0.6))
+                         card_present=present, device_id=device)
         fraud = scenario is not None
         if fraud or rng.random() < c.genuine_label_share:
             self._label_later(ev, fraud)
@@ -187,29 +197,43 @@ class Simulator:
 
     def _start_incident(self) -> None:
         rng, c = self.rng, self.config
-        scenario = FRAUD_SCENARIOS[int(rng.integers(len(FRAUD_SCENARIOS)))]
+        scenario = c.scenarios[int(rng.integers(len(c.scenarios)))]
         card = int(rng.integers(c.n_cards))
         mean = self.cards[card].mean_amount
+        start = self._night_after(self.now) if rng.random() < c.night_fraud_share else self.now
         if scenario == "card_spree":
-            t = self.now
+            t = start
+            device = f"dev_fraud_{self._id('d')}" if rng.random() < 0.5 else None  # card details online, or a clone
             for _ in range(int(rng.integers(4, 12))):
                 t += float(rng.exponential(120.0))
                 terminal = int(rng.integers(self.n_terminals))
-                self._later(self._transaction(card, mean * float(rng.uniform(2, 6)), terminal, scenario, t))
+                self._later(self._transaction(card, mean * float(rng.uniform(2, 6)), terminal, scenario, t, device))
         elif scenario == "card_testing":
             t = self.now
             terminal = int(rng.integers(self.n_terminals))
+            device = f"dev_fraud_{self._id('d')}"
             for _ in range(int(rng.integers(4, 9))):
                 t += float(rng.exponential(20.0))
-                self._later(self._transaction(card, float(rng.uniform(0.5, 2.5)), terminal, scenario, t))
+                self._later(self._transaction(card, float(rng.uniform(0.5, 2.5)), terminal, scenario, t, device))
             t += float(rng.exponential(300.0))
             self._later(self._transaction(card, mean * float(rng.uniform(5, 15)), None, scenario, t))
         elif scenario == "large_amount":
             self._later(self._transaction(card, mean * float(rng.uniform(10, 30)), None, scenario,
-                                          self.now + float(rng.exponential(60.0))))
+                                          start + float(rng.exponential(60.0))))
+        elif scenario == "account_takeover":
+            t, device = self._night_after(self.now), f"dev_ato_{self._id('d')}"
+            for _ in range(int(rng.integers(2, 5))):
+                t += float(rng.exponential(600.0))
+                self._later(self._transaction(card, mean * float(rng.uniform(0.7, 1.6)), None, scenario, t, device))
         else:
             terminal = int(rng.integers(self.n_terminals))
             self.compromised_terminals[terminal] = self.now + float(rng.uniform(1, 4)) * 3600
+
+    def _night_after(self, t: float) -> float:
+        """A random moment of the next night (00:00-05:00 UTC) at or after ``t``."""
+        day = math.floor(t / 86400) * 86400
+        night = day + float(self.rng.uniform(0, 5 * 3600))
+        return night if night >= t else night + 86400
 
     def _label_later(self, txn: Transaction, fraud: bool) -> None:
         c = self.config
@@ -257,3 +281,45 @@ def _dt(t: float) -> datetime:
 
 def _json(ev: Transaction | Interaction | Label) -> bytes:
     return orjson.dumps(ev.model_dump(mode="json", exclude_none=True))
+
+
+REGIONS = ("north", "south", "east", "west")
+HISTORY_COLUMNS = ("event_id", "timestamp", "card_id", "merchant_id", "terminal_id", "amount", "card_present",
+                   "device_id", "region", "is_fraud", "scenario")
+
+
+def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed: int = 7,
+                  scenarios: tuple[str, ...] = FRAUD_SCENARIOS, n_cards: int = 2000) -> dict[str, int]:
+    """Write ``days`` of simulated payments with their ground truth to a CSV (gzip when ``path`` ends in .gz).
+
+    Fraud incidents scale with the payment rate, so fraud stays near 1% of
+    payments whatever the volume. ``region`` is a segment column (from the
+    card) for the fairness report of ``kestrel eval fraud``.
+    """
+    import csv
+    import gzip
+
+    per_s = payments_per_day / 86400.0
+    config = SimConfig(seed=seed, events_per_sim_second=per_s, transaction_share=1.0, n_cards=n_cards,
+                       fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios)
+    sim = Simulator(config)
+    end = config.start + days * 86400.0
+    counts = {"payments": 0, "frauds": 0}
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(HISTORY_COLUMNS)
+        for rec in sim.records():
+            if rec.time >= end:
+                break
+            if rec.kind != "transaction":
+                continue
+            e = rec.event
+            assert isinstance(e, Transaction)
+            card = int(e.card_id.split("_")[1])
+            out.writerow((e.event_id, e.timestamp.isoformat(), e.card_id, e.merchant_id, e.terminal_id, e.amount,
+                          int(bool(e.card_present)), e.device_id or "", REGIONS[card % len(REGIONS)], int(rec.fraud),
+                          rec.scenario or ""))
+            counts["payments"] += 1
+            counts["frauds"] += rec.fraud
+    return counts

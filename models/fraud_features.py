@@ -1,0 +1,172 @@
+"""The fraud models' inputs: one numeric vector per payment, and how to explain each input.
+
+The stream path and the offline trainer both build a payment's feature dict
+(the stored feature vector plus :func:`derive` and :func:`payment_context`),
+and both turn it into model inputs here, so training and serving cannot
+drift apart. Each input knows how to say what its value means, so reason
+codes come from the model's attributions with the payment's own numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+MONTH_S = 30 * 86400.0
+NIGHT_HOURS = range(0, 6)  # 00:00-05:59 UTC: payments of the small hours
+
+
+def payment_context(epoch_s: float, card_present: bool | None, device_id: str | None) -> dict[str, float]:
+    """Facts of the payment itself that the stored features do not hold.
+
+    >>> payment_context(1767225600.0 + 3 * 3600, False, "d1")  # Thursday 2026-01-01 03:00 UTC
+    {'hour_utc': 3.0, 'weekday': 3.0, 'card_present': 0.0, 'has_device': 1.0}
+    """
+    at = datetime.fromtimestamp(epoch_s, UTC)
+    present = -1.0 if card_present is None else float(card_present)
+    return {"hour_utc": float(at.hour), "weekday": float(at.weekday()), "card_present": present,
+            "has_device": float(device_id is not None)}
+
+
+def payment_features(amount: float, epoch_s: float, card_present: bool | None, device_id: str | None,
+                     vector: Mapping[str, object]) -> dict[str, object]:
+    """The feature dict of one payment: stored vector + derived values + the payment's own context.
+
+    The one function both the stream path and the offline trainer call, so a
+    decision logs exactly what a retrain will be fed.
+    """
+    from models.rules import derive
+
+    return derive(amount, vector) | payment_context(epoch_s, card_present, device_id) | {  # type: ignore[arg-type]
+        "prev_terminal": vector.get("prev_terminal", "")}
+
+
+def _log(x: float) -> float:
+    return math.log1p(max(x, 0.0))
+
+
+def _z(f: Mapping[str, float]) -> float:
+    std = max(f.get("amount_std_30d", 0.0), 1.0)
+    if f.get("txn_count_30d_before", 0.0) < 2:
+        return 0.0
+    return max(min((f.get("amount", 0.0) - f.get("amount_mean_30d_before", 0.0)) / std, 20.0), -20.0)
+
+
+def _since(f: Mapping[str, float]) -> float:
+    s = f.get("seconds_since_prev", -1.0)
+    return _log(s if s >= 0 else MONTH_S)
+
+
+def _spend_ratio(f: Mapping[str, float]) -> float:
+    return f.get("amount_sum_1h", 0.0) / max(f.get("amount_mean_30d_before", 0.0), 1.0)
+
+
+def _new_device(f: Mapping[str, float]) -> bool:
+    return f.get("has_device", 0.0) > 0 and f.get("card_device_seconds_since_prev", -1.0) < 0
+
+
+def _terminal_rate(f: Mapping[str, float]) -> float:
+    """Fraud rate of the terminal's labelled payments, shrunk toward 0 when there are few labels."""
+    return f.get("terminal_frauds_30d_d7", 0.0) / (f.get("terminal_labels_30d_d7", 0.0) + 2.0)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One model input: how it is computed from the feature dict, and how to say what it means."""
+
+    name: str
+    value_of: Callable[[Mapping[str, float]], float]
+    explain: Callable[[Mapping[str, float]], str]
+    raw_of: Callable[[Mapping[str, float]], float]
+
+
+def _input(name: str, value_of: Callable[[Mapping[str, float]], float], explain: Callable[[Mapping[str, float]], str],
+           raw_of: Callable[[Mapping[str, float]], float] | None = None) -> ModelInput:
+    return ModelInput(name, value_of, explain, raw_of or value_of)
+
+
+def _g(name: str, default: float = 0.0) -> Callable[[Mapping[str, float]], float]:
+    return lambda f: float(f.get(name, default))
+
+
+INPUTS: tuple[ModelInput, ...] = (
+    _input("amount", lambda f: _log(f.get("amount", 0.0)), lambda f: f"amount {f.get('amount', 0.0):,.2f}",
+           _g("amount")),
+    _input("amount_vs_mean_30d", lambda f: _log(min(f.get("amount_vs_mean_30d", 0.0), 1000.0)),
+           lambda f: f"amount {f.get('amount_vs_mean_30d', 0.0):.1f}× this card's 30-day mean "
+                     f"({f.get('amount_mean_30d_before', 0.0):,.2f})", _g("amount_vs_mean_30d")),
+    _input("amount_z_30d", _z, lambda f: f"amount {_z(f):+.1f} standard deviations from this card's 30-day mean"),
+    _input("card_history_30d", lambda f: _log(f.get("txn_count_30d_before", 0.0)),
+           lambda f: f"{f.get('txn_count_30d_before', 0.0):.0f} earlier payments by this card in 30 days",
+           _g("txn_count_30d_before")),
+    _input("txn_count_10m", lambda f: _log(f.get("txn_count_10m", 0.0)),
+           lambda f: f"{f.get('txn_count_10m', 0.0):.0f} payments by this card in 10 minutes", _g("txn_count_10m")),
+    _input("txn_count_1h", lambda f: _log(f.get("txn_count_1h", 0.0)),
+           lambda f: f"{f.get('txn_count_1h', 0.0):.0f} payments by this card in 1 hour", _g("txn_count_1h")),
+    _input("txn_count_24h", lambda f: _log(f.get("txn_count_24h", 0.0)),
+           lambda f: f"{f.get('txn_count_24h', 0.0):.0f} payments by this card in 24 hours", _g("txn_count_24h")),
+    _input("spend_1h_vs_mean", lambda f: _log(_spend_ratio(f)),
+           lambda f: f"{f.get('amount_sum_1h', 0.0):,.2f} spent in 1 hour ({_spend_ratio(f):.1f}× the 30-day mean)",
+           _g("amount_sum_1h")),
+    _input("small_txn_count_10m", lambda f: _log(f.get("small_txn_count_10m", 0.0)),
+           lambda f: f"{f.get('small_txn_count_10m', 0.0):.0f} small payments (under 5) in 10 minutes: card testing?",
+           _g("small_txn_count_10m")),
+    _input("distinct_terminals_24h", lambda f: _log(f.get("distinct_terminals_24h", 0.0)),
+           lambda f: f"{f.get('distinct_terminals_24h', 0.0):.0f} different terminals in 24 hours",
+           _g("distinct_terminals_24h")),
+    _input("seconds_since_prev", _since,
+           lambda f: (f"{f.get('seconds_since_prev', -1.0):,.0f} s after this card's previous payment"
+                      if f.get("seconds_since_prev", -1.0) >= 0 else "first payment seen from this card"),
+           _g("seconds_since_prev", -1.0)),
+    _input("new_terminal", lambda f: float(f.get("card_terminal_seconds_since_prev", -1.0) < 0),
+           lambda f: ("first payment by this card at this terminal"
+                      if f.get("card_terminal_seconds_since_prev", -1.0) < 0 else "a terminal this card has used"),
+           _g("card_terminal_txn_count_30d")),
+    _input("new_device", lambda f: float(_new_device(f)),
+           lambda f: "first payment by this card from this device" if _new_device(f) else "a known device (or none)",
+           _g("has_device")),
+    _input("card_not_present", lambda f: float(f.get("card_present", -1.0) == 0.0),
+           lambda f: "card not present (online / phone)" if f.get("card_present", -1.0) == 0.0 else "card present",
+           _g("card_present", -1.0)),
+    _input("night", lambda f: float(int(f.get("hour_utc", 12.0)) in NIGHT_HOURS),
+           lambda f: f"at {f.get('hour_utc', 12.0):02.0f}h UTC", _g("hour_utc", 12.0)),
+    _input("weekend", lambda f: float(f.get("weekday", 0.0) >= 5),
+           lambda f: "on a weekend" if f.get("weekday", 0.0) >= 5 else "on a weekday", _g("weekday")),
+    _input("terminal_fraud_rate_30d", _terminal_rate,
+           lambda f: f"terminal fraud rate {f.get('terminal_fraud_rate_30d_d7', 0.0):.0%} over 30 days "
+                     f"({f.get('terminal_frauds_30d_d7', 0.0):.0f} of {f.get('terminal_labels_30d_d7', 0.0):.0f} "
+                     "labelled payments, labels older than 7 days)", _g("terminal_fraud_rate_30d_d7")),
+    _input("terminal_frauds_30d", lambda f: _log(f.get("terminal_frauds_30d_d7", 0.0)),
+           lambda f: f"{f.get('terminal_frauds_30d_d7', 0.0):.0f} confirmed frauds at this terminal in 30 days",
+           _g("terminal_frauds_30d_d7")),
+    _input("terminal_txn_count_1h", lambda f: _log(f.get("terminal_txn_count_1h", 0.0)),
+           lambda f: f"{f.get('terminal_txn_count_1h', 0.0):.0f} payments at this terminal in 1 hour",
+           _g("terminal_txn_count_1h")),
+    _input("terminal_distinct_cards_24h", lambda f: _log(f.get("terminal_distinct_cards_24h", 0.0)),
+           lambda f: f"{f.get('terminal_distinct_cards_24h', 0.0):.0f} different cards at this terminal in 24 hours",
+           _g("terminal_distinct_cards_24h")),
+)
+INPUT_NAMES: tuple[str, ...] = tuple(i.name for i in INPUTS)
+INPUT_INDEX = {name: i for i, name in enumerate(INPUT_NAMES)}
+
+
+def model_inputs(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """The (n, len(INPUTS)) float32 matrix of model inputs.
+
+    >>> model_inputs([{"amount": 0.0}]).shape == (1, len(INPUTS))
+    True
+    """
+    out = np.empty((len(rows), len(INPUTS)), dtype=np.float32)
+    for r, f in enumerate(rows):
+        for c, inp in enumerate(INPUTS):
+            out[r, c] = inp.value_of(f)
+    return out
+
+
+def input_dict(row: np.ndarray) -> dict[str, float]:
+    """One row of :func:`model_inputs` as river's plain dict."""
+    return {name: float(v) for name, v in zip(INPUT_NAMES, row, strict=True)}

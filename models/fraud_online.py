@@ -1,0 +1,122 @@
+"""The online fraud learner: river, updated from each label as it arrives.
+
+Between nightly retrains, new fraud patterns would go unseen; this learner
+updates its weights from every ``label`` event within the batch that brings
+it, and watches its own error rate with ADWIN so an operator hears about
+drift. Inputs are the same standardised vector the torch model sees.
+
+Learning is idempotent per label: the ids of recently learned labels travel
+with the checkpoint, so a label redelivered after a crash is not learned twice.
+
+>>> learner = OnlineFraudLearner()
+>>> for i in range(200):
+...     _ = learner.learn(f"f{i}", {"new_device": 1.0, "night": 1.0}, True, 0.1)
+...     _ = learner.learn(f"g{i}", {"new_device": 0.0, "night": 0.0}, False, 0.1)
+>>> p = learner.predict([{"new_device": 1.0, "night": 1.0}, {"new_device": 0.0, "night": 0.0}])
+>>> bool(p[0] > 0.9 and p[1] < 0.2)
+True
+>>> before = dict(learner.model.weights); _ = learner.learn("f0", {"new_device": 1.0}, True, 0.1)
+>>> learner.model.weights == before, learner.labels_seen  # a redelivered label changes nothing
+(True, 400)
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from river import drift, linear_model, optim
+
+LEARNED_IDS_KEPT = 50_000
+
+
+@dataclass
+class DriftEvent:
+    """What an operator is told when the error rate of the online learner shifts."""
+
+    detector: str
+    error_rate: float
+    labels_seen: int
+
+
+@dataclass
+class OnlineFraudLearner:
+    """river logistic regression + ADWIN on its error; picklable as a checkpoint."""
+
+    lr: float = 0.05
+    l2: float = 1e-4
+    model: linear_model.LogisticRegression = field(init=False)
+    adwin: drift.ADWIN = field(init=False)
+    labels_seen: int = 0
+    learned: deque[str] = field(default_factory=lambda: deque(maxlen=LEARNED_IDS_KEPT))
+    _learned_set: set[str] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2,
+                                                     intercept_lr=self.lr)
+        self.adwin = drift.ADWIN(delta=0.002)
+
+    def predict(self, xs: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """Probability of fraud for each input dict."""
+        return np.array([self.model.predict_proba_one(dict(x)).get(True, 0.0) for x in xs], dtype=np.float64)
+
+    def logit(self, x: Mapping[str, float]) -> float:
+        w = self.model.weights
+        return self.model.intercept + sum(w.get(k, 0.0) * v for k, v in x.items())
+
+    def contributions(self, x: Mapping[str, float]) -> dict[str, float]:
+        """Each input's share of the logit (weight × standardised value)."""
+        w = self.model.weights
+        return {k: w.get(k, 0.0) * v for k, v in x.items()}
+
+    def seen(self, label_id: str) -> bool:
+        return label_id in self._learned_set
+
+    def learn(self, label_id: str, x: Mapping[str, float], is_fraud: bool, score: float,
+              threshold: float = 0.5) -> DriftEvent | None:
+        """Learn one label (once per ``label_id``); returns a drift event when ADWIN flags one.
+
+        ``score`` is what the deployed scorer said at decision time: ADWIN
+        watches the error of the decisions, not of this learner alone.
+        """
+        if label_id in self._learned_set:
+            return None
+        self.model.learn_one(dict(x), bool(is_fraud))
+        if len(self.learned) == self.learned.maxlen:
+            self._learned_set.discard(self.learned[0])
+        self.learned.append(label_id)
+        self._learned_set.add(label_id)
+        self.labels_seen += 1
+        self.adwin.update(float((score >= threshold) != bool(is_fraud)))
+        if self.adwin.drift_detected:
+            return DriftEvent("ADWIN", float(self.adwin.estimation), self.labels_seen)
+        return None
+
+    # -- checkpoints -----------------------------------------------------------
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(raw: bytes) -> OnlineFraudLearner:
+        learner = pickle.loads(raw)  # our own checkpoint, from our own Redis
+        learner._learned_set = set(learner.learned)
+        return learner
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_learned_set"] = set()  # rebuilt from ``learned`` on load
+        return state
+
+
+def sigmoid_logit(p: np.ndarray) -> np.ndarray:
+    """logit(p), clipped so 0 and 1 stay finite."""
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
+
+
+def logistic(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
