@@ -50,8 +50,10 @@ th { background: #f3f5f7; }
 .token { background: #f3f5f7; padding: .6rem; margin-bottom: 1rem; }
 .actions button { margin-right: .5rem; padding: .4rem .9rem; }
 #confirm-fraud { background: #b3261e; color: #fff; border: 0; }
+button:disabled { opacity: .45; cursor: not-allowed; }
 .ok { color: #146c2e; } .error { color: #b3261e; }
 code { font-size: 12px; }
+td a, td time { white-space: nowrap; }
 """
 
 JS = r"""
@@ -147,7 +149,7 @@ def render_queue(cases: Sequence[Mapping[str, Any]], total: int) -> str:
         f'<td><a href="/alerts/{_e(c["case_id"])}">open case</a></td></tr>'
         for c in cases)
     table = (f'<table id="queue"><thead><tr><th>severity</th><th>risk</th><th>hits</th><th>reasons</th>'
-             f"<th>card</th><th>opened</th><th>last hit</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+             f"<th>card</th><th>opened</th><th>updated</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
              if cases else '<p id="empty">No open alerts.</p>')
     body = (f"<h1>Fraud alerts</h1><p>{_e(total)} open case(s), by risk (severity, then highest score). "
             'JSON: <a href="/api/alerts">/api/alerts</a></p>' + table)
