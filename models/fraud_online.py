@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from river import drift, linear_model, optim
 
-LEARNED_IDS_KEPT = 50_000
+LEARNED_IDS_KEPT = 5_000  # a few replayed batches; keeps a checkpoint ~100 KB
 
 
 @dataclass

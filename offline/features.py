@@ -268,14 +268,6 @@ def fraud_features(transactions: Sequence[Any]) -> list[dict[str, Any]]:
     Terminal risk comes from labels, which the online path applies as they
     arrive; without a label log here it is taken as empty (no label known yet).
     """
-    from feature_store.sets import CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK
-    from models.rules import derive
+    from offline.fraud_dataset import feature_rows
 
-    card = compute_features(CARD_PROFILE, transactions)
-    terminal = compute_features(TERMINAL_ACTIVITY, transactions)
-    risk = finalize(TERMINAL_RISK, {}, 0.0)
-    rows = []
-    for e, c, term in zip(transactions, card.to_dict("records"), terminal.to_dict("records"), strict=True):
-        vector = {**c, **term, **risk}
-        rows.append(derive(e.amount, vector) | {"prev_terminal": vector["prev_terminal"]})
-    return rows
+    return feature_rows(transactions, np.full(len(transactions), np.nan))

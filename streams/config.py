@@ -36,6 +36,8 @@ class Settings:
     commit_interval_s: float = 1.0
     fetch_max_wait_ms: int = 10
     linger_ms: float = 1.0
+    fraud_model: str = ""  # artifact directory (or a root of versioned ones: the newest); empty: rules
+    fraud_policy: str = ""  # JSON: {"review": 0.5, "block": 0.9} or {"alerts_per_day": 300, "block": 0.9}
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,6 +63,8 @@ class Settings:
             commit_interval_s=float(_env("KESTREL_COMMIT_INTERVAL_S", str(d.commit_interval_s))),
             fetch_max_wait_ms=int(_env("KESTREL_FETCH_MAX_WAIT_MS", str(d.fetch_max_wait_ms))),
             linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
+            fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
+            fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -89,4 +93,6 @@ class Settings:
             "KESTREL_COMMIT_INTERVAL_S": str(self.commit_interval_s),
             "KESTREL_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
             "KESTREL_LINGER_MS": str(self.linger_ms),
+            "KESTREL_FRAUD_MODEL": self.fraud_model,
+            "KESTREL_FRAUD_POLICY": self.fraud_policy,
         }

@@ -33,6 +33,10 @@ class Metrics:
                                    "(opened, updated, escalated).", ["change"], registry=r)
         self.alert_verdicts = Counter("kestrel_alert_verdicts", "Analyst verdicts that closed a case, by verdict.",
                                       ["verdict"], registry=r)
+        self.online_labels = Counter("kestrel_online_labels", "Labels seen by the online fraud learners, by outcome "
+                                     "(learned, already_learned, no_decision).", ["outcome"], registry=r)
+        self.drift_events = Counter("kestrel_drift_events", "Drift flagged by ADWIN on the fraud decisions' error "
+                                    "rate.", registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

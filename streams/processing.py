@@ -21,21 +21,45 @@ import redis.asyncio as aioredis
 from feature_store.definitions import compile_event, compile_lookup, finalize
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore, read_recent_and_top
-from feature_store.sets import CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, USER_ACTIVITY
+from feature_store.sets import (
+    CARD_DEVICE,
+    CARD_PROFILE,
+    CARD_TERMINAL,
+    TERMINAL_ACTIVITY,
+    TERMINAL_RISK,
+    USER_ACTIVITY,
+)
+from models.fraud_features import model_inputs, payment_features
+from models.fraud_model import FraudModel, ModelScorer, latest_artifact
+from models.policy import Policy
 from models.popularity import PopularityRecommender
-from models.rules import RuleScorer, derive
+from models.rules import RuleScorer
 from models.scoring import FraudScorer
 from streams import topics
 from streams.case_store import AlertDesk
 from streams.config import Settings
 from streams.delivery import DeliveryLedger
+from streams.fraud_online import PartitionLearners
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.schemas import Interaction, Label, Transaction
 from streams.validation import Rejection, check_time, parse_event
 
 RECS_PER_DECISION = 10
-FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK))
+# Order matters: the snapshots of a transaction batch come back set by set in this order.
+FRAUD_VECTOR_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE)
+FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in FRAUD_VECTOR_SETS)
+
+
+def load_fraud_scorer(settings: Settings) -> FraudScorer:
+    """The trained model named by ``KESTREL_FRAUD_MODEL`` (the newest version under it), else the rules."""
+    if not settings.fraud_model:
+        return RuleScorer()
+    path = latest_artifact(settings.fraud_model)
+    if path is None:
+        raise FileNotFoundError(f"KESTREL_FRAUD_MODEL={settings.fraud_model}: no model artifact (meta.json) there")
+    policy = Policy.from_json(settings.fraud_policy) if settings.fraud_policy else Policy(review=0.5)
+    return ModelScorer(FraudModel.load(path), policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +134,10 @@ class Processor:
         self.hasher = KeyedHasher(settings.hash_key.encode())
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
-        self.scorer: FraudScorer = scorer or RuleScorer()
+        self.scorer: FraudScorer = scorer or load_fraud_scorer(settings)
+        # online learners per partition, when the scorer is a trained model (rules do not learn)
+        self.learners = PartitionLearners(client, self.keys, self.scorer) if isinstance(self.scorer, ModelScorer) \
+            else None
         self.recommender = recommender or PopularityRecommender()
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
 
@@ -182,15 +209,20 @@ class Processor:
         ops += [compile_event(TERMINAL_ACTIVITY, e, self.keys, self.hasher) for e in events]
         ops += [compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, self.keys,
                                self.hasher) for e in events]
+        ops += [compile_event(fs, e, self.keys, self.hasher) for fs in (CARD_TERMINAL, CARD_DEVICE) for e in events]
         snaps = [snap for _, snap in await self.store.apply_batch(ops)]
         n = len(events)
         feats = []
         for i, e in enumerate(events):
-            t = e.epoch_s
-            vector = {**finalize(CARD_PROFILE, snaps[i], t), **finalize(TERMINAL_ACTIVITY, snaps[n + i], t),
-                      **finalize(TERMINAL_RISK, snaps[2 * n + i], t)}
-            feats.append(derive(e.amount, vector) | {"prev_terminal": vector["prev_terminal"]})
-        scores = self.scorer.score_batch(events, feats)
+            vector: dict[str, Any] = {}
+            for j, fs in enumerate(FRAUD_VECTOR_SETS):
+                vector.update(finalize(fs, snaps[j * n + i], e.epoch_s))
+            feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
+        if self.learners is not None:
+            by_partition = await self.learners.for_partitions(rec.partition for rec, _ in valid)
+            scores = self.scorer.score_batch(events, feats, [by_partition[rec.partition] for rec, _ in valid])
+        else:
+            scores = self.scorer.score_batch(events, feats)
         now = time.time()
         outputs = []
         for (rec, e), f, s in zip(valid, feats, scores, strict=True):
@@ -199,7 +231,9 @@ class Processor:
                 "type": "fraud_decision", "event_id": e.event_id, "card": card, "merchant_id": e.merchant_id,
                 "terminal_id": e.terminal_id,
                 "amount": e.amount, "currency": e.currency, "score": s.score, "action": s.action,
-                "reasons": [{"code": r.code, "message": r.message, "value": r.value} for r in s.reasons],
+                "reasons": [{"code": r.code, "message": r.message, "value": r.value,
+                             **({"contribution": r.contribution} if r.contribution is not None else {})}
+                            for r in s.reasons],
                 "model_version": self.scorer.version,
                 "feature_set": FEATURE_SET_VERSION, "features": f,
                 "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
@@ -243,7 +277,7 @@ class Processor:
                        for (_, e), d in zip(valid, decisions, strict=True) if d is not None]
         await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
         now = time.time()
-        outputs = []
+        outputs = await self._learn(valid, decisions, writes, now)
         for (rec, e), decision in zip(valid, decisions, strict=True):
             doc = {"type": "training_example", "event_id": e.event_id, "transaction_id": e.transaction_id,
                    "label": 1 if e.verdict == "fraud" else 0, "verdict": e.verdict, "source": e.source,
@@ -253,6 +287,43 @@ class Processor:
             outputs.append(Output(topics.TRAINING_EXAMPLES, key.encode(), orjson.dumps(doc),
                                   self.keys.published("label", e.event_id)))
             self._observe("label", rec, started, now)
+        return outputs
+
+    async def _learn(self, valid: list[tuple[RawRecord, Label]], decisions: list[dict[str, Any] | None],
+                     writes: list[tuple[str, bytes]], now: float) -> list[Output]:
+        """Each label teaches its partition's online learner at once, from the features its decision logged.
+
+        Idempotent per label id (the checkpoint remembers them); the updated
+        checkpoints are written with this batch's delivery marks. A drift
+        flagged by ADWIN becomes an operator event.
+        """
+        if self.learners is None or not isinstance(self.scorer, ModelScorer):
+            return []
+        known = [(rec, e, d) for (rec, e), d in zip(valid, decisions, strict=True) if d and d.get("features")]
+        self.metrics.online_labels.labels("no_decision").inc(len(valid) - len(known))
+        if not known:
+            return []
+        learners = await self.learners.for_partitions((rec.partition for rec, _, _ in known), fresh=True)
+        inputs = self.scorer.model.online_inputs(model_inputs([d["features"] for _, _, d in known]))
+        outputs = []
+        for (rec, e, d), x in zip(known, inputs, strict=True):
+            learner = learners[rec.partition]
+            if learner.seen(e.event_id):
+                self.metrics.online_labels.labels("already_learned").inc()
+                continue
+            drift = learner.learn(e.event_id, x, e.verdict == "fraud", float(d.get("score", 0.0)),
+                                  self.scorer.thresholds.review)
+            self.metrics.online_labels.labels("learned").inc()
+            if drift is not None:
+                self.metrics.drift_events.inc()
+                doc = {"type": "drift", "detector": drift.detector, "metric": "decision_error_rate",
+                       "error_rate": round(drift.error_rate, 4), "labels_seen": drift.labels_seen,
+                       "partition": rec.partition, "model_version": self.scorer.version,
+                       "label_event_id": e.event_id, "at": _iso(now),
+                       "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
+                outputs.append(Output(topics.OPERATOR_EVENTS, str(rec.partition).encode(), orjson.dumps(doc),
+                                      self.keys.published("drift", e.event_id)))
+        writes.extend(self.learners.checkpoints(list(learners)))
         return outputs
 
     def _observe(self, kind: str, rec: RawRecord, started: float, now: float) -> None:
