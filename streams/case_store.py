@@ -61,60 +61,50 @@ COMMIT_ATTEMPTS = 5
 # Send (topic, key, value, event_id) and wait for the broker's ack.
 Sender = Callable[[Sequence[tuple[str, bytes, bytes, str]]], Awaitable[None]]
 
+# Batch contents travel as one JSON argument (cjson inside Redis): packing thousands of separate
+# arguments costs more client CPU than the script itself.
 PREPARE_LUA = r"""
 local hist_ttl, keep, nread, case_prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local i = 5
-local ngroups = tonumber(ARGV[i]); i = i + 1
-for g = 1, ngroups do
-  local key, n = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
-  for j = 1, n do redis.call('ZADD', key, ARGV[i], ARGV[i + 1]); i = i + 2 end
-  redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
-  redis.call('EXPIRE', key, hist_ttl)
+local req = cjson.decode(ARGV[5])
+for _, g in ipairs(req.h) do
+  redis.call('ZADD', g[1], unpack(g[2]))
+  redis.call('ZREMRANGEBYRANK', g[1], 0, -(keep + 1))
+  redis.call('EXPIRE', g[1], hist_ttl)
 end
 local markers = {}
-local nm = tonumber(ARGV[i]); i = i + 1
-for m = 1, nm do markers[m] = redis.call('GET', ARGV[i]); i = i + 1 end
+for m, key in ipairs(req.m) do markers[m] = redis.call('GET', key) end
 local cards = {}
-local nc = tonumber(ARGV[i]); i = i + 1
-for c = 1, nc do
-  local ptr, hist_key = redis.call('GET', ARGV[i]), ARGV[i + 1]; i = i + 2
+for c, pair in ipairs(req.c) do
+  local ptr = redis.call('GET', pair[1])
   local doc = false
   if ptr then doc = redis.call('HGET', case_prefix .. ptr, 'doc') end
-  cards[c] = {ptr, doc, redis.call('ZREVRANGE', hist_key, 0, nread - 1, 'WITHSCORES')}
+  cards[c] = {ptr, doc, redis.call('ZREVRANGE', pair[2], 0, nread - 1, 'WITHSCORES')}
 end
 return {markers, cards}
 """
 
 COMMIT_LUA = r"""
 local ttl, marker_ttl, max_hits, open_key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local ncases = tonumber(ARGV[5])
+local req = cjson.decode(ARGV[5])
 -- check every case first: nothing is written unless all still are as they were read
-local i = 6
-local cases = {}
-for c = 1, ncases do
-  local w = {ptr = ARGV[i], expected = ARGV[i + 1], key = ARGV[i + 2], rev = ARGV[i + 3], doc = ARGV[i + 4],
-             new_rev = ARGV[i + 5], id = ARGV[i + 6], rank = ARGV[i + 7], hits = ARGV[i + 8], n = tonumber(ARGV[i + 9]),
-             at = i + 10}
-  i = i + 10 + 2 * w.n
-  local cur = redis.call('GET', w.ptr) or ''
-  local rev = redis.call('HGET', w.key, 'rev') or '0'
-  if cur ~= w.expected or rev ~= w.rev then return 0 end
-  cases[c] = w
+for _, w in ipairs(req.w) do
+  -- w: card pointer key, expected pointer, case key, expected rev, doc, new rev, case id, rank, hits key, hits
+  local cur = redis.call('GET', w[1]) or ''
+  local rev = redis.call('HGET', w[3], 'rev') or '0'
+  if cur ~= w[2] or rev ~= w[4] then return 0 end
 end
-for _, w in ipairs(cases) do
-  redis.call('HSET', w.key, 'doc', w.doc, 'rev', w.new_rev, 'status', 'open')
-  redis.call('EXPIRE', w.key, ttl)
-  redis.call('SET', w.ptr, w.id, 'EX', ttl)
-  redis.call('ZADD', open_key, w.rank, w.id)
-  for j = 0, w.n - 1 do
-    if redis.call('ZCARD', w.hits) < max_hits then
-      redis.call('ZADD', w.hits, ARGV[w.at + 2 * j], ARGV[w.at + 2 * j + 1])
-    end
+for _, w in ipairs(req.w) do
+  redis.call('HSET', w[3], 'doc', w[5], 'rev', w[6], 'status', 'open')
+  redis.call('EXPIRE', w[3], ttl)
+  redis.call('SET', w[1], w[7], 'EX', ttl)
+  redis.call('ZADD', open_key, w[8], w[7])
+  local hits = w[10]
+  for j = 1, #hits, 2 do
+    if redis.call('ZCARD', w[9]) < max_hits then redis.call('ZADD', w[9], hits[j], hits[j + 1]) end
   end
-  redis.call('EXPIRE', w.hits, ttl)
+  redis.call('EXPIRE', w[9], ttl)
 end
-local nm = tonumber(ARGV[i]); i = i + 1
-for m = 1, nm do redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', marker_ttl, 'NX'); i = i + 2 end
+for _, m in ipairs(req.m) do redis.call('SET', m[1], m[2], 'EX', marker_ttl, 'NX') end
 return 1
 """
 
@@ -193,14 +183,11 @@ class CaseStore:
     async def prepare(self, history: Mapping[str, Sequence[tuple[float, str]]], flagged_ids: Sequence[str],
                       cards: Sequence[str], history_read: int) -> Prepared:
         """Record the batch's decisions in each card's history; read markers, open cases and histories."""
-        args: list[Any] = [self.case_ttl_s, HISTORY_KEEP, history_read, self.k.case_prefix, len(history)]
-        for card, entries in history.items():
-            args += [self.k.history(card), len(entries)]
-            for epoch, event_id in entries:
-                args += [repr(epoch), event_id]
-        args += [len(flagged_ids), *(self.k.applied(e) for e in flagged_ids), len(cards)]
-        for card in cards:
-            args += [self.k.card(card), self.k.history(card)]
+        req = {"h": [[self.k.history(card), [x for epoch, event_id in entries for x in (repr(epoch), event_id)]]
+                     for card, entries in history.items()],
+               "m": [self.k.applied(e) for e in flagged_ids],
+               "c": [[self.k.card(card), self.k.history(card)] for card in cards]}
+        args = [self.case_ttl_s, HISTORY_KEEP, history_read, self.k.case_prefix, orjson.dumps(req)]
         markers, per_card = await self._prepare(args=args)
         prepared = Prepared(dict(zip(flagged_ids, markers, strict=True)), {}, {}, {})
         for card, (ptr, doc, hist) in zip(cards, per_card, strict=True):
@@ -211,16 +198,12 @@ class CaseStore:
 
     async def commit(self, writes: Sequence[CaseWrite], markers: Sequence[tuple[str, bytes]]) -> bool:
         """Write every case and marker, or nothing if any case changed since it was read."""
-        args: list[Any] = [self.case_ttl_s, self.marker_ttl_s, MAX_CASE_HITS, self.k.open, len(writes)]
-        for w in writes:
-            c = w.case
-            args += [self.k.card(c.card), w.expected_pointer, self.k.case(c.case_id), str(w.expected_revision),
-                     c.to_json(), str(c.revision), c.case_id, c.rank, self.k.hits(c.case_id), len(w.new_hits)]
-            for h in w.new_hits:
-                args += [repr(h.epoch), h.event_id]
-        args.append(len(markers))
-        for event_id, value in markers:
-            args += [self.k.applied(event_id), value]
+        req = {"w": [[self.k.card(w.case.card), w.expected_pointer, self.k.case(w.case.case_id),
+                      str(w.expected_revision), w.case.to_json().decode(), str(w.case.revision), w.case.case_id,
+                      str(w.case.rank), self.k.hits(w.case.case_id),
+                      [x for h in w.new_hits for x in (repr(h.epoch), h.event_id)]] for w in writes],
+               "m": [[self.k.applied(event_id), value.decode()] for event_id, value in markers]}
+        args = [self.case_ttl_s, self.marker_ttl_s, MAX_CASE_HITS, self.k.open, orjson.dumps(req)]
         return bool(await self._commit(args=args))
 
     async def close(self, before: Case, after: Case) -> bool:
