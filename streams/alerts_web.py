@@ -129,6 +129,17 @@ def _score(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, int | float) else _e(value)
 
 
+def _time(iso: Any) -> str:
+    """An ISO time as ``2026-03-01 12:00:05Z``, the full value in the element's datetime.
+
+    >>> _time("2026-03-01T12:00:05.123Z")
+    '<time datetime="2026-03-01T12:00:05.123Z">2026-03-01 12:00:05Z</time>'
+    """
+    text = str(iso or "")
+    short = text[:19].replace("T", " ") + ("Z" if text.endswith("Z") else "")
+    return f'<time datetime="{_e(text)}">{_e(short)}</time>'
+
+
 def _amount(line: Mapping[str, Any]) -> str:
     amount = line.get("amount")
     return f"{amount:,.2f} {_e(line.get('currency'))}" if isinstance(amount, int | float) else ""
@@ -145,7 +156,7 @@ def render_queue(cases: Sequence[Mapping[str, Any]], total: int) -> str:
         f'<tr data-case-id="{_e(c["case_id"])}"><td>{_severity(c["severity"])}</td><td>{_score(c["risk"])}</td>'
         f'<td>{_e(c["hits"])}</td>'
         f'<td>{_e(", ".join(r["code"] for r in c["reasons"][:4]))}</td>'
-        f"<td><code>{_e(c['card'][:12])}…</code></td><td>{_e(c['opened_at'])}</td><td>{_e(c['updated_at'])}</td>"
+        f"<td><code>{_e(c['card'][:12])}…</code></td><td>{_time(c['opened_at'])}</td><td>{_time(c['updated_at'])}</td>"
         f'<td><a href="/alerts/{_e(c["case_id"])}">open case</a></td></tr>'
         for c in cases)
     table = (f'<table id="queue"><thead><tr><th>severity</th><th>risk</th><th>hits</th><th>reasons</th>'
@@ -160,7 +171,7 @@ def _lines(lines: Sequence[Mapping[str, Any]], table_id: str) -> str:
     if not lines:
         return f'<p id="{table_id}">none in the decision log</p>'
     rows = "".join(
-        f'<tr data-event-id="{_e(t["event_id"])}"><td>{_e(t["event_time"])}</td><td>{_amount(t)}</td>'
+        f'<tr data-event-id="{_e(t["event_id"])}"><td>{_time(t["event_time"])}</td><td>{_amount(t)}</td>'
         f'<td>{_e(t["merchant_id"])}</td><td>{_e(t.get("terminal_id") or "")}</td><td>{_score(t["score"])}</td>'
         f'<td>{_e(t["action"])}</td><td>{_e("; ".join(str(r["message"]) for r in t["reasons"]))}</td>'
         f'<td><code>{_e(t["event_id"])}</code></td></tr>'
@@ -174,7 +185,7 @@ def render_case(case: Mapping[str, Any]) -> str:
     reasons = "".join(f"<tr><td><code>{_e(r['code'])}</code></td><td>{_e(r['count'])}</td>"
                       f"<td>{_e(r.get('message'))}</td></tr>" for r in case["reasons"])
     verdict = case.get("verdict")
-    decided = (f'<p id="decided">Verdict <b>{_e(verdict["verdict"])}</b> at {_e(verdict["at"])}'
+    decided = (f'<p id="decided">Verdict <b>{_e(verdict["verdict"])}</b> at {_time(verdict["at"])}'
                f'{": " + _e(verdict["note"]) if verdict.get("note") else ""}</p>' if verdict else "")
     open_ = case["status"] == "open"
     actions = ('<div class="token"><label>API token <input id="token" type="password" autocomplete="off"></label> '
@@ -189,7 +200,7 @@ def render_case(case: Mapping[str, Any]) -> str:
     body = (f'<p><a href="/alerts">← all alerts</a></p><h1>Case <code>{_e(case["case_id"])}</code></h1>'
             f'<p>{_severity(case["severity"])} risk {_score(case["risk"])} · status <b id="status">'
             f'{_e(case["status"])}</b> · {_e(case["hits"])} flagged transaction(s) · card <code>{_e(case["card"])}'
-            f'</code> · opened {_e(case["opened_at"])} · last hit {_e(case["last_event_time"])}</p>{decided}'
+            f'</code> · opened {_time(case["opened_at"])} · last hit {_time(case["last_event_time"])}</p>{decided}'
             f'{actions}<h2>Why it fired</h2><table id="reasons"><thead><tr><th>reason</th><th>times</th>'
             f"<th>latest</th></tr></thead><tbody>{reasons}</tbody></table>"
             f"<h2>Flagged transactions</h2>{_lines(case['transactions'], 'transactions')}"
