@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from feature_store.erase import delete_matching
 from models.rules import RuleScorer
 from streams import topics
-from streams.alerts import VerdictRequest
+from streams.alerts import Hit, VerdictRequest
 from streams.config import Settings
 from streams.metrics import Metrics
 from streams.processing import Output, Processor, RawRecord
@@ -162,3 +162,29 @@ async def test_verdict_labels_every_transaction_once_and_then_conflicts(proc: Pr
     assert fresh["alert"] == "opened" and fresh["case_id"] != case_id and fresh["hits"] == 1
     missing = await proc.alerts.record_verdict("0" * 20, VerdictRequest("fraud", None), Collecting())
     assert getattr(missing, "status", None) == 404
+
+
+async def test_a_verdict_between_read_and_write_makes_the_batch_recompute(proc: Processor) -> None:
+    card = "4000123400001111"
+    (first,) = _alerts(await proc.process(topics.TRANSACTIONS, [_txn("r1", card, 5000.0, T0)]))
+    decision = {"type": "fraud_decision", "event_id": "r2", "card": first["card"], "merchant_id": "m-1",
+                "terminal_id": "t-m-1", "amount": 6000.0, "currency": "EUR", "score": 0.5, "action": "review",
+                "reasons": [{"code": "large_amount", "message": "amount 6000.00 ≥ 1000", "value": 6000.0}],
+                "event_time": "2026-05-28T20:28:20.000Z"}
+    hit = Hit.from_decision(decision)
+    assert hit is not None
+    desk = proc.alerts
+    # the worker reads the open case and plans to add r2 to it ...
+    prep = await desk.store.prepare({hit.card: [(hit.epoch, "r2")]}, ["r2"], [hit.card], 50)
+    plan = await desk._plan(prep, [hit], {"r2": decision})
+    # ... an analyst closes the case meanwhile ...
+    closed = await desk.record_verdict(first["case_id"], VerdictRequest("genuine", None), Collecting())
+    assert isinstance(closed, dict) and closed["transactions"] == ["r1"]
+    # ... so the planned write changes nothing, and the batch, computed again, opens a new case for r2
+    assert await desk.store.commit(plan.writes, plan.markers) is False
+    old = await desk.store.get(first["case_id"])
+    assert old is not None and old.status == "closed" and old.hits == 1
+    out = Output(topics.FRAUD_DECISIONS, hit.card.encode(), orjson.dumps(decision), "mark-r2")
+    (fresh,) = _alerts(await desk.on_decisions([out]))
+    assert fresh["alert"] == "opened" and fresh["case_id"] != first["case_id"] and fresh["hits"] == 1
+    assert await desk.store.hit_ids(first["case_id"]) == ["r1"]
