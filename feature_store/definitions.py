@@ -199,6 +199,11 @@ class FeatureSet:
             plan[storage] = (source, comps, max(f.kept_buckets for f in members))
         return plan
     @cached_property
+    def head(self) -> HeadLayout:
+        """:func:`head_layout` of this set."""
+        return head_layout(self)
+
+    @cached_property
     def vector(self) -> tuple[Windowed | TimeSince | LastValue, ...]:
         """The features that make up the entity's feature vector, in order."""
         return tuple(f for f in self.features if isinstance(f, VECTOR_KINDS))
@@ -225,6 +230,96 @@ class EventOps:
     time: float
     reads_of: FeatureSet
     writes: list[list[Any]] = field(default_factory=list)
+
+
+NO_BUCKET = -(2.0**53)  # a head's newest bucket before anything was stored: every window is empty
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where each value sits in an entity's head, a packed index kept next to its buckets.
+
+    The head of one entity for one feature set is a string of little-endian
+    doubles, then one length-prefixed string per :class:`LastValue`. For each
+    stored series: its newest bucket ``top``, then for each undelayed window
+    length ``w`` and each of its components, ``w`` suffix totals
+    ``S[k] = combine(buckets top-w+1+k .. top)``. The window read ``k``
+    buckets after ``top`` is ``S[k]`` (later buckets are empty), and ``k >= w``
+    is an empty window, so such a read needs one value, not the window's
+    buckets. A distinct count keeps its newest bucket and ``D[k]``, the number
+    of values last seen at or after bucket ``top-w+1+k``. Then the previous
+    event's time.
+
+    The head is derived data: the buckets, sorted sets and last values stay
+    stored as before, the write script keeps the head in step with them, and
+    rebuilds it from them when it is missing (expired, or written by a
+    version without heads); a read without a head falls back to the buckets.
+    """
+
+    size: int  # doubles
+    series: tuple[tuple[str, int, int, tuple[tuple[int, tuple[tuple[str, str, int], ...]], ...]], ...]
+    # per stored series: (storage, index of top, kept buckets, ((w, ((component, mode, start), ...)), ...))
+    distinct: tuple[tuple[str, int, int, int], ...]  # (feature, index of its top, bucket_s, buckets); counts follow
+    last_time: int | None  # index of the previous event's time
+    strings: tuple[str, ...]  # LastValue features, in order after the doubles
+    ttl_s: int
+
+    def suffix_start(self, storage: str, window: int, component: str) -> int:
+        for name, _, _, windows in self.series:
+            if name == storage:
+                for w, comps in windows:
+                    if w == window:
+                        for suffix, _, start in comps:
+                            if suffix == component:
+                                return start
+        raise KeyError((storage, window, component))
+
+    def top_index(self, storage: str) -> int:
+        return next(top for name, top, _, _ in self.series if name == storage)
+
+    def distinct_index(self, feature: str) -> int:
+        return next(top for name, top, _, _ in self.distinct if name == feature)
+
+
+def head_layout(fs: FeatureSet) -> HeadLayout:
+    """The layout of ``fs``'s heads (0-based indexes into the doubles).
+
+    >>> fs = FeatureSet("t", "1", "card", "x", lambda e: e.c, lambda e: e.t, (
+    ...     Windowed("n", "count", 600, 60, series="a"), Windowed("s", "sum", 300, 60, value_of=abs, series="a"),
+    ...     Windowed("d", "distinct", 120, 60, value_of=abs), TimeSince("since")))
+    >>> lay = head_layout(fs)
+    >>> lay.series
+    (('a@60', 0, 70, ((5, (('s', 'add', 1),)), (10, (('n', 'add', 6),)))),)
+    >>> lay.distinct, lay.last_time, lay.size
+    ((('d', 16, 60, 2),), 19, 20)
+    """
+    pos = 0
+    series = []
+    for storage, (_, comps, kept) in fs.series_plan.items():
+        top = pos
+        pos += 1
+        windows = []
+        members = fs.series_members()[storage]
+        for w in sorted({f.buckets for f in members if not f.delay_s}):
+            needed = {c for f in members if f.buckets == w and not f.delay_s for c in COMPONENTS[f.agg]}
+            entries = []
+            for suffix, mode in comps:
+                if (suffix, mode) in needed:
+                    entries.append((suffix, mode, pos))
+                    pos += w
+            windows.append((w, tuple(entries)))
+        series.append((storage, top, kept, tuple(windows)))
+    distinct = []
+    for f in fs.vector:
+        if isinstance(f, Windowed) and f.agg == "distinct":
+            distinct.append((f.name, pos, f.bucket_s, f.buckets))
+            pos += 1 + f.buckets
+    last_time = None
+    if any(isinstance(f, TimeSince) for f in fs.vector):
+        last_time = pos
+        pos += 1
+    strings = tuple(f.name for f in fs.vector if isinstance(f, LastValue))
+    return HeadLayout(pos, tuple(series), tuple(distinct), last_time, strings, fs.ttl_s)
 
 
 def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:
@@ -297,7 +392,8 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
                 member = str(feat.value_of(event))  # type: ignore[misc]
                 if feat.hash_as:
                     member = hasher.token(feat.hash_as, member)
-                ops.writes.append(["zdistinct", distinct_key(key, feat.name), member, [t, repr(horizon), fs.ttl_s]])
+                ops.writes.append(["zdistinct", distinct_key(key, feat.name), member,
+                                    [t, repr(horizon), fs.ttl_s, feat.name]])
         elif isinstance(feat, TimeSince):
             ops.writes.append(["last", key, "@", [t, "", repr(t)]])
             has_hash = True

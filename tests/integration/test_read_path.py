@@ -1,0 +1,207 @@
+"""The head read path (feature_store/read_path.py) against the bucket path and against brute force.
+
+The write script keeps a per-entity head beside the buckets; a read mostly
+decodes the head. These tests check that whatever the arrival order (late,
+too late, redelivered events), the batching and the read time, the head gives
+exactly what the buckets give, and that a missing head (expired, or data
+written by a version without heads) is rebuilt from the buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from types import SimpleNamespace
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from feature_store.definitions import FeatureSet, LastValue, TimeSince, Windowed, compile_event, finalize, window_bounds
+from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.redis_store import READ_SHA, AsyncRedisOnlineStore, RedisOnlineStore, _read_plan, head_suffix
+
+pytestmark = pytest.mark.integration
+
+HASHER = KeyedHasher(b"test-read-path")
+
+def _amount(e: SimpleNamespace) -> float:
+    return e.amount
+
+
+# Every aggregation, shared series, two bucket sizes, lateness: all served by the head (nothing delayed).
+HEADED = FeatureSet("headed", "1", "card", "test", lambda e: e.card, lambda e: e.ts, (
+    Windowed("n_10m", "count", 600, 60, series="a", lateness_s=600),
+    Windowed("sum_1h", "sum", 3600, 300, value_of=_amount, series="a", lateness_s=600),
+    Windowed("mean_1h", "mean", 3600, 300, value_of=_amount, series="a", lateness_s=600),
+    Windowed("std_1h", "std", 3600, 300, value_of=_amount, series="a", lateness_s=600),
+    Windowed("n_30m", "count", 1800, 300, series="a", lateness_s=600),
+    Windowed("min_1h", "min", 3600, 600, value_of=lambda e: e.amount, lateness_s=600),
+    Windowed("max_20m", "max", 1200, 60, value_of=lambda e: e.amount, lateness_s=600),
+    Windowed("small_10m", "count", 600, 120, where=lambda e: e.amount < 5, lateness_s=600),
+    Windowed("terminals_1h", "distinct", 3600, 300, value_of=lambda e: e.terminal),
+    TimeSince("since_prev"),
+    LastValue("prev_terminal", value_of=lambda e: e.terminal),
+))
+WINDOWS = [f.name for f in HEADED.vector if isinstance(f, Windowed)]
+
+
+@pytest.fixture
+def space(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    keys = KeySpace(f"kestrel-test-readpath-{secrets.token_hex(4)}")
+    yield client, keys
+    for key in client.scan_iter(match=f"{keys.prefix}:*"):
+        client.delete(key)
+
+
+def _ev(card: str, i: int, ts: float, amount: float, terminal: str) -> SimpleNamespace:
+    return SimpleNamespace(event_id=f"{card}-{i}", card=card, ts=ts, amount=amount, terminal=terminal)
+
+
+def _from_buckets(client: redis.Redis, keys: KeySpace, fs: FeatureSet, ids: list[str], at: float) -> list[dict]:
+    """The same reads with the head ignored (empty head suffix): the bucket path, as before heads existed."""
+    plan = _read_plan(fs)
+    args = plan.args(at, [keys.entity(fs.entity, HASHER.token(fs.entity, i)) for i in ids])
+    args[1] = ""
+    rows = client.execute_command("EVALSHA", READ_SHA, 0, *args)
+    assert all(isinstance(r, list) for r in rows)
+    return [finalize(fs, orjson.loads(r[0]), at) for r in rows]
+
+
+def _served_by_head(client: redis.Redis, keys: KeySpace, fs: FeatureSet, ids: list[str], at: float) -> list[bool]:
+    plan = _read_plan(fs)
+    rows = client.execute_command("EVALSHA", READ_SHA, 0, *plan.args(
+        at, [keys.entity(fs.entity, HASHER.token(fs.entity, i)) for i in ids]))
+    return [isinstance(r, bytes) for r in rows]
+
+
+def _assert_same(got: dict, want: dict, where: object) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, float):
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-9), (name, where)
+            assert isinstance(got[name], float), (name, where)
+        else:
+            assert got[name] == value, (name, where)
+
+
+events_strategy = st.lists(
+    st.tuples(st.integers(0, 3 * 3600), st.integers(1, 4000), st.sampled_from("abcd"), st.integers(-1500, 0)),
+    min_size=1, max_size=35)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events_strategy, st.lists(st.integers(-4000, 3 * 3600 + 40 * 86400), min_size=1, max_size=6),
+       st.integers(1, 7), st.booleans())
+def test_head_reads_equal_bucket_reads_for_any_arrival_order_and_read_time(space, raw, offsets, batch, drop_head):
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    card = f"h{secrets.token_hex(4)}"
+    t0 = 7_000_000.0
+    # arrival order as generated; an event's time is its arrival slot shifted back up to 25 min (late)
+    events = [_ev(card, i, t0 + t + late, a / 100, term) for i, (t, a, term, late) in enumerate(raw)]
+    ops = [compile_event(HEADED, e, keys, HASHER) for e in events]
+    ops += ops[: len(ops) // 3]  # redeliveries change nothing
+    for i in range(0, len(ops), batch):
+        store.apply_batch(ops[i:i + batch])
+        if drop_head and i == 0:
+            client.delete(keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED))  # rebuilt
+    newest = max(e.ts for e in events)
+    for off in offsets:
+        at = newest + off
+        got = store.read_batch(HEADED, [card, "nobody"], at=at)
+        if off >= 0:  # at or after the newest event: the head serves it (if a later write rebuilt it)
+            has_head = bool(client.exists(keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED)))
+            assert _served_by_head(client, keys, HEADED, [card, "nobody"], at) == [has_head, False]
+        want = _from_buckets(client, keys, HEADED, [card, "nobody"], at)
+        _assert_same(got[0], want[0], at)
+        _assert_same(got[1], want[1], at)
+        assert got[1] == finalize(HEADED, {}, at)  # a missing entity: the defaults
+
+
+def _brute(events: list, at: float) -> dict:
+    """HEADED at ``at`` from scratch over events that all arrived in time order."""
+    def window(bucket_s: int, window_s: int, pick=lambda e: True):
+        lo, hi = window_bounds(at, bucket_s, window_s // bucket_s)
+        return [e for e in events if lo <= int(e.ts // bucket_s) <= hi and pick(e)]
+
+    hour = [e.amount for e in window(300, 3600)]
+    mean = sum(hour) / len(hour) if hour else 0.0
+    var = sum(a * a for a in hour) / len(hour) - mean * mean if hour else 0.0
+    mins = [e.amount for e in window(600, 3600)]
+    maxs = [e.amount for e in window(60, 1200)]
+    return {
+        "n_10m": float(len(window(60, 600))), "sum_1h": sum(hour), "mean_1h": mean,
+        "std_1h": var ** 0.5 if var > 1e-9 * max(sum(a * a for a in hour) / max(len(hour), 1), 1.0) else 0.0,
+        "n_30m": float(len(window(300, 1800))), "min_1h": min(mins) if mins else 0.0,
+        "max_20m": max(maxs) if maxs else 0.0, "small_10m": float(len(window(120, 600, lambda e: e.amount < 5))),
+        "terminals_1h": float(len({e.terminal for e in window(300, 3600)})),
+        "since_prev": at - events[-1].ts, "prev_terminal": events[-1].terminal,
+    }
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 6 * 3600), st.integers(1, 4000), st.sampled_from("abcd")),
+                min_size=1, max_size=30), st.integers(0, 2 * 3600))
+def test_head_reads_equal_brute_force(space, raw, after):
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    card = f"b{secrets.token_hex(4)}"
+    events = [_ev(card, i, 8_000_000.0 + t, a / 100, term) for i, (t, a, term) in enumerate(sorted(raw))]
+    store.apply_batch([compile_event(HEADED, e, keys, HASHER) for e in events])
+    at = events[-1].ts + after
+    key = keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED)
+    assert client.exists(key) and _served_by_head(client, keys, HEADED, [card], at) == [True]
+    got = store.read(HEADED, card, at=at)
+    for name, value in _brute(events, at).items():
+        if isinstance(value, float):
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-6), name
+        else:
+            assert got[name] == value, name
+
+
+def test_snapshots_of_late_and_in_order_events_equal_bucket_reads(space):
+    """The write script's snapshot (after the event, at its time) comes from the head unless the event is late."""
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    t0 = 9_000_000.0
+    times = [0, 50, 130, 125, 400, 390, 2000, 1990, 1000, 2300, 2290, 9000, 8990, 9100]  # some late, one too late
+    for i, dt in enumerate(times):
+        e = _ev("snap", i, t0 + dt, 1.0 + i, "abc"[i % 3])
+        (applied, snap), = store.apply_batch([compile_event(HEADED, e, keys, HASHER)])
+        assert applied
+        got = finalize(HEADED, snap, e.ts)
+        want = _from_buckets(client, keys, HEADED, ["snap"], e.ts)[0]
+        for name in WINDOWS:  # the snapshot's time since / previous value are from before the event
+            assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-9), (name, dt)
+
+
+def test_async_reads_and_erase(space, redis_url):
+    from feature_store.erase import erase_subject
+
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    events = [_ev("a", i, 10_000_000.0 + 30 * i, 3.0 + i, "xy"[i % 2]) for i in range(5)]
+    store.apply_batch([compile_event(HEADED, e, keys, HASHER) for e in events])
+    at = 10_000_000.0 + 200
+    one = store.read(HEADED, "a", at=at)
+    assert one["n_10m"] == 5 and one["small_10m"] == 2 and one["terminals_1h"] == 2 and one["prev_terminal"] == "x"
+    assert one["since_prev"] == 80.0 and one["max_20m"] == 7.0 and one["min_1h"] == 3.0
+
+    async def read_async():
+        aclient = aioredis.Redis.from_url(redis_url)
+        try:
+            astore = AsyncRedisOnlineStore(aclient, 3600, keys, HASHER)
+            return await astore.read(HEADED, "a", at=at), await astore.read_batch(HEADED, ["a", "b"], at=at)
+        finally:
+            await aclient.aclose()
+
+    a_one, a_batch = asyncio.run(read_async())
+    assert a_one == one and a_batch == [one, store.read(HEADED, "b", at=at)]
+    erase_subject(client, keys, HASHER, "card", "a")
+    assert store.read(HEADED, "a", at=at) == store.read(HEADED, "b", at=at)
+    assert not list(client.scan_iter(match=keys.entity("card", HASHER.token("card", "a")) + "*"))
