@@ -249,6 +249,23 @@ class CaseStore:
         raws = await self.client.mget([self.keys.decision(e) for e in event_ids])
         return {e: orjson.loads(raw) for e, raw in zip(event_ids, raws, strict=True) if raw}
 
+    async def erase_card(self, card: str) -> int:
+        """Right to erasure: delete the card's open-case pointer, history and every case of it (open or closed).
+
+        Cases are found by a SCAN of the case keys (erasure is rare; no per-card index of closed cases is
+        kept on the hot path). Hit markers keep the token until they expire, like the decision log.
+        """
+        doomed = [self.k.card(card), self.k.history(card)]
+        async for key in self.client.scan_iter(match=f"{_glob_escape(self.k.case_prefix)}*", count=1000):
+            if key.endswith(b":hits"):
+                continue
+            raw = await self.client.hget(key, "doc")
+            if raw and orjson.loads(raw).get("card") == card:
+                case_id = key.decode()[len(self.k.case_prefix):]
+                await self.client.zrem(self.k.open, case_id)
+                doomed += [key.decode(), self.k.hits(case_id)]
+        return int(await self.client.unlink(*doomed))
+
 
 class AlertDesk:
     """Turns each batch's fraud decisions into case updates and ``alerts.fraud`` records; records verdicts."""
@@ -390,6 +407,11 @@ class AlertDesk:
     def _output(self, output_cls: type, alert: Mapping[str, Any]) -> Output:
         return output_cls(topics.ALERTS, str(alert["card"]).encode(), orjson.dumps(alert),
                           self.keys.published("alert", str(alert["event_id"])))
+
+
+def _glob_escape(text: str) -> str:
+    """Match ``text`` literally in a SCAN pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _epoch(iso: str) -> float:

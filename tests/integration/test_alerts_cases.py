@@ -188,3 +188,21 @@ async def test_a_verdict_between_read_and_write_makes_the_batch_recompute(proc: 
     (fresh,) = _alerts(await desk.on_decisions([out]))
     assert fresh["alert"] == "opened" and fresh["case_id"] != first["case_id"] and fresh["hits"] == 1
     assert await desk.store.hit_ids(first["case_id"]) == ["r1"]
+
+
+async def test_erasing_a_card_deletes_its_cases_history_and_pointer(proc: Processor) -> None:
+    card, other = "4000123400002222", "4000123400003333"
+    out = await proc.process(topics.TRANSACTIONS, [_txn("x1", card, 5000.0, T0), _txn("y1", other, 5000.0, T0)])
+    alerts = {a["trigger"]["event_id"]: a for a in _alerts(out)}
+    token, first = alerts["x1"]["card"], alerts["x1"]["case_id"]
+    await proc.alerts.record_verdict(first, VerdictRequest("fraud", None), Collecting())
+    (second,) = _alerts(await proc.process(topics.TRANSACTIONS, [_txn("x2", card, 5000.0, T0 + 60)]))
+
+    deleted = await proc.alerts.store.erase_card(token)
+    assert deleted == 6  # pointer, history, two cases with their hit sets
+    assert await proc.alerts.store.get(first) is None and await proc.alerts.store.get(second["case_id"]) is None
+    assert await proc.alerts.store.history_ids(token, 10) == []
+    queue, total = await proc.alerts.queue(10)
+    assert total == 1 and [c["case_id"] for c in queue] == [alerts["y1"]["case_id"]]  # other cards untouched
+    remaining = [k async for k in proc.client.scan_iter(match=f"{proc.keys.prefix}:alerts:*")]
+    assert not any(token.encode() in k for k in remaining)
