@@ -8,8 +8,8 @@ environment, so a leaked key dump does not reveal who is who.
 from __future__ import annotations
 
 import hashlib
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 TOKEN_CHARS = 32
 # Pair entities (FeatureSet.owner) and the data subject they belong to; their tokens start with the owner's.
@@ -30,10 +30,27 @@ class KeyedHasher:
     """
 
     key: bytes
+    _pads: tuple[Any, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # HMAC's keyed inner and outer states, computed once: a token then costs two SHA-256 blocks, not
+        # four plus an HMAC object (~3x cheaper; a batch read hashes every id it is given)
+        key = hashlib.sha256(self.key).digest() if len(self.key) > 64 else self.key
+        key = key.ljust(64, b"\0")
+        object.__setattr__(self, "_pads", (hashlib.sha256(bytes(b ^ 0x36 for b in key)),
+                                           hashlib.sha256(bytes(b ^ 0x5C for b in key))))
 
     def token(self, entity: str, raw_id: str) -> str:
-        digest = hmac.new(self.key, f"{entity}\x1f{raw_id}".encode(), hashlib.sha256).hexdigest()
-        return digest[:TOKEN_CHARS]
+        """HMAC-SHA256 of ``entity \\x1f raw_id``, hex, truncated.
+
+        >>> import hmac as h
+        >>> KeyedHasher(b"k").token("card", "x") == h.new(b"k", b"card\\x1fx", "sha256").hexdigest()[:TOKEN_CHARS]
+        True
+        """
+        inner, outer = self._pads[0].copy(), self._pads[1].copy()
+        inner.update(f"{entity}\x1f{raw_id}".encode())
+        outer.update(inner.digest())
+        return outer.hexdigest()[:TOKEN_CHARS]
 
 
 @dataclass(frozen=True)
