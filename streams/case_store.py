@@ -278,7 +278,10 @@ class AlertDesk:
     # -- stream side --------------------------------------------------------
     async def on_decisions(self, outputs: Sequence[Output]) -> list[Output]:
         """Alert records for the fraud decisions among ``outputs`` (the batch's); idempotent per decision."""
-        docs = [orjson.loads(o.value) for o in outputs if o.topic == topics.FRAUD_DECISIONS]
+        # one doc per event_id: a payment sent twice within one batch is one hit, not two
+        by_id = {d["event_id"]: d for d in (orjson.loads(o.value) for o in outputs
+                                            if o.topic == topics.FRAUD_DECISIONS)}
+        docs = list(by_id.values())
         if not docs:
             return []
         history: dict[str, list[tuple[float, str]]] = {}
@@ -286,7 +289,6 @@ class AlertDesk:
             history.setdefault(d["card"], []).append((_epoch(d["event_time"]), d["event_id"]))
         hits = [h for h in map(Hit.from_decision, docs) if h is not None]
         cards = list(dict.fromkeys(h.card for h in hits))
-        by_id = {d["event_id"]: d for d in docs}
         for _ in range(COMMIT_ATTEMPTS):
             prep = await self.store.prepare(history, [h.event_id for h in hits], cards, HISTORY_KEEP)
             if not hits:

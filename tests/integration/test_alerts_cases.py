@@ -206,3 +206,15 @@ async def test_erasing_a_card_deletes_its_cases_history_and_pointer(proc: Proces
     assert total == 1 and [c["case_id"] for c in queue] == [alerts["y1"]["case_id"]]  # other cards untouched
     remaining = [k async for k in proc.client.scan_iter(match=f"{proc.keys.prefix}:alerts:*")]
     assert not any(token.encode() in k for k in remaining)
+
+
+async def test_the_same_decision_twice_in_one_batch_is_one_hit(proc: Processor) -> None:
+    out = await proc.process(topics.TRANSACTIONS, [_txn("d1", "4000123400004444", 5000.0, T0)])
+    decision = next(o for o in out if o.topic == topics.FRAUD_DECISIONS)
+    (alert,) = _alerts(out)
+    again = {"type": "fraud_decision", **orjson.loads(decision.value), "event_id": "d2", "score": 0.97,
+             "action": "block", "event_time": "2026-05-28T20:27:40.000Z"}
+    twice = Output(topics.FRAUD_DECISIONS, decision.key, orjson.dumps(again), "mark-d2")
+    (escalated,) = _alerts(await proc.alerts.on_decisions([twice, twice]))
+    assert escalated["case_id"] == alert["case_id"] and escalated["hits"] == 2 and escalated["severity"] == "critical"
+    assert sorted(await proc.alerts.store.hit_ids(alert["case_id"])) == ["d1", "d2"]
