@@ -45,6 +45,7 @@ class IndexSnapshot:
     measured_recall: float | None = None
     build_s: float = 0.0
     gpu: bool = False
+    extra: Any = None  # what must change together with the index (serving: the model of the same version)
     row_of: dict[str, int] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ class Settings:
     linger_ms: float = 1.0
     fraud_model: str = ""  # artifact directory (or a root of versioned ones: the newest); empty: rules
     fraud_policy: str = ""  # JSON: {"review": 0.5, "block": 0.9} or {"alerts_per_day": 300, "block": 0.9}
+    recs_model: str = ""  # two-tower artifact folder, or a root whose CURRENT names the version; empty: trending
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,6 +66,7 @@ class Settings:
             linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
             fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
+            recs_model=_env("KESTREL_RECS_MODEL", d.recs_model),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -95,4 +97,5 @@ class Settings:
             "KESTREL_LINGER_MS": str(self.linger_ms),
             "KESTREL_FRAUD_MODEL": self.fraud_model,
             "KESTREL_FRAUD_POLICY": self.fraud_policy,
+            "KESTREL_RECS_MODEL": self.recs_model,
         }

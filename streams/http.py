@@ -11,6 +11,7 @@ import orjson
 from faust.web import Request, Response, View
 
 from streams.producer import EVENT_ID_HEADER, partition_key
+from streams.recommend import install_request_agent, parse_request
 from streams.topics import EVENT_TYPE_TOPIC
 from streams.validation import Rejection, check_time, validate_document
 
@@ -57,11 +58,26 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
             raw_k = request.query.get("k", "10")
             if not raw_k.isdigit() or not 1 <= int(raw_k) <= 100:
                 return refuse(self, 422, "invalid", "k must be an integer from 1 to 100", field="k")
-            k = int(raw_k)
-            proc = runtime.processor
-            (items,) = await proc.recommend([proc.token("user", user_id)], k, candidates=k + 200)
-            return reply(self, {"user_id": user_id, "k": k, "items": items,
-                                "model_version": proc.recommender.version, "path": "popularity"})
+            query = request.query
+            wanted: dict[str, Any] = {"user_id": user_id, "k": int(raw_k),
+                                      "exclude": [x for x in query.get("exclude", "").split(",") if x]}
+            try:
+                if "per_category" in query:
+                    wanted["per_category"] = int(query["per_category"])
+                if "mmr_lambda" in query:
+                    wanted["mmr_lambda"] = float(query["mmr_lambda"])
+            except ValueError:
+                return refuse(self, 422, "invalid", "per_category must be an integer, mmr_lambda a number")
+            parsed = parse_request(orjson.dumps(wanted))
+            if isinstance(parsed, str):
+                return refuse(self, 422, "invalid", parsed)
+            _, opts = parsed
+            (res,) = await runtime.processor.recommend([user_id], opts)
+            return reply(self, {"user_id": user_id, "k": opts.k, "items": res.items,
+                                "model_version": res.model_version, "path": res.path})
+
+    # The same service's second front door: the recs.requests -> recs.responses topic pair.
+    install_request_agent(app, runtime)
 
     @app.page("/events")
     class Events(View):

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from feature_store.definitions import compile_event, compile_lookup, finalize
 from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import AsyncRedisOnlineStore, read_recent_and_top
+from feature_store.redis_store import AsyncRedisOnlineStore
 from feature_store.sets import (
     CARD_DEVICE,
     CARD_PROFILE,
@@ -42,6 +42,7 @@ from streams.delivery import DeliveryLedger
 from streams.fraud_online import PartitionLearners
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
+from streams.recommend import RecommendationService, RecOptions, RecResult
 from streams.schemas import Interaction, Label, Transaction
 from streams.validation import Rejection, check_time, parse_event
 
@@ -139,6 +140,7 @@ class Processor:
         self.learners = PartitionLearners(client, self.keys, self.scorer) if isinstance(self.scorer, ModelScorer) \
             else None
         self.recommender = recommender or PopularityRecommender()
+        self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
 
     # -- entry point -------------------------------------------------------
@@ -194,12 +196,9 @@ class Processor:
     def token(self, entity: str, raw_id: str) -> str:
         return self.hasher.token(entity, raw_id)
 
-    async def recommend(self, user_tokens: Sequence[str], k: int, candidates: int) -> list[list[str]]:
-        """Top-k of the ``candidates`` most popular items that each user (by token) has not seen; one round trip."""
-        seen_keys = [self.keys.entity_part("user", u, "seen_items") for u in user_tokens]
-        seen_sets, top = await read_recent_and_top(self.client, seen_keys, self.keys.global_("item_popularity"),
-                                                   candidates)
-        return [self.recommender.recommend(top, seen, k) for seen in seen_sets]
+    async def recommend(self, user_ids: Sequence[str], options: RecOptions | Sequence[RecOptions]) -> list[RecResult]:
+        """Recommendations for raw user ids from their current features (two-tower, or trending fallback)."""
+        return await self.recs.recommend(user_ids, options)
 
     # -- per event type ----------------------------------------------------
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
@@ -250,15 +249,17 @@ class Processor:
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
-        users = sorted({self.token("user", e.user_id) for e in events})
-        recs = dict(zip(users, await self.recommend(users, RECS_PER_DECISION, RECS_PER_DECISION * 5), strict=True))
+        # Items first seen here (with a category in their context) join the index in batches.
+        self.recs.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
+        users = sorted({e.user_id for e in events})  # after the writes: the next recs reflect this batch
+        recs = dict(zip(users, await self.recommend(users, RecOptions(RECS_PER_DECISION)), strict=True))
         now = time.time()
         outputs = []
         for rec, e in valid:
             user = self.token("user", e.user_id)
-            items = recs[user]
-            doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": items,
-                   "model_version": self.recommender.version, "path": "popularity",
+            res = recs[e.user_id]
+            doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": res.items,
+                   "model_version": res.model_version, "path": res.path,
                    "trigger": {"item_id": e.item_id, "kind": e.kind},
                    "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
                    "processing_ms": round((now - started) * 1000, 3)}

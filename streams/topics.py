@@ -13,10 +13,13 @@ RECOMMENDATION_DECISIONS = "decisions.recommendations"
 TRAINING_EXAMPLES = "training.examples"
 ALERTS = "alerts.fraud"
 OPERATOR_EVENTS = "alerts.operator"  # for operators: drift of the online fraud learner
+RECS_REQUESTS = "recs.requests"  # {"request_id", "user_id", "k", ...} -> an answer on RECS_RESPONSES
+RECS_RESPONSES = "recs.responses"
+RECS_TOPICS = (RECS_REQUESTS, RECS_RESPONSES)
 
 INPUT_TOPICS = (TRANSACTIONS, INTERACTIONS, LABELS)
 OUTPUT_TOPICS = (DEADLETTER, FRAUD_DECISIONS, RECOMMENDATION_DECISIONS, TRAINING_EXAMPLES, ALERTS, OPERATOR_EVENTS)
-ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS
+ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + RECS_TOPICS
 
 EVENT_TYPE_TOPIC = {"transaction": TRANSACTIONS, "interaction": INTERACTIONS, "label": LABELS}
 TOPIC_EVENT_TYPE = {topic: kind for kind, topic in EVENT_TYPE_TOPIC.items()}
