@@ -240,7 +240,8 @@ class HeadLayout:
     """Where each value sits in an entity's head, a packed index kept next to its buckets.
 
     The head of one entity for one feature set is a string of little-endian
-    doubles, then one length-prefixed string per :class:`LastValue`. For each
+    numbers (counts as unsigned 32-bit integers, everything else doubles), then
+    one length-prefixed string per :class:`LastValue`. For each
     stored series: its newest bucket ``top``, then for each undelayed window
     length ``w`` and each of its components, ``w`` suffix totals
     ``S[k] = combine(buckets top-w+1+k .. top)``. The window read ``k``
@@ -256,7 +257,8 @@ class HeadLayout:
     version without heads); a read without a head falls back to the buckets.
     """
 
-    size: int  # doubles
+    size: int  # numbers
+    fmt: str  # their struct format: counts as 32-bit unsigned integers, the rest doubles
     series: tuple[tuple[str, int, int, tuple[tuple[int, tuple[tuple[str, str, int], ...]], ...]], ...]
     # per stored series: (storage, index of top, kept buckets, ((w, ((component, mode, start), ...)), ...))
     distinct: tuple[tuple[str, int, int, int], ...]  # (feature, index of its top, bucket_s, buckets); counts follow
@@ -282,7 +284,7 @@ class HeadLayout:
 
 
 def head_layout(fs: FeatureSet) -> HeadLayout:
-    """The layout of ``fs``'s heads (0-based indexes into the doubles).
+    """The layout of ``fs``'s heads (0-based indexes into the numbers).
 
     >>> fs = FeatureSet("t", "1", "card", "x", lambda e: e.c, lambda e: e.t, (
     ...     Windowed("n", "count", 600, 60, series="a"), Windowed("s", "sum", 300, 60, value_of=abs, series="a"),
@@ -290,11 +292,12 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
     >>> lay = head_layout(fs)
     >>> lay.series
     (('a@60', 0, 70, ((5, (('s', 'add', 1),)), (10, (('n', 'add', 6),)))),)
-    >>> lay.distinct, lay.last_time, lay.size
-    ((('d', 16, 60, 2),), 19, 20)
+    >>> lay.distinct, lay.last_time, lay.size, lay.fmt
+    ((('d', 16, 60, 2),), 19, 20, '<ddddddIIIIIIIIIIdIId')
     """
     pos = 0
     series = []
+    counts: set[int] = set()  # positions holding counts (whole numbers: 4 bytes instead of 8)
     for storage, (_, comps, kept) in fs.series_plan.items():
         top = pos
         pos += 1
@@ -306,6 +309,8 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
             for suffix, mode in comps:
                 if (suffix, mode) in needed:
                     entries.append((suffix, mode, pos))
+                    if suffix == "n":
+                        counts.update(range(pos, pos + w))
                     pos += w
             windows.append((w, tuple(entries)))
         series.append((storage, top, kept, tuple(windows)))
@@ -313,13 +318,15 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
     for f in fs.vector:
         if isinstance(f, Windowed) and f.agg == "distinct":
             distinct.append((f.name, pos, f.bucket_s, f.buckets))
+            counts.update(range(pos + 1, pos + 1 + f.buckets))
             pos += 1 + f.buckets
     last_time = None
     if any(isinstance(f, TimeSince) for f in fs.vector):
         last_time = pos
         pos += 1
     strings = tuple(f.name for f in fs.vector if isinstance(f, LastValue))
-    return HeadLayout(pos, tuple(series), tuple(distinct), last_time, strings, fs.ttl_s)
+    fmt = "<" + "".join("I" if i in counts else "d" for i in range(pos))  # spelled out: Lua's struct has no repeats
+    return HeadLayout(pos, fmt, tuple(series), tuple(distinct), last_time, strings, fs.ttl_s)
 
 
 def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:

@@ -46,9 +46,10 @@ class HeadReader:
         self.usable = not any(isinstance(f, Windowed) and f.delay_s for f in fs.vector)
         self._bucket_sizes = sorted({f.bucket_s for f in fs.vector if isinstance(f, Windowed)})
         self.source = self._source() if self.usable else "def decode(blob, at, lasts):\n    return PAST\n"
-        scope: dict[str, Any] = {"UNPACK": struct.Struct(f"<{self.layout.size}d").unpack_from,
+        numbers = struct.Struct(self.layout.fmt)
+        scope: dict[str, Any] = {"UNPACK": numbers.unpack_from,
                                  "LEN": struct.Struct("<I").unpack_from, "STD": std_from_moments,
-                                 "PAST": PAST, "OFFSET": 8 * self.layout.size, "NAN": math.nan}
+                                 "PAST": PAST, "OFFSET": numbers.size, "NAN": math.nan}
         exec(compile(self.source, f"<head decoder {fs.qualified_version}>", "exec"), scope)
         self.decode: Decoder = scope["decode"]
 
@@ -85,13 +86,13 @@ class HeadReader:
             if isinstance(feat, Windowed) and feat.agg == "distinct":
                 j = distinct[feat.name]
                 _, top, _, w = lay.distinct[j]
-                out.append(f"{key}: (v[{top + 1} + d{j}] if d{j} < {w} else 0.0)")
+                out.append(f"{key}: (float(v[{top + 1} + d{j}]) if d{j} < {w} else 0.0)")
             elif isinstance(feat, Windowed):
                 i, w = names[feat.storage], feat.buckets
                 for s, m in COMPONENTS[feat.agg]:  # this window's components, as locals c{n}_{s}
                     start, empty = lay.suffix_start(feat.storage, w, s), "0.0" if m == "add" else "NAN"
                     lines.append(f"    c{n}_{s} = v[{start} + k{i}] if k{i} < {w} else {empty}")
-                expr = {"count": f"c{n}_n", "sum": f"c{n}_s",
+                expr = {"count": f"float(c{n}_n)", "sum": f"c{n}_s",
                         "mean": f"(c{n}_s / c{n}_n if c{n}_n else {default})",
                         "std": f"STD(c{n}_n, c{n}_s, c{n}_q, {default})",
                         "min": f"(c{n}_lo if c{n}_lo == c{n}_lo else {default})",

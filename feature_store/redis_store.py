@@ -20,9 +20,10 @@ prefix, recent values a sorted set by time.
 
 from __future__ import annotations
 
-import hashlib
+import threading
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -409,7 +410,7 @@ end
 local ttl, templates = tonumber(ARGV[1]), cjson.decode(ARGV[2])
 for _, tpl in ipairs(templates) do
   local hs = tpl.hd
-  hs.fmt, hs.Vi = '<' .. string.rep('d', hs.n), {}
+  hs.Vi = {}
   for i, name in ipairs(hs.V) do hs.Vi[name] = i end
 end
 local out = {}
@@ -438,45 +439,34 @@ return out
 """
 
 READ_LUA = LUA_READS + r"""
--- ARGV: at, head key suffix ('' for none), heads' newest-bucket positions (JSON [[byte, bucket_s]]),
--- template (JSON), entity keys... Per key: its head, when it can serve a read at `at` (it has one,
--- and no series has a bucket newer than the bucket of `at`), else {JSON object of the stored
--- components}, combined from the buckets.
-local at, sfx, tops = tonumber(ARGV[1]), ARGV[2], cjson.decode(ARGV[3])
-for _, tp in ipairs(tops) do tp[3] = floor(at / tp[2]) end
-
--- The bucket read's field list, built once per call and only if some entity needs it (every
--- entity is read at the same time).
-local plan = nil
-local function prepare()
-  local tpl = cjson.decode(ARGV[4])
-  local fields, index, spans, others = {}, {}, {}, {}
-  for _, f in ipairs(tpl) do
-    if f[1] == 'w' then
-      local last = floor((at - f[6]) / f[4])
-      for _, m in ipairs(f[7]) do
-        local idx, prefix = {}, f[3] .. '|' .. m[1] .. '|'
-        for b = last - f[5] + 1, last do
-          local name = prefix .. bs(b)
-          local at_ = index[name]
-          if not at_ then fields[#fields + 1] = name; at_ = #fields; index[name] = at_ end
-          idx[#idx + 1] = at_
-        end
-        spans[#spans + 1] = {f[2] .. '|' .. m[1], m[2], idx}
+-- ARGV: template (JSON), at, entity keys...; returns one JSON object of stored components per key,
+-- combined from the buckets: for the reads a head cannot serve (see read_path.py). Every entity is
+-- read at the same time, so the field list is built once; per key only the fetch and the sums run.
+local tpl, at = cjson.decode(ARGV[1]), tonumber(ARGV[2])
+local fields, index, spans, others = {}, {}, {}, {}
+for _, f in ipairs(tpl) do
+  if f[1] == 'w' then
+    local last = floor((at - f[6]) / f[4])
+    for _, m in ipairs(f[7]) do
+      local idx, prefix = {}, f[3] .. '|' .. m[1] .. '|'
+      for b = last - f[5] + 1, last do
+        local name = prefix .. bs(b)
+        local at_ = index[name]
+        if not at_ then fields[#fields + 1] = name; at_ = #fields; index[name] = at_ end
+        idx[#idx + 1] = at_
       end
-    elseif f[1] == 'z' then
-      local last = floor((at - f[5]) / f[3])
-      others[#others + 1] = {f[2], 'z', (last - f[4] + 1) * f[3], '(' .. ((last + 1) * f[3])}
-    else
-      others[#others + 1] = {f[2], 'h', f[3]}
+      spans[#spans + 1] = {f[2] .. '|' .. m[1], m[2], idx}
     end
+  elseif f[1] == 'z' then
+    local last = floor((at - f[5]) / f[3])
+    others[#others + 1] = {f[2], 'z', (last - f[4] + 1) * f[3], '(' .. ((last + 1) * f[3])}
+  else
+    others[#others + 1] = {f[2], 'h', f[3]}
   end
-  return {fields, spans, others}
 end
-
-local function from_buckets(key)
-  if plan == nil then plan = prepare() end
-  local fields, spans, others, vals = plan[1], plan[2], plan[3], {}
+local out = {}
+for i = 3, #ARGV do
+  local key, vals = ARGV[i], {}
   if #fields > 0 then
     local got = hvalues(key, fields)
     combine_spans(got, spans, vals)
@@ -489,19 +479,7 @@ local function from_buckets(key)
       if v then vals[o[1]] = v else vals[o[1]] = cjson.null end
     end
   end
-  return cjson.encode(vals)
-end
-
-local out = {}
-for i = 5, #ARGV do
-  local key, head = ARGV[i], false
-  if sfx ~= '' then head = redis.call('GET', key .. sfx) end
-  if head then
-    for _, tp in ipairs(tops) do
-      if tp[3] < struct.unpack('<d', head, tp[1]) then head = false; break end  -- a read of the past
-    end
-  end
-  if head then out[#out + 1] = head else out[#out + 1] = {from_buckets(key)} end
+  out[#out + 1] = cjson.encode(vals)
 end
 return out
 """
@@ -553,7 +531,7 @@ def write_template(fs: FeatureSet) -> bytes:
     series = {storage: [top + 1, kept, [[w, [[c, m, start + 1] for c, m, start in comps]] for w, comps in windows]]
               for storage, top, kept, windows in lay.series}
     distinct = {name: [top + 1, bucket_s, buckets] for name, top, bucket_s, buckets in lay.distinct}
-    head = {"sfx": head_suffix(fs), "n": lay.size, "ttl": lay.ttl_s, "S": series, "D": distinct,
+    head = {"sfx": head_suffix(fs), "n": lay.size, "fmt": lay.fmt, "ttl": lay.ttl_s, "S": series, "D": distinct,
             "T": 0 if lay.last_time is None else lay.last_time + 1, "V": list(lay.strings)}
     return orjson.dumps({"f": entries, "hd": head})
 
@@ -598,36 +576,51 @@ def _write_template(fs: FeatureSet) -> bytes:
 
 
 class _ReadPlan:
-    """Everything a read of ``fs`` sends besides the keys, and the decoder of its heads (built once per set)."""
+    """How to read ``fs``: its heads' key suffix and decoder, and the bucket script's template."""
 
     def __init__(self, fs: FeatureSet) -> None:
         self.fs = fs
         self.reader = HeadReader(fs)
-        lay = fs.head
-        used = {f.storage for f in fs.vector if isinstance(f, Windowed) and f.agg != "distinct"}
-        tops = [[8 * top + 1, int(storage.rsplit("@", 1)[1])] for storage, top, _, _ in lay.series if storage in used]
-        tops += [[8 * top + 1, bucket_s] for _, top, bucket_s, _ in lay.distinct]
-        self.suffix = head_suffix(fs) if self.reader.usable else ""
-        self.tops = orjson.dumps(tops)
+        self.suffix = head_suffix(fs)
         self.template = read_template(fs)
 
-    def args(self, at: float, keys: list[str]) -> list[Any]:
-        return [repr(at), self.suffix, self.tops, self.template, *keys]
+    def decode(self, heads: Sequence[bytes | None], at: float) -> tuple[list[Any], list[int]]:
+        """Vectors from heads (a missing head is an entity with nothing stored: the defaults), and the
+        positions the heads cannot serve (reads before an entity's newest bucket, delayed windows)."""
+        reader = self.reader
+        if not reader.usable:
+            return [None] * len(heads), list(range(len(heads)))
+        lasts = reader.lasts(at)
+        decode = reader.decode
+        out: list[Any] = []
+        later: list[int] = []
+        for i, head in enumerate(heads):
+            if head is None:
+                out.append(self.missing(at))
+                continue
+            vector = decode(head, at, lasts)
+            if vector is PAST:
+                later.append(i)
+            out.append(vector)
+        return out, later
 
-    def decode(self, rows: Sequence[Any], at: float) -> list[dict[str, Any]]:
-        """Vectors from the script's rows: a head (bytes) or ``[components as JSON]``."""
-        lasts = self.reader.lasts(at)
-        decode = self.reader.decode
-        out = []
-        for row in rows:
-            if row.__class__ is bytes:
-                vector = decode(row, at, lasts)
-                if vector is PAST:  # the script checked the same bucket arithmetic: cannot happen
-                    raise RuntimeError(f"{self.fs.name}: a head served a read before its newest bucket")
-                out.append(vector)
-            else:
-                out.append(finalize(self.fs, orjson.loads(row[0]), at))
-        return out
+    def missing(self, at: float) -> dict[str, Any]:
+        """An entity without a head: the values the bucket script gives one with nothing stored."""
+        return finalize(self.fs, self._empty, at)
+
+    @cached_property
+    def _empty(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {}
+        for feat in self.fs.vector:
+            if isinstance(feat, Windowed):
+                if feat.agg == "distinct":
+                    raw[feat.name] = 0
+                for suffix, mode in COMPONENTS.get(feat.agg, ()):
+                    raw[f"{feat.name}|{suffix}"] = "0" if mode == "add" else None
+        return raw
+
+    def from_buckets(self, rows: Sequence[bytes], at: float) -> list[dict[str, Any]]:
+        return [finalize(self.fs, orjson.loads(row), at) for row in rows]
 
 
 _READ_PLANS: dict[FeatureSet, _ReadPlan] = {}
@@ -640,9 +633,6 @@ def _read_plan(fs: FeatureSet) -> _ReadPlan:
     return plan
 
 
-READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
-
-
 class _StoreBase:
     """What the sync and asyncio stores share: client, scripts, key layout, hashing."""
 
@@ -653,17 +643,22 @@ class _StoreBase:
         self.keys = keys or KeySpace("kestrel")
         self.hasher = hasher or KeyedHasher(b"kestrel-dev-only-hash-key")
         self._script = client.register_script(APPLY_BATCH_LUA)
+        self._read = client.register_script(READ_LUA)
 
     def _apply_args(self, batch: Sequence[EventOps]) -> list[Any]:
         return _apply_args(batch, self.keys, self.dedup_ttl_s)
 
-    def _read_args(self, fs: FeatureSet, entity_ids: Sequence[str], at: float) -> tuple[_ReadPlan, list[Any]]:
-        plan = _read_plan(fs)
-        return plan, plan.args(at, entity_keys(fs, entity_ids, self.keys, self.hasher))
-
 
 class RedisOnlineStore(_StoreBase):
     """Sync store: batch writes in one round trip, typed reads of one or many entities."""
+
+    def __init__(self, client: redis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
+                 hasher: KeyedHasher | None = None) -> None:
+        super().__init__(client, dedup_ttl_s, keys, hasher)
+        # Sync reads use one connection of their own, outside the pool: checking a connection out and
+        # back in costs about as much as the read itself. Another thread reading meanwhile uses the pool.
+        self._conn: Any = None
+        self._conn_lock = threading.Lock()
 
     def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         """Apply each event once; returns (newly_applied, stored components) per event."""
@@ -676,14 +671,47 @@ class RedisOnlineStore(_StoreBase):
         return self.read_batch(fs, [entity_id], at)[0]
 
     def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str], at: float | None = None) -> list[dict[str, Any]]:
-        """Feature vectors of many entities in one round trip: one script call, mostly a GET per entity."""
+        """Feature vectors of many entities in one round trip: one ``MGET`` of their heads.
+
+        Reads the heads cannot serve take a second round trip, to the bucket script.
+        """
         at = time.time() if at is None else at
-        plan, args = self._read_args(fs, entity_ids, at)
+        plan = _read_plan(fs)
+        keys = entity_keys(fs, entity_ids, self.keys, self.hasher)
+        if plan.reader.usable:
+            suffix = plan.suffix
+            heads = self._command("MGET", *[k + suffix for k in keys])
+        else:
+            heads = [None] * len(keys)
+        out, later = plan.decode(heads, at)
+        if later:
+            rows = self._read(args=[plan.template, repr(at), *[keys[i] for i in later]])
+            for i, vector in zip(later, plan.from_buckets(rows, at), strict=True):
+                out[i] = vector
+        return out
+
+    def _command(self, *args: Any) -> Any:
+        if not self._conn_lock.acquire(blocking=False):
+            return self.client.execute_command(*args)
         try:
-            rows = self.client.execute_command("EVALSHA", READ_SHA, 0, *args)
-        except redis.exceptions.NoScriptError:
-            rows = self.client.execute_command("EVAL", READ_LUA, 0, *args)
-        return plan.decode(rows, at)
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self.client.connection_pool.make_connection()
+            try:
+                conn.send_command(*args)
+                return conn.read_response()
+            except BaseException:
+                conn.disconnect()  # a timeout or error leaves a reply behind: start over next time
+                raise
+        finally:
+            self._conn_lock.release()
+
+    def close(self) -> None:
+        """Close the read connection (the client's pool is the caller's)."""
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.disconnect()
+                self._conn = None
 
 
 class AsyncRedisOnlineStore(_StoreBase):
@@ -700,12 +728,19 @@ class AsyncRedisOnlineStore(_StoreBase):
     async def read_batch(self, fs: FeatureSet, entity_ids: Sequence[str],
                          at: float | None = None) -> list[dict[str, Any]]:
         at = time.time() if at is None else at
-        plan, args = self._read_args(fs, entity_ids, at)
-        try:
-            rows = await self.client.execute_command("EVALSHA", READ_SHA, 0, *args)
-        except redis.exceptions.NoScriptError:
-            rows = await self.client.execute_command("EVAL", READ_LUA, 0, *args)
-        return plan.decode(rows, at)
+        plan = _read_plan(fs)
+        keys = entity_keys(fs, entity_ids, self.keys, self.hasher)
+        if plan.reader.usable:
+            suffix = plan.suffix
+            heads = await self.client.execute_command("MGET", *[k + suffix for k in keys])
+        else:
+            heads = [None] * len(keys)
+        out, later = plan.decode(heads, at)
+        if later:
+            rows = await self._read(args=[plan.template, repr(at), *[keys[i] for i in later]])
+            for i, vector in zip(later, plan.from_buckets(rows, at), strict=True):
+                out[i] = vector
+        return out
 
 
 async def read_recent_and_top(client: aioredis.Redis, set_keys: Sequence[str], top_key: str,

@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 
 from feature_store.definitions import FeatureSet, LastValue, TimeSince, Windowed, compile_event, finalize, window_bounds
 from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import READ_SHA, AsyncRedisOnlineStore, RedisOnlineStore, _read_plan, head_suffix
+from feature_store.redis_store import (
+    READ_LUA,
+    AsyncRedisOnlineStore,
+    RedisOnlineStore,
+    _read_plan,
+    head_suffix,
+    read_template,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,21 +69,20 @@ def _ev(card: str, i: int, ts: float, amount: float, terminal: str) -> SimpleNam
     return SimpleNamespace(event_id=f"{card}-{i}", card=card, ts=ts, amount=amount, terminal=terminal)
 
 
+def _entity_keys(keys: KeySpace, fs: FeatureSet, ids: list[str]) -> list[str]:
+    return [keys.entity(fs.entity, HASHER.token(fs.entity, i)) for i in ids]
+
+
 def _from_buckets(client: redis.Redis, keys: KeySpace, fs: FeatureSet, ids: list[str], at: float) -> list[dict]:
-    """The same reads with the head ignored (empty head suffix): the bucket path, as before heads existed."""
-    plan = _read_plan(fs)
-    args = plan.args(at, [keys.entity(fs.entity, HASHER.token(fs.entity, i)) for i in ids])
-    args[1] = ""
-    rows = client.execute_command("EVALSHA", READ_SHA, 0, *args)
-    assert all(isinstance(r, list) for r in rows)
-    return [finalize(fs, orjson.loads(r[0]), at) for r in rows]
+    """The same reads from the buckets, as before heads existed (the bucket script)."""
+    rows = client.register_script(READ_LUA)(args=[read_template(fs), repr(at), *_entity_keys(keys, fs, ids)])
+    return [finalize(fs, orjson.loads(r), at) for r in rows]
 
 
 def _served_by_head(client: redis.Redis, keys: KeySpace, fs: FeatureSet, ids: list[str], at: float) -> list[bool]:
-    plan = _read_plan(fs)
-    rows = client.execute_command("EVALSHA", READ_SHA, 0, *plan.args(
-        at, [keys.entity(fs.entity, HASHER.token(fs.entity, i)) for i in ids]))
-    return [isinstance(r, bytes) for r in rows]
+    heads = [client.get(k + head_suffix(fs)) for k in _entity_keys(keys, fs, ids)]
+    _, later = _read_plan(fs).decode(heads, at)
+    return [h is not None and i not in later for i, h in enumerate(heads)]
 
 
 def _assert_same(got: dict, want: dict, where: object) -> None:
@@ -108,15 +114,16 @@ def test_head_reads_equal_bucket_reads_for_any_arrival_order_and_read_time(space
     ops += ops[: len(ops) // 3]  # redeliveries change nothing
     for i in range(0, len(ops), batch):
         store.apply_batch(ops[i:i + batch])
-        if drop_head and i == 0:
-            client.delete(keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED))  # rebuilt
+    if drop_head:  # as if expired, or written by a version without heads: the next event rebuilds it
+        client.delete(keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED))
+        events.append(_ev(card, len(events), max(e.ts for e in events) - 200, 2.5, "e"))
+        store.apply_batch([compile_event(HEADED, events[-1], keys, HASHER)])
     newest = max(e.ts for e in events)
     for off in offsets:
         at = newest + off
         got = store.read_batch(HEADED, [card, "nobody"], at=at)
-        if off >= 0:  # at or after the newest event: the head serves it (if a later write rebuilt it)
-            has_head = bool(client.exists(keys.entity("card", HASHER.token("card", card)) + head_suffix(HEADED)))
-            assert _served_by_head(client, keys, HEADED, [card, "nobody"], at) == [has_head, False]
+        if off >= 0:  # at or after the newest event: the head serves it
+            assert _served_by_head(client, keys, HEADED, [card, "nobody"], at) == [True, False]
         want = _from_buckets(client, keys, HEADED, [card, "nobody"], at)
         _assert_same(got[0], want[0], at)
         _assert_same(got[1], want[1], at)
@@ -205,3 +212,27 @@ def test_async_reads_and_erase(space, redis_url):
     erase_subject(client, keys, HASHER, "card", "a")
     assert store.read(HEADED, "a", at=at) == store.read(HEADED, "b", at=at)
     assert not list(client.scan_iter(match=keys.entity("card", HASHER.token("card", "a")) + "*"))
+
+
+def test_a_missing_head_is_rebuilt_exactly_from_the_buckets(space):
+    """Data written without a head (an older version, or an expired head): the next event rebuilds it."""
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    t0 = 11_000_000.0 - 11_000_000.0 % 3600
+    # a value in every 5-minute bucket of the last hour, each seen once, some values seen again later
+    events = [_ev("r", i, t0 + 300 * i + 7, 1.0 + i % 4, "abcdefghijkl"[i]) for i in range(12)]
+    events += [_ev("r", 12 + i, t0 + 3400 + i, 9.0, "abc"[i]) for i in range(3)]
+    store.apply_batch([compile_event(HEADED, e, keys, HASHER) for e in events])
+    head = keys.entity("card", HASHER.token("card", "r")) + head_suffix(HEADED)
+    client.delete(head)
+    assert store.read(HEADED, "r", at=t0 + 3500) == finalize(HEADED, _read_plan(HEADED)._empty, t0 + 3500)
+    last = _ev("r", 99, t0 + 3450, 4.0, "z")
+    store.apply_batch([compile_event(HEADED, last, keys, HASHER)])
+    for at in (t0 + 3500, t0 + 3600 + 299, t0 + 3600 + 300 * 5 + 1, t0 + 3600 * 2 - 1):
+        got = store.read(HEADED, "r", at=at)
+        _assert_same(got, _from_buckets(client, keys, HEADED, ["r"], at)[0], at)
+    other = RedisOnlineStore(client, dedup_ttl_s=3600, keys=KeySpace(keys.prefix + "-x"), hasher=HASHER)
+    other.apply_batch([compile_event(HEADED, e, other.keys, HASHER) for e in [*events, last]])
+    assert client.get(head) == client.get(other.keys.entity("card", HASHER.token("card", "r")) + head_suffix(HEADED))
+    for key in client.scan_iter(match=f"{other.keys.prefix}:*"):
+        client.delete(key)
