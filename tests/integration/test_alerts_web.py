@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -179,37 +178,43 @@ class Browser:
 
     @classmethod
     async def launch(cls, profile: Path) -> Browser:
-        proc = subprocess.Popen(
-            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1000", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        port = await asyncio.to_thread(cls._devtools_port, proc)
+        log_path = profile.with_suffix(".log")
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--no-default-browser-check", "--remote-debugging-address=127.0.0.1",
+                 "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1000",
+                 "about:blank"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         session = aiohttp.ClientSession()
-        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-            targets = await resp.json()
-        page = next(t for t in targets if t["type"] == "page")
-        ws = await session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        try:
+            port = await cls._devtools_port(proc, profile, log_path)
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                targets = await resp.json()
+            page = next(t for t in targets if t["type"] == "page")
+            ws = await session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        except BaseException:
+            await session.close()
+            proc.kill()
+            proc.wait()
+            raise
         browser = cls(proc, ws, session)
         await browser.send("Page.enable")
         await browser.send("Runtime.enable")
         return browser
 
     @staticmethod
-    def _devtools_port(proc: subprocess.Popen) -> int:
-        assert proc.stderr is not None
+    async def _devtools_port(proc: subprocess.Popen, profile: Path, log_path: Path) -> int:
+        """Chromium writes the port it chose to ``DevToolsActivePort`` in its profile."""
+        active = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
-        seen = []
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline().decode(errors="replace")
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            found = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
-            if found:
-                return int(found.group(1))
-        proc.kill()
-        raise AssertionError("chromium did not start its DevTools endpoint:\n" + "".join(seen[-20:]))
+        while time.monotonic() < deadline and proc.poll() is None:
+            lines = active.read_text().splitlines() if active.exists() else []
+            if lines and lines[0].isdigit():
+                return int(lines[0])
+            await asyncio.sleep(0.1)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise AssertionError(f"chromium ({CHROMIUM}) did not open its DevTools port; its output:\n{tail}")
 
     async def _read(self) -> None:
         async for msg in self.ws:
