@@ -175,14 +175,7 @@ local function plan_reads(tpl, key, at, phase, vals, H)
 end
 """
 
-APPLY_BATCH_LUA = LUA_READS + LUA_PLAN + r"""
--- The entity hash's field names as they were when this event began (fetched once, if needed).
-local event_fields = nil
-local function fields_before(key)
-  if event_fields == nil then event_fields = redis.call('HKEYS', key) end
-  return event_fields
-end
-
+LUA_HEAD = r"""
 -- The entity's head for the current event's feature set (see definitions.HeadLayout): doubles `H`,
 -- strings `V` (false: none), its spec `HS`; nil when the event has no writes.
 local H, V, HS = nil, nil, nil
@@ -308,6 +301,16 @@ local function head_distinct(d, bt, xo, xn)
     if xo then from = math.max(0, xo - first + 1) end
     for k = from, math.min(w - 1, xn - first) do H[at + 1 + k] = H[at + 1 + k] + 1 end
   end
+end
+
+"""
+
+APPLY_BATCH_LUA = LUA_READS + LUA_PLAN + LUA_HEAD + r"""
+-- The entity hash's field names as they were when this event began (fetched once, if needed).
+local event_fields = nil
+local function fields_before(key)
+  if event_fields == nil then event_fields = redis.call('HKEYS', key) end
+  return event_fields
 end
 
 local function bucket(key, name, a)
@@ -438,6 +441,24 @@ end
 return out
 """
 
+REBUILD_LUA = LUA_READS + LUA_PLAN + LUA_HEAD + r"""
+-- ARGV: one set's write template (JSON), entity keys... Builds the head of each entity that has
+-- stored data but no head (written by a version without heads), expiring with the entity.
+HS = cjson.decode(ARGV[1]).hd
+local built = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local pttl = redis.call('PTTL', key)
+  if pttl ~= -2 and redis.call('EXISTS', key .. HS.sfx) == 0 then
+    H, V = build_head(key, HS)
+    save_head(key, HS)
+    if pttl > 0 then redis.call('PEXPIRE', key .. HS.sfx, pttl) end
+    built = built + 1
+  end
+end
+return built
+"""
+
 READ_LUA = LUA_READS + r"""
 -- ARGV: template (JSON), at, entity keys...; returns one JSON object of stored components per key,
 -- combined from the buckets: for the reads a head cannot serve (see read_path.py). Every entity is
@@ -553,6 +574,10 @@ def _apply_args(batch: Sequence[EventOps], keys: KeySpace, ttl_s: int) -> list[A
         events.append(orjson.dumps({"d": ops.applied_key, "x": keys.tombstone_of(ops.entity_key), "k": ops.entity_key,
                                     "t": ops.time, "r": index, "w": ops.writes}))
     return [ttl_s, b"[" + b",".join(templates) + b"]", *events]
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
@@ -705,6 +730,32 @@ class RedisOnlineStore(_StoreBase):
                 raise
         finally:
             self._conn_lock.release()
+
+    def rebuild_heads(self, fs: FeatureSet, batch_size: int = 500) -> int:
+        """Build the heads of ``fs``'s entities stored without one; returns how many were built.
+
+        For data written by a version without heads: a read takes an entity
+        without a head to have nothing stored (so that a missing entity costs
+        one round trip), and the next event of an entity builds its head
+        anyway; this builds them all at once after an upgrade. Safe to run
+        while events are applied (each head is built atomically, or left
+        alone if an event built it first).
+        """
+        script = self.client.register_script(REBUILD_LUA)
+        template = _write_template(fs)
+        prefix = self.keys.entity(fs.entity, "")
+        built, chunk = 0, []
+        for key in self.client.scan_iter(match=_escape_glob(prefix) + "*", count=1000, _type="hash"):
+            name = key.decode()
+            if ":" in name[len(prefix):] or "|" in name:
+                continue  # another entity type's key, or a part of an entity
+            chunk.append(name)
+            if len(chunk) >= batch_size:
+                built += script(args=[template, *chunk])
+                chunk.clear()
+        if chunk:
+            built += script(args=[template, *chunk])
+        return built
 
     def close(self) -> None:
         """Close the read connection (the client's pool is the caller's)."""

@@ -236,3 +236,24 @@ def test_a_missing_head_is_rebuilt_exactly_from_the_buckets(space):
     assert client.get(head) == client.get(other.keys.entity("card", HASHER.token("card", "r")) + head_suffix(HEADED))
     for key in client.scan_iter(match=f"{other.keys.prefix}:*"):
         client.delete(key)
+
+
+def test_rebuild_heads_after_an_upgrade_from_a_version_without_heads(space):
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    t0 = 12_000_000.0
+    cards = [f"u{i}" for i in range(7)]
+    events = [_ev(c, i, t0 + 97 * i + 13 * j, 0.5 * (i % 9) + 1, "abcde"[(i + j) % 5])
+              for j, c in enumerate(cards) for i in range(9)]
+    store.apply_batch([compile_event(HEADED, e, keys, HASHER) for e in events])
+    heads = [keys.entity("card", HASHER.token("card", c)) + head_suffix(HEADED) for c in cards]
+    before = [client.get(h) for h in heads]
+    client.delete(*heads[:5])  # as if written before heads existed
+    at = t0 + 97 * 9 + 13 * 7
+    assert store.read(HEADED, "u0", at=at) == _read_plan(HEADED).missing(at)  # until rebuilt: nothing stored
+    assert store.rebuild_heads(HEADED, batch_size=3) == 5
+    assert [client.get(h) for h in heads] == before  # rebuilt from the buckets, bit for bit
+    assert 0 < client.pttl(heads[0]) <= client.pttl(keys.entity("card", HASHER.token("card", "u0"))) + 100
+    assert store.rebuild_heads(HEADED) == 0
+    for c in cards:
+        _assert_same(store.read(HEADED, c, at=at), _from_buckets(client, keys, HEADED, [c], at)[0], c)
