@@ -104,7 +104,10 @@ CARD_DEVICE = FeatureSet(
     source="transaction",
     entity_id_of=lambda e: f"{e.card_id}|{e.device_id or '-'}",
     time_of=lambda e: e.epoch_s,
-    features=(TimeSince("card_device_seconds_since_prev"),),
+    features=(
+        TimeSince("card_device_seconds_since_prev"),
+        Windowed("card_device_txn_count_30d", "count", 30 * DAY, 3 * DAY),
+    ),
     ttl_s=60 * DAY,
     owner=("card", lambda e: e.card_id),
 )

@@ -69,6 +69,13 @@ def _new_device(f: Mapping[str, float]) -> bool:
     return f.get("has_device", 0.0) > 0 and f.get("card_device_seconds_since_prev", -1.0) < 0
 
 
+def _device_payments_before(f: Mapping[str, float]) -> float:
+    """Earlier payments from this card's device in 30 days; a card-present payment counts as a known device."""
+    if f.get("has_device", 0.0) <= 0:
+        return 30.0
+    return max(f.get("card_device_txn_count_30d", 1.0) - 1.0, 0.0)
+
+
 def _terminal_rate(f: Mapping[str, float]) -> float:
     """Fraud rate of the terminal's labelled payments, shrunk toward 0 when there are few labels."""
     return f.get("terminal_frauds_30d_d7", 0.0) / (f.get("terminal_labels_30d_d7", 0.0) + 2.0)
@@ -129,6 +136,10 @@ INPUTS: tuple[ModelInput, ...] = (
     _input("new_device", lambda f: float(_new_device(f)),
            lambda f: "first payment by this card from this device" if _new_device(f) else "a known device (or none)",
            _g("has_device")),
+    _input("device_history_30d", lambda f: _log(_device_payments_before(f)),
+           lambda f: (f"{_device_payments_before(f):.0f} earlier payments by this card from this device in 30 days"
+                      if f.get("has_device", 0.0) > 0 else "no device (card present)"),
+           _device_payments_before),
     _input("card_not_present", lambda f: float(f.get("card_present", -1.0) == 0.0),
            lambda f: "card not present (online / phone)" if f.get("card_present", -1.0) == 0.0 else "card present",
            _g("card_present", -1.0)),

@@ -1,15 +1,19 @@
 """The deployed fraud model: torch network + river learner, combined and calibrated.
 
-``score = sigmoid(w_t · (a·z_torch + b) + w_r · logit(p_river) + c)``: the
-torch logit calibrated by Platt scaling, the online learner's log-odds, and a
-stacking layer fitted on held-out traffic, so the output is a probability an
-operator's policy can threshold. Reason codes are each input's share of that
-log-odds (torch gradient × input plus river weight × input), worded with the
-payment's own values.
+``score = sigmoid(w_base · (a·z_torch + b) + Σ w_i · x_i)``: the torch logit,
+calibrated by Platt scaling, is the base log-odds; a river logistic layer
+over that base and the same (standardised) inputs turns it into the score.
+The layer starts as the identity (``w_base = 1``, the rest 0, intercept
+frozen), is warm-started on held-out training traffic, and then learns from
+every label as it arrives: a new fraud pattern the network never saw moves
+the weights of the inputs that mark it within a few labels, while the
+network keeps ranking everything it knows. Reason codes are each input's
+share of the log-odds (torch gradient × input × ``w_base`` plus ``w_i · x_i``),
+worded with the payment's own values.
 
 An artifact is a directory: ``model.pt`` (network weights), ``online.pkl``
 (the river learner's starting state) and ``meta.json`` (version, inputs,
-calibration, combiner, reference scores for alert budgets, training report).
+calibration, reference scores for alert budgets, training report).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import torch
 
 from models.device import pick_device
 from models.fraud_features import INPUT_NAMES, INPUTS, input_dict, model_inputs
-from models.fraud_online import OnlineFraudLearner, sigmoid_logit
-from models.fraud_torch import FraudNet, logits, logits_and_attributions
+from models.fraud_online import BASE, OnlineFraudLearner
+from models.fraud_torch import CLIP, FraudNet, logits, logits_and_attributions
 from models.policy import Policy
 from models.scoring import FraudScore, Reason, Thresholds
 
@@ -43,38 +47,41 @@ class FraudModel:
     version: str
     net: FraudNet
     platt: tuple[float, float]
-    combiner: tuple[float, float, float]  # w_torch, w_river, bias
-    online: OnlineFraudLearner
+    online: OnlineFraudLearner  # the stacked learner's starting state (each partition gets a copy)
     reference_scores: np.ndarray
     payments_per_day: float
     report: dict[str, Any] = field(default_factory=dict)
 
     # -- inference -------------------------------------------------------------
     def standardised(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.net.mean.cpu().numpy()) / self.net.std.cpu().numpy()).astype(np.float32)
+        z = (x - self.net.mean.cpu().numpy()) / self.net.std.cpu().numpy()
+        return np.clip(z, -CLIP, CLIP).astype(np.float32)
 
-    def online_inputs(self, x: np.ndarray) -> list[dict[str, float]]:
-        return [input_dict(row) for row in self.standardised(x)]
+    def online_inputs(self, x: np.ndarray, base_logits: np.ndarray | None = None) -> list[dict[str, float]]:
+        """River's input dicts: standardised inputs, plus the torch base log-odds when given."""
+        rows = [input_dict(row) for row in self.standardised(x)]
+        if base_logits is not None:
+            for row, base in zip(rows, base_logits, strict=True):
+                row[BASE] = float(base)
+        return rows
 
-    def combine(self, z_torch: np.ndarray, p_river: np.ndarray) -> np.ndarray:
+    def base_logits(self, x: np.ndarray) -> np.ndarray:
         a, b = self.platt
-        wt, wr, c = self.combiner
-        return _sigmoid(wt * (a * z_torch + b) + wr * sigmoid_logit(p_river) + c)
+        return a * logits(self.net, x) + b
 
     def torch_probability(self, x: np.ndarray) -> np.ndarray:
-        a, b = self.platt
-        return _sigmoid(a * logits(self.net, x) + b)
+        return _sigmoid(self.base_logits(x))
 
     def score_arrays(self, x: np.ndarray, learners: Sequence[OnlineFraudLearner]) -> tuple[np.ndarray, np.ndarray]:
-        """Combined probabilities and per-input log-odds contributions, (n,) and (n, d)."""
+        """Scores and per-input log-odds contributions, (n,) and (n, d), with each row's own learner."""
         z, attr = logits_and_attributions(self.net, x)
-        xs = self.online_inputs(x)
-        p_river = np.array([learner.predict([xi])[0] for learner, xi in zip(learners, xs, strict=True)])
-        a, _ = self.platt
-        wt, wr, _ = self.combiner
-        river_contrib = np.array([[learner.contributions(xi).get(name, 0.0) for name in INPUT_NAMES]
-                                  for learner, xi in zip(learners, xs, strict=True)]).reshape(len(xs), len(INPUTS))
-        return self.combine(z, p_river), wt * a * attr + wr * river_contrib
+        a, b = self.platt
+        xs = self.online_inputs(x, a * z + b)
+        scores = np.array([learner.predict([xi])[0] for learner, xi in zip(learners, xs, strict=True)])
+        w_base = np.array([learner.model.weights.get(BASE, 0.0) for learner in learners])
+        river = np.array([[learner.model.weights.get(name, 0.0) * xi[name] for name in INPUT_NAMES]
+                          for learner, xi in zip(learners, xs, strict=True)]).reshape(len(xs), len(INPUTS))
+        return scores, (w_base * a)[:, None] * attr + river
 
     # -- artifact ----------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -83,7 +90,7 @@ class FraudModel:
         torch.save({"state": self.net.state_dict(), "hidden": list(self.net.hidden)}, path / "model.pt")
         (path / "online.pkl").write_bytes(self.online.dumps())
         meta = {"version": self.version, "inputs": list(INPUT_NAMES), "platt": list(self.platt),
-                "combiner": list(self.combiner), "payments_per_day": self.payments_per_day,
+                "payments_per_day": self.payments_per_day,
                 "reference_scores": [round(float(s), 6) for s in self.reference_scores], "report": self.report}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
@@ -98,7 +105,7 @@ class FraudModel:
         net = FraudNet(len(INPUT_NAMES), tuple(blob["hidden"]))
         net.load_state_dict(blob["state"])
         net.to(device or pick_device()).eval()
-        return FraudModel(meta["version"], net, tuple(meta["platt"]), tuple(meta["combiner"]),
+        return FraudModel(meta["version"], net, tuple(meta["platt"]),
                           OnlineFraudLearner.loads((path / "online.pkl").read_bytes()),
                           np.asarray(meta["reference_scores"], dtype=np.float64), float(meta["payments_per_day"]),
                           meta.get("report", {}))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from river import drift, linear_model, optim
 
+BASE = "base_logit"
 LEARNED_IDS_KEPT = 5_000  # a few replayed batches; keeps a checkpoint ~100 KB
 
 
@@ -47,8 +48,12 @@ class DriftEvent:
 class OnlineFraudLearner:
     """river logistic regression + ADWIN on its error; picklable as a checkpoint."""
 
-    lr: float = 0.05
+    lr: float = 0.01
     l2: float = 1e-4
+    # Stacked mode: an input "base_logit" (the calibrated torch log-odds) starts with this weight and the
+    # intercept is frozen, so the learner starts as the torch model and learns corrections on top of it.
+    base_weight: float | None = None
+    miss_weight: float = 3.0
     model: linear_model.LogisticRegression = field(init=False)
     adwin: drift.ADWIN = field(init=False)
     labels_seen: int = 0
@@ -56,8 +61,11 @@ class OnlineFraudLearner:
     _learned_set: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
+        stacked = self.base_weight is not None
         self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2,
-                                                     intercept_lr=self.lr)
+                                                     intercept_lr=0.0 if stacked else self.lr)
+        if stacked:
+            self.model._weights[BASE] = float(self.base_weight)  # river has no public initial-weight setter
         self.adwin = drift.ADWIN(delta=0.002)
 
     def predict(self, xs: Sequence[Mapping[str, float]]) -> np.ndarray:
@@ -81,17 +89,20 @@ class OnlineFraudLearner:
         """Learn one label (once per ``label_id``); returns a drift event when ADWIN flags one.
 
         ``score`` is what the deployed scorer said at decision time: ADWIN
-        watches the error of the decisions, not of this learner alone.
+        watches the error of the decisions, not of this learner alone, and a
+        label the decision got wrong (a missed fraud, a false alarm) is learned
+        with ``miss_weight``: mistakes are what a new pattern looks like.
         """
         if label_id in self._learned_set:
             return None
-        self.model.learn_one(dict(x), bool(is_fraud))
+        wrong = (score >= threshold) != bool(is_fraud)
+        self.model.learn_one(dict(x), bool(is_fraud), w=self.miss_weight if wrong else 1.0)
         if len(self.learned) == self.learned.maxlen:
             self._learned_set.discard(self.learned[0])
         self.learned.append(label_id)
         self._learned_set.add(label_id)
         self.labels_seen += 1
-        self.adwin.update(float((score >= threshold) != bool(is_fraud)))
+        self.adwin.update(float(wrong))
         if self.adwin.drift_detected:
             return DriftEvent("ADWIN", float(self.adwin.estimation), self.labels_seen)
         return None
@@ -110,12 +121,6 @@ class OnlineFraudLearner:
         state = dict(self.__dict__)
         state["_learned_set"] = set()  # rebuilt from ``learned`` on load
         return state
-
-
-def sigmoid_logit(p: np.ndarray) -> np.ndarray:
-    """logit(p), clipped so 0 and 1 stay finite."""
-    q = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(q / (1 - q))
 
 
 def logistic(z: float) -> float:

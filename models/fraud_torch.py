@@ -18,6 +18,9 @@ from torch import nn
 
 from models.device import pick_device
 
+MIN_STD = 0.1  # inputs are log-scaled counts or 0/1 flags: a smaller spread is "constant in training"
+CLIP = 8.0
+
 
 class FraudNet(nn.Module):
     """Standardise, then MLP to one fraud logit. The standardisation travels with the weights."""
@@ -36,7 +39,8 @@ class FraudNet(nn.Module):
         self.hidden = hidden
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        """Standardised and clipped: an input that was (nearly) constant in training cannot explode later."""
+        return ((x - self.mean) / self.std).clamp(-CLIP, CLIP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.standardise(x)).squeeze(-1)
@@ -56,7 +60,7 @@ def train_fraud_net(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.n
     device = device or pick_device()
     net = FraudNet(x.shape[1])
     net.mean.copy_(torch.from_numpy(x.mean(axis=0)))
-    net.std.copy_(torch.from_numpy(np.maximum(x.std(axis=0), 1e-3)))
+    net.std.copy_(torch.from_numpy(np.maximum(x.std(axis=0), MIN_STD)))
     net.to(device)
     xt = torch.from_numpy(x).to(device)
     yt = torch.from_numpy(y.astype(np.float32)).to(device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -96,7 +96,7 @@ def _single_latency(score_one: Callable[[int], object], n: int, total: int) -> l
 
 
 def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.ndarray], learner: OnlineFraudLearner,
-                   std: Callable[[np.ndarray], list[dict[str, float]]], x: np.ndarray, t: np.ndarray,
+                   std: Callable[[np.ndarray], Sequence[Mapping[str, float]]], x: np.ndarray, t: np.ndarray,
                    test_idx: np.ndarray, label_idx: np.ndarray, y: np.ndarray, ids: np.ndarray,
                    delay_s: float) -> np.ndarray:
     """Score ``test_idx`` in time order in micro-batches; labels of ``label_idx`` are learned at t + delay."""
@@ -110,8 +110,9 @@ def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.nd
         due = int(np.searchsorted(arrival, t[chunk[0]], side="right"))
         if due > learned:
             rows = label_idx[learned:due]
-            for xi, j in zip(std(x[rows]), rows, strict=True):
-                learner.learn(str(ids[j]), xi, bool(y[j]), 0.0)
+            said = model_score(x[rows], learner)  # what the model says of them: misses are learned harder
+            for xi, j, s in zip(std(x[rows]), rows, said, strict=True):
+                learner.learn(str(ids[j]), xi, bool(y[j]), float(s))
             learned = due
         scores[start:start + len(chunk)] = model_score(x[chunk], learner)
     return scores
@@ -160,8 +161,9 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
                             seed=cfg.seed, progress=say)
     scorer = ModelScorer(model, Policy(review=0.5))
     say("scoring the test window in time order (labels fed back after the delay)")
-    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, [lr] * len(xb))[0],
-                                    scorer.new_learner(), model.online_inputs, x, t, test, label_idx, y, ids, delay_s)
+    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, [lr] * len(xb))[0], scorer.new_learner(),
+                                    lambda xb: model.online_inputs(xb, model.base_logits(xb)), x, t, test, label_idx,
+                                    y, ids, delay_s)
     latency = _single_latency(lambda i: scorer.score_batch([None], [rows[test[i]]]), 300, len(test))
 
     results: dict[str, dict[str, float]] = {}
@@ -207,7 +209,7 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
     out["gradient_boosted_trees"] = (gbt.predict_proba(x[test])[:, 1], _single_latency(
         lambda i: gbt.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
     river_alone = OnlineFraudLearner()
-    river_warm_start(river_alone, model.online_inputs, x[train], y[train], ids[train].tolist())
+    river_warm_start(river_alone, model.online_inputs(x[train]), y[train], ids[train].tolist())
     river_scores = _replay_online(lambda xb, lr_: lr_.predict(model.online_inputs(xb)), river_alone,
                                   model.online_inputs, x, t, test, label_idx, y, ids, delay_s)
     out["river_alone"] = (river_scores, _single_latency(

@@ -1,10 +1,9 @@
-"""Train the fraud model: torch network, Platt calibration, river warm start, stacking combiner.
+"""Train the fraud model: torch network, Platt calibration, then the river layer's warm start.
 
-The training window is split in time: the network learns on the first 80%,
+The training window is split in time: the network learns on the first 80%;
 the last 20% (later payments, as in production) selects the epoch,
-calibrates it, and fits the combiner on what the river learner predicted
-there before seeing those labels. The river learner then learns the rest,
-so the artifact starts serving with every label of the window.
+calibrates it, and warm-starts the river layer on the network's honest
+(out-of-sample) log-odds, in time order, as it would have learned live.
 """
 
 from __future__ import annotations
@@ -19,35 +18,17 @@ import numpy as np
 
 from models.fraud_features import model_inputs
 from models.fraud_model import FraudModel
-from models.fraud_online import OnlineFraudLearner, sigmoid_logit
+from models.fraud_online import OnlineFraudLearner
 from models.fraud_torch import fit_platt, logits, train_fraud_net
 
 Progress = Callable[[str], None]
 
 
-def _stack(z_cal: np.ndarray, p_river: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Stacking weights over (calibrated torch log-odds, river log-odds); both kept non-negative."""
-    from sklearn.linear_model import LogisticRegression
-
-    feats = np.column_stack([z_cal, sigmoid_logit(p_river)])
-    lr = LogisticRegression(C=1.0, max_iter=1000).fit(feats, y)
-    wt, wr = (max(float(w), 0.0) for w in lr.coef_[0])
-    if wt == 0.0 and wr == 0.0:
-        wt = 1.0
-    # refit the bias for the clipped weights, so the output stays calibrated
-    z = wt * feats[:, 0] + wr * feats[:, 1]
-    bias_fit = LogisticRegression(C=1e6, max_iter=1000).fit(z.reshape(-1, 1), y)
-    scale = float(bias_fit.coef_[0, 0])
-    return wt * scale, wr * scale, float(bias_fit.intercept_[0])
-
-
-def river_warm_start(learner: OnlineFraudLearner, model_std: Callable[[np.ndarray], list[dict[str, float]]],
-                     x: np.ndarray, y: np.ndarray, ids: Sequence[str], passes: int = 1) -> None:
+def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, float]], y: np.ndarray,
+                     ids: Sequence[str]) -> None:
     """Let the online learner learn labelled rows in time order (as it would have, live)."""
-    xs = model_std(x)
-    for _ in range(passes):
-        for i, (xi, yi) in enumerate(zip(xs, y, strict=True)):
-            learner.learn(f"{ids[i]}", xi, bool(yi), 0.0)
+    for label_id, xi, yi in zip(ids, inputs, y, strict=True):
+        learner.learn(str(label_id), xi, bool(yi), float(learner.predict([xi])[0]))
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
@@ -71,13 +52,13 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     net = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, seed=seed, progress=epoch_report)
     z_val = logits(net, x[val])
     platt = fit_platt(z_val, y[val])
-    model = FraudModel("pending", net, platt, (1.0, 0.0, 0.0), OnlineFraudLearner(), np.array([]), 0.0)
-    say("online learner: learning the training labels in time order")
-    river_warm_start(model.online, model.online_inputs, x[fit], y[fit], [ids[i] for i in range(cut)])
-    p_river_val = model.online.predict(model.online_inputs(x[val]))
-    model.combiner = _stack(platt[0] * z_val + platt[1], p_river_val, y[val])
-    scores_val = model.combine(z_val, p_river_val)
-    river_warm_start(model.online, model.online_inputs, x[val], y[val], [ids[i] for i in range(cut, n)])
+    model = FraudModel("pending", net, platt, OnlineFraudLearner(base_weight=1.0), np.array([]), 0.0)
+    say("river layer: warm start on the validation labels in time order")
+    val_inputs = model.online_inputs(x[val], platt[0] * z_val + platt[1])
+    scores_val = np.empty(n - cut)
+    for k, (label_id, xi, yi) in enumerate(zip(ids[cut:n], val_inputs, y[val], strict=True)):
+        scores_val[k] = model.online.predict([xi])[0]  # prequential: scored before its label is learned
+        model.online.learn(str(label_id), xi, bool(yi), scores_val[k])
     days = max((float(epoch_s[-1]) - float(epoch_s[0])) / 86400.0, 1e-3)
     model.payments_per_day = n / days
     model.reference_scores = np.sort(scores_val)
@@ -85,9 +66,11 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                                      for p in net.parameters())).hexdigest()[:8]
     model.version = f"fraud-{datetime.now(UTC):%Y%m%dT%H%M%S}-{digest}"
     model.report = {"train_rows": n, "train_frauds": int(y.sum()), "validation_rows": n - cut,
-                    "platt": list(platt), "combiner": list(model.combiner), "seconds": round(time.time() - started, 1),
+                    "platt": list(platt),
+                    "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
+                    "seconds": round(time.time() - started, 1),
                     "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "first_event": float(epoch_s[0]), "last_event": float(epoch_s[-1])}
-    say(f"combiner: torch weight {model.combiner[0]:.2f}, river weight {model.combiner[1]:.2f}; "
+    say(f"river layer: base weight {model.online.model.weights.get('base_logit', 0.0):.2f}; "
         f"done in {time.time() - started:.1f}s -> {model.version}")
     return model

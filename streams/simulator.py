@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -289,12 +289,15 @@ HISTORY_COLUMNS = ("event_id", "timestamp", "card_id", "merchant_id", "terminal_
 
 
 def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed: int = 7,
-                  scenarios: tuple[str, ...] = FRAUD_SCENARIOS, n_cards: int = 2000) -> dict[str, int]:
+                  scenarios: tuple[str, ...] = FRAUD_SCENARIOS, n_cards: int = 2000,
+                  emerging_after_days: float | None = None) -> dict[str, int]:
     """Write ``days`` of simulated payments with their ground truth to a CSV (gzip when ``path`` ends in .gz).
 
     Fraud incidents scale with the payment rate, so fraud stays near 1% of
     payments whatever the volume. ``region`` is a segment column (from the
-    card) for the fairness report of ``kestrel eval fraud``.
+    card) for the fairness report of ``kestrel eval fraud``. With
+    ``emerging_after_days``, fraudsters add the :data:`EXTRA_SCENARIOS` from
+    that day on: a pattern absent from earlier (training) data.
     """
     import csv
     import gzip
@@ -304,6 +307,7 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
                        fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios)
     sim = Simulator(config)
     end = config.start + days * 86400.0
+    emerge_at = end if emerging_after_days is None else config.start + emerging_after_days * 86400.0
     counts = {"payments": 0, "frauds": 0}
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wt", newline="") as fh:
@@ -312,6 +316,8 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
         for rec in sim.records():
             if rec.time >= end:
                 break
+            if rec.time >= emerge_at and sim.config.scenarios == scenarios:
+                sim.config = replace(sim.config, scenarios=scenarios + EXTRA_SCENARIOS)
             if rec.kind != "transaction":
                 continue
             e = rec.event
