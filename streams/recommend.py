@@ -134,6 +134,7 @@ class RecommendationService:
             return
         self.holder.swap(snap)
         self._loaded_from = target
+        _one_search_thread()
         log.warning("recommendation model %s live (%s index, %d items)", snap.version, snap.kind, snap.size)
 
     @staticmethod
@@ -249,6 +250,14 @@ class RecommendationService:
         order = mmr(np.array([s for s, _ in cand]), vecs, opt.k, opt.mmr_lambda,
                     [live.category_of.get(i, "") for i in ids], opt.per_category)
         return [ids[p] for p in order]
+
+
+def _one_search_thread() -> None:
+    """One FAISS thread per search: a request is one query, and waking a thread pool per query costs more
+    than it saves (and spikes p99 on a busy machine); requests run side by side instead."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def _pool(opt: RecOptions) -> int:
