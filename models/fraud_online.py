@@ -8,9 +8,9 @@ drift. Inputs are the same standardised vector the torch model sees.
 Learning is idempotent per label: the ids of recently learned labels travel
 with the checkpoint, so a label redelivered after a crash is not learned twice.
 
->>> learner = OnlineFraudLearner()
+>>> learner = OnlineFraudLearner(lr=0.05)
 >>> for i in range(200):
-...     _ = learner.learn(f"f{i}", {"new_device": 1.0, "night": 1.0}, True, 0.1)
+...     _ = learner.learn(f"f{i}", {"new_device": 1.0, "night": 1.0}, True, 0.9)
 ...     _ = learner.learn(f"g{i}", {"new_device": 0.0, "night": 0.0}, False, 0.1)
 >>> p = learner.predict([{"new_device": 1.0, "night": 1.0}, {"new_device": 0.0, "night": 0.0}])
 >>> bool(p[0] > 0.9 and p[1] < 0.2)

@@ -43,7 +43,9 @@ class EventProducer:
     """
 
     def __init__(self, bootstrap: str, hash_key: str, config: Mapping[str, Any] | None = None) -> None:
-        conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
+        # murmur2_random: the Java client's (and aiokafka's, i.e. the worker's) partitioner, so a card's
+        # events from this client, from POST /events and from analyst verdicts land in the same partition.
+        conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "partitioner": "murmur2_random",
                 "enable.idempotence": False, "queue.buffering.max.messages": 1_000_000}
         conf.update(config or {})
         self._producer = Producer(conf)
