@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -65,11 +66,26 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if not raw_id:
         print("use --entity ENTITY:ID, e.g. card:4111111111111111", file=sys.stderr)
         return 2
-    report = erase_subject(redis.Redis.from_url(settings.redis_url), KeySpace(settings.redis_prefix),
-                           KeyedHasher(settings.hash_key.encode()), entity, raw_id)
+    keys = KeySpace(settings.redis_prefix)
+    report = erase_subject(redis.Redis.from_url(settings.redis_url), keys, KeyedHasher(settings.hash_key.encode()),
+                           entity, raw_id)
+    case_keys = asyncio.run(_erase_cases(settings, keys, report.token)) if entity == "card" else 0
     print(json.dumps({"entity": report.entity, "token": report.token, "keys_deleted": report.keys_deleted,
-                      "tombstone": report.tombstone}))
+                      "alert_case_keys_deleted": case_keys, "tombstone": report.tombstone}))
     return 0
+
+
+async def _erase_cases(settings: Settings, keys: object, card_token: str) -> int:
+    """The analyst cases and decision history of a card (streams.case_store), erased with its features."""
+    import redis.asyncio as aioredis
+
+    from streams.case_store import CaseStore
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await CaseStore(client, keys, 0, 0).erase_card(card_token)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -90,15 +90,23 @@ def test_erase_command_removes_a_subject(settings, redis_client):
     from feature_store.definitions import compile_event
     from feature_store.keys import KeyedHasher, KeySpace
     from feature_store.redis_store import RedisOnlineStore
-    from feature_store.sets import CARD_PROFILE
+    from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL
     from streams.schemas import Transaction
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     txn = Transaction(event_id="er-1", card_id="4000123412341234", merchant_id="m", terminal_id="t",
-                      amount=12.0, currency="EUR", timestamp=1_767_225_600)
-    RedisOnlineStore(redis_client, 3600, keys, hasher).apply_batch([compile_event(CARD_PROFILE, txn, keys, hasher)])
+                      amount=12.0, currency="EUR", timestamp=1_767_225_600, device_id="phone-1")
+    store = RedisOnlineStore(redis_client, 3600, keys, hasher)
+    sets = (CARD_PROFILE, CARD_TERMINAL, CARD_DEVICE)
+    store.apply_batch([compile_event(fs, txn, keys, hasher) for fs in sets])
+    pair_keys = [compile_event(fs, txn, keys, hasher).entity_key for fs in (CARD_TERMINAL, CARD_DEVICE)]
+    assert all(redis_client.exists(k) for k in pair_keys)  # card x terminal / device state exists ...
     proc = _kestrel("erase", "--entity", "card:4000123412341234", env=settings.to_env())
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["keys_deleted"] >= 2 and "4000" not in proc.stdout
+    assert report["keys_deleted"] >= 4 and "4000" not in proc.stdout
     assert not list(redis_client.scan_iter(match=f"{keys.entity('card', report['token'])}*"))
+    assert not any(redis_client.exists(k) for k in pair_keys)  # ... and goes with the card
+    replay = Transaction(**{**txn.model_dump(), "event_id": "er-2"})
+    store.apply_batch([compile_event(fs, replay, keys, hasher) for fs in sets])  # a replay after erasure
+    assert not any(redis_client.exists(k) for k in pair_keys)  # is refused by the card's tombstone
