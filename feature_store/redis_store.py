@@ -20,6 +20,7 @@ prefix, recent values a sorted set by time.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -683,6 +684,7 @@ class RedisOnlineStore(_StoreBase):
         # Sync reads use one connection of their own, outside the pool: checking a connection out and
         # back in costs about as much as the read itself. Another thread reading meanwhile uses the pool.
         self._conn: Any = None
+        self._conn_pid = 0
         self._conn_lock = threading.Lock()
 
     def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
@@ -716,20 +718,23 @@ class RedisOnlineStore(_StoreBase):
         return out
 
     def _command(self, *args: Any) -> Any:
+        """One command on the read connection; the pool (and the client's retry policy) when it is busy
+        in another thread or fails."""
         if not self._conn_lock.acquire(blocking=False):
             return self.client.execute_command(*args)
         try:
             conn = self._conn
-            if conn is None:
+            if conn is None or self._conn_pid != os.getpid():  # never share a socket with a forked parent
                 conn = self._conn = self.client.connection_pool.make_connection()
+                self._conn_pid = os.getpid()
             try:
                 conn.send_command(*args)
                 return conn.read_response()
-            except BaseException:
-                conn.disconnect()  # a timeout or error leaves a reply behind: start over next time
-                raise
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                conn.disconnect()  # a reply may be left behind: start over on a fresh socket next time
         finally:
             self._conn_lock.release()
+        return self.client.execute_command(*args)
 
     def rebuild_heads(self, fs: FeatureSet, batch_size: int = 500) -> int:
         """Build the heads of ``fs``'s entities stored without one; returns how many were built.

@@ -257,3 +257,15 @@ def test_rebuild_heads_after_an_upgrade_from_a_version_without_heads(space):
     assert store.rebuild_heads(HEADED) == 0
     for c in cards:
         _assert_same(store.read(HEADED, c, at=at), _from_buckets(client, keys, HEADED, [c], at)[0], c)
+
+
+def test_sync_reads_survive_a_dropped_connection_and_close(space):
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    store.apply_batch([compile_event(HEADED, _ev("c", 0, 13_000_000.0, 2.0, "a"), keys, HASHER)])
+    want = store.read(HEADED, "c", at=13_000_100.0)
+    assert want["n_10m"] == 1.0
+    store._conn._sock.close()  # the server or the network dropped it
+    assert store.read(HEADED, "c", at=13_000_100.0) == want
+    store.close()
+    assert store.read(HEADED, "c", at=13_000_100.0) == want
