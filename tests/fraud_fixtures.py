@@ -1,0 +1,36 @@
+"""A small fraud model trained on simulated history, shared by unit and integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.fraud_model import FraudModel
+from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
+from offline.fraud_train import fit_fraud_model
+from streams.simulator import write_history
+
+HISTORY_COLUMNS = Columns(merchant="merchant_id", card_present="card_present", device="device_id",
+                          segment="scenario")
+
+
+def simulated_frame(path: Path, days: float, per_day: float, seed: int, **kwargs: object):
+    write_history(str(path), days, per_day, seed=seed, n_cards=1000, **kwargs)  # type: ignore[arg-type]
+    return read_history(path, HISTORY_COLUMNS)
+
+
+def train_small_model(directory: Path) -> tuple[FraudModel, Path]:
+    """Four simulated days (default fraud mix, no account takeover), a few epochs: seconds on 2 cores."""
+    frame = simulated_frame(directory / "train.csv", days=4, per_day=3000, seed=1)
+    rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
+    model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
+                            frame["event_id"].tolist(), epochs=8, seed=0)
+    return model, model.save(directory / "artifacts" / model.version)
+
+
+def rows_and_inputs(frame) -> tuple[list[dict], np.ndarray]:
+    from models.fraud_features import model_inputs
+
+    rows = feature_rows(payments_of(frame), np.full(len(frame), np.nan))
+    return rows, model_inputs(rows)

@@ -1,0 +1,155 @@
+"""Fraud model pieces: inputs and their wording, the delayed terminal-risk window, calibration,
+policy thresholds, the online learner (idempotence, drift, new patterns), the artifact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.fraud_features import INPUT_INDEX, INPUTS, model_inputs, payment_context
+from models.fraud_model import FraudModel, ModelScorer, latest_artifact
+from models.fraud_online import OnlineFraudLearner
+from models.fraud_torch import fit_platt
+from models.policy import Policy
+from models.scoring import Thresholds
+from offline.fraud_dataset import Payment, terminal_risk
+from streams.simulator import EXTRA_SCENARIOS
+from tests.fraud_fixtures import rows_and_inputs, simulated_frame
+
+DAY = 86400.0
+
+
+def test_inputs_are_computed_and_worded_from_the_payment_own_values():
+    f = {"amount": 700.0, "amount_vs_mean_30d": 14.0, "amount_mean_30d_before": 50.0, "txn_count_30d_before": 9.0,
+         "small_txn_count_10m": 4.0, "card_terminal_seconds_since_prev": -1.0, "has_device": 1.0,
+         "card_device_seconds_since_prev": -1.0, "card_device_txn_count_30d": 1.0, "card_present": 0.0,
+         "hour_utc": 3.0, "terminal_frauds_30d_d7": 3.0, "terminal_labels_30d_d7": 10.0,
+         "terminal_fraud_rate_30d_d7": 0.3}
+    x = model_inputs([f])[0]
+    assert x[INPUT_INDEX["new_terminal"]] == x[INPUT_INDEX["new_device"]] == x[INPUT_INDEX["night"]] == 1.0
+    assert x[INPUT_INDEX["card_not_present"]] == 1.0 and x[INPUT_INDEX["device_history_30d"]] == 0.0
+    words = {inp.name: inp.explain(f) for inp in INPUTS}
+    assert words["amount_vs_mean_30d"].startswith("amount 14.0× this card's 30-day mean")
+    assert "31%" not in words["terminal_fraud_rate_30d"] and "30%" in words["terminal_fraud_rate_30d"]
+    assert "4 small payments" in words["small_txn_count_10m"]
+    assert words["new_device"] == "first payment by this card from this device"
+
+
+def test_missing_features_give_neutral_inputs_not_errors():
+    x = model_inputs([{}])[0]
+    assert np.isfinite(x).all()
+    assert x[INPUT_INDEX["new_device"]] == 0.0  # no device, so not a new one
+
+
+@pytest.mark.parametrize(("epoch", "present", "device", "expected"), [
+    (1767225600.0, True, None, {"hour_utc": 0.0, "weekday": 3.0, "card_present": 1.0, "has_device": 0.0}),
+    (1767225600.0 + 2 * DAY + 13 * 3600, None, "d", {"hour_utc": 13.0, "weekday": 5.0, "card_present": -1.0,
+                                                       "has_device": 1.0}),
+])
+def test_payment_context(epoch, present, device, expected):
+    assert payment_context(epoch, present, device) == expected
+
+
+def test_terminal_risk_counts_only_labels_old_enough_to_be_known():
+    start = 1_767_225_600.0
+    pays = [Payment(f"p{i}", "c", "m", "T", 10.0, start + i * 3600) for i in range(3)]  # three frauds on day 0
+    pays += [Payment("q5", "c", "m", "T", 10.0, start + 5 * DAY),  # 5 days later: inside the 7-day label delay
+             Payment("q10", "c", "m", "T", 10.0, start + 10 * DAY),  # 10 days later: the day-0 labels are in
+             Payment("u10", "c", "m", "U", 10.0, start + 10 * DAY)]  # another terminal
+    labels = np.array([1.0, 1.0, 0.0, np.nan, np.nan, np.nan])
+    risk = terminal_risk(pays, labels)
+    assert risk["terminal_frauds_30d_d7"].tolist()[3:] == [0.0, 2.0, 0.0]
+    assert risk["terminal_labels_30d_d7"].tolist()[3:] == [0.0, 3.0, 0.0]
+
+
+def test_platt_scaling_calibrates_overconfident_logits():
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(-3, 2, 20_000)
+    y = (rng.random(20_000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    a, b = fit_platt(3 * true_logit + 1, y)  # a model three times too confident, shifted
+    p = 1 / (1 + np.exp(-(a * (3 * true_logit + 1) + b)))
+    for lo, hi in ((0.0, 0.1), (0.1, 0.5), (0.5, 1.0)):
+        m = (p >= lo) & (p < hi)
+        assert abs(p[m].mean() - y[m].mean()) < 0.03  # predicted rate = observed rate per bin
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    (Policy(review=0.3, block=0.8), Thresholds(0.3, 0.8)),
+    (Policy(), Thresholds(0.5, 0.9)),
+    (Policy(alerts_per_day=10), Thresholds(0.99, 0.99)),  # 1% of 1000 payments a day -> top 1% of scores
+    (Policy(alerts_per_day=500, block=0.7), Thresholds(0.5, 0.7)),
+    (Policy(alerts_per_day=0), Thresholds(1.0, 1.0)),
+])
+def test_policy_thresholds(policy, expected):
+    assert policy.thresholds(np.linspace(0, 1, 10_001), payments_per_day=1000) == expected
+
+
+def test_policy_from_json_refuses_unknown_fields():
+    assert Policy.from_json('{"alerts_per_day": 300}') == Policy(alerts_per_day=300)
+    with pytest.raises(ValueError, match="unknown policy fields"):
+        Policy.from_json('{"reveiw": 0.3}')
+
+
+def test_online_learner_learns_each_label_once_across_checkpoints():
+    learner = OnlineFraudLearner(lr=0.05)
+    learner.learn("a", {"x": 1.0}, True, 0.1)
+    restored = OnlineFraudLearner.loads(learner.dumps())
+    before = dict(restored.model.weights)
+    assert restored.learn("a", {"x": 1.0}, True, 0.1) is None and restored.model.weights == before
+    restored.learn("b", {"x": 1.0}, True, 0.1)
+    assert restored.labels_seen == 2 and restored.model.weights != before
+
+
+def test_online_learner_flags_drift_when_decisions_start_failing():
+    learner = OnlineFraudLearner()
+    events = [learner.learn(f"ok{i}", {"x": 0.0}, False, 0.0) for i in range(400)]
+    assert not any(events)
+    events = [learner.learn(f"bad{i}", {"x": 1.0}, True, 0.0) for i in range(200)]  # every fraud missed
+    drift = next(e for e in events if e is not None)
+    assert drift.detector == "ADWIN" and drift.error_rate > 0.1
+    assert drift.labels_seen < 450  # flagged within a few dozen failed decisions
+
+
+def test_artifact_roundtrip_and_model_based_reasons(fraud_model, tmp_path):
+    model, path = fraud_model
+    assert latest_artifact(path.parent) == path
+    loaded = FraudModel.load(path)
+    frame = simulated_frame(tmp_path / "h.csv", days=1, per_day=3000, seed=5)
+    rows, x = rows_and_inputs(frame)
+    a, _ = model.score_arrays(x, [model.online] * len(x))
+    b, _ = loaded.score_arrays(x, [loaded.online] * len(x))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    scorer = ModelScorer(loaded, Policy(review=0.5))
+    scores = scorer.score_batch([None] * len(rows), rows)
+    flagged = [s for s in scores if s.action != "allow"]
+    assert flagged, "the model flags some of a simulated day's payments"
+    for s in flagged:
+        contributions = [r.contribution for r in s.reasons]
+        assert s.reasons and contributions == sorted(contributions, reverse=True) and contributions[0] > 0
+        assert all(r.code in INPUT_INDEX and r.message for r in s.reasons)
+    y = frame["label"].to_numpy()
+    assert np.mean([s.score for s, yi in zip(scores, y, strict=True) if yi]) > 10 * np.mean(
+        [s.score for s, yi in zip(scores, y, strict=True) if not yi])
+
+
+def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path):
+    """Account takeover (absent from training): scored low at first, higher once its labels are learned."""
+    model, _ = fraud_model
+    frame = simulated_frame(tmp_path / "ato.csv", days=3, per_day=3000, seed=2, scenarios=EXTRA_SCENARIOS)
+    _, x = rows_and_inputs(frame)
+    y = frame["label"].to_numpy(dtype=int)
+    day = ((frame["epoch_s"] - frame["epoch_s"].min()) // DAY).to_numpy()
+    learner = ModelScorer(model).new_learner()
+    first, later = np.flatnonzero(day == 1), np.flatnonzero(day == 2)
+    before, _ = model.score_arrays(x[first], [learner] * len(first))
+    inputs = model.online_inputs(x[first], model.base_logits(x[first]))
+    rng = np.random.default_rng(0)
+    for i, xi, s in zip(first, inputs, before, strict=True):
+        if y[i] or s >= 0.5 or rng.random() < 0.02:  # chargebacks, dismissed alerts, a few audits
+            learner.learn(str(frame["event_id"][i]), xi, bool(y[i]), float(s), 0.5)
+    after, _ = model.score_arrays(x[later], [learner] * len(later))
+    frauds_before, frauds_after = before[y[first] == 1], after[y[later] == 1]
+    assert len(frauds_before) >= 10 and len(frauds_after) >= 10
+    assert frauds_after.mean() > 1.5 * frauds_before.mean()
+    assert (frauds_after >= 0.5).mean() > (frauds_before >= 0.5).mean() + 0.1
+    assert (after[y[later] == 0] >= 0.5).mean() < 0.01  # without flooding the queue with genuine payments
