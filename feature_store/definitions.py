@@ -240,7 +240,8 @@ class HeadLayout:
     """Where each value sits in an entity's head, a packed index kept next to its buckets.
 
     The head of one entity for one feature set is a string of little-endian
-    numbers (counts as unsigned 32-bit integers, everything else doubles), then
+    numbers (bucket indexes as 64-bit integers, counts as unsigned 32-bit
+    integers, everything else doubles), then
     one length-prefixed string per :class:`LastValue`. For each
     stored series: its newest bucket ``top``, then for each undelayed window
     length ``w`` and each of its components, ``w`` suffix totals
@@ -258,7 +259,8 @@ class HeadLayout:
     """
 
     size: int  # numbers
-    fmt: str  # their struct format: counts as 32-bit unsigned integers, the rest doubles
+    fmt: str  # their Python struct format: newest buckets 64-bit integers, counts 32-bit unsigned, the rest doubles
+    lua_fmt: str  # the same for Redis's Lua struct library
     series: tuple[tuple[str, int, int, tuple[tuple[int, tuple[tuple[str, str, int], ...]], ...]], ...]
     # per stored series: (storage, index of top, kept buckets, ((w, ((component, mode, start), ...)), ...))
     distinct: tuple[tuple[str, int, int, int], ...]  # (feature, index of its top, bucket_s, buckets); counts follow
@@ -293,7 +295,7 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
     >>> lay.series
     (('a@60', 0, 70, ((5, (('s', 'add', 1),)), (10, (('n', 'add', 6),)))),)
     >>> lay.distinct, lay.last_time, lay.size, lay.fmt
-    ((('d', 16, 60, 2),), 19, 20, '<ddddddIIIIIIIIIIdIId')
+    ((('d', 16, 60, 2),), 19, 20, '<qdddddIIIIIIIIIIqIId')
     """
     pos = 0
     series = []
@@ -325,8 +327,11 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
         last_time = pos
         pos += 1
     strings = tuple(f.name for f in fs.vector if isinstance(f, LastValue))
-    fmt = "<" + "".join("I" if i in counts else "d" for i in range(pos))  # spelled out: Lua's struct has no repeats
-    return HeadLayout(pos, fmt, tuple(series), tuple(distinct), last_time, strings, fs.ttl_s)
+    tops = {top for _, top, _, _ in series} | {top for _, top, _, _ in distinct}
+    kinds = ["q" if i in tops else "I" if i in counts else "d" for i in range(pos)]
+    fmt = "<" + "".join(kinds)
+    lua_fmt = "<" + "".join({"q": "i8", "I": "I4", "d": "d"}[k] for k in kinds)  # no repeat counts in Lua's struct
+    return HeadLayout(pos, fmt, lua_fmt, tuple(series), tuple(distinct), last_time, strings, fs.ttl_s)
 
 
 def window_bounds(t: float, bucket_s: int, buckets: int) -> tuple[int, int]:

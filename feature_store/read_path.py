@@ -68,10 +68,10 @@ class HeadReader:
             if storage in used:
                 bucket_s = int(storage.rsplit("@", 1)[1])
                 i = names[storage]
-                lines += [f"    k{i} = lasts[{slot[bucket_s]}] - int(v[{top}])",
+                lines += [f"    k{i} = lasts[{slot[bucket_s]}] - v[{top}]",
                           f"    if k{i} < 0: return PAST"]
         for j, (_name, top, bucket_s, _) in enumerate(lay.distinct):
-            lines += [f"    d{j} = lasts[{slot[bucket_s]}] - int(v[{top}])", f"    if d{j} < 0: return PAST"]
+            lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: return PAST"]
         if lay.strings:
             lines.append("    o = OFFSET")
             for j, _ in enumerate(lay.strings):
@@ -81,6 +81,7 @@ class HeadReader:
         out = []
         distinct = {name: j for j, (name, *_rest) in enumerate(lay.distinct)}
         strings = {name: j for j, name in enumerate(lay.strings)}
+        read_by: dict[tuple[int, int], int] = {}
         for n, feat in enumerate(self.fs.vector):
             key, default = repr(feat.name), repr(getattr(feat, "default", None))
             if isinstance(feat, Windowed) and feat.agg == "distinct":
@@ -91,7 +92,9 @@ class HeadReader:
                 i, w = names[feat.storage], feat.buckets
                 for s, m in COMPONENTS[feat.agg]:  # this window's components, as locals c{n}_{s}
                     start, empty = lay.suffix_start(feat.storage, w, s), "0.0" if m == "add" else "NAN"
-                    lines.append(f"    c{n}_{s} = v[{start} + k{i}] if k{i} < {w} else {empty}")
+                    first = read_by.setdefault((start, i), n)  # windows sharing a series and length share them
+                    lines.append(f"    c{n}_{s} = v[{start} + k{i}] if k{i} < {w} else {empty}" if first == n
+                                 else f"    c{n}_{s} = c{first}_{s}")
                 expr = {"count": f"float(c{n}_n)", "sum": f"c{n}_s",
                         "mean": f"(c{n}_s / c{n}_n if c{n}_n else {default})",
                         "std": f"STD(c{n}_n, c{n}_s, c{n}_q, {default})",

@@ -553,7 +553,7 @@ def write_template(fs: FeatureSet) -> bytes:
     series = {storage: [top + 1, kept, [[w, [[c, m, start + 1] for c, m, start in comps]] for w, comps in windows]]
               for storage, top, kept, windows in lay.series}
     distinct = {name: [top + 1, bucket_s, buckets] for name, top, bucket_s, buckets in lay.distinct}
-    head = {"sfx": head_suffix(fs), "n": lay.size, "fmt": lay.fmt, "ttl": lay.ttl_s, "S": series, "D": distinct,
+    head = {"sfx": head_suffix(fs), "n": lay.size, "fmt": lay.lua_fmt, "ttl": lay.ttl_s, "S": series, "D": distinct,
             "T": 0 if lay.last_time is None else lay.last_time + 1, "V": list(lay.strings)}
     return orjson.dumps({"f": entries, "hd": head})
 
