@@ -6,8 +6,13 @@ before changes nothing and gets back the feature snapshot stored the first
 time, so a redelivered event (crash, rebalance) is neither double counted
 nor decided differently.
 
-Reads: one pipelined round trip for one entity or many, sync or asyncio; the
-window arithmetic is the same :func:`~feature_store.definitions.finalize`
+Reads: one round trip for one entity or many, sync or asyncio: a ``GET`` /
+``MGET`` of the entities' heads, decoded in Python
+(:mod:`feature_store.read_path`). The write script keeps each head in step
+with the buckets, so that a read touches one stored number per feature
+instead of every bucket of every window. Reads a head cannot serve (before
+the entity's newest bucket; sets with delayed windows) run the bucket script,
+whose arithmetic is the same :func:`~feature_store.definitions.finalize`
 the write path uses.
 
 Layout per entity (key ``{prefix}:e:{entity}:{token}``, a hash):
@@ -15,7 +20,9 @@ Layout per entity (key ``{prefix}:e:{entity}:{token}``, a hash):
 ``{series}@{bucket_s}|lo`` oldest kept bucket, ``{feature}|v`` /
 ``{feature}|t`` last value and its time, ``@|t`` time of the latest event.
 Distinct counts use a sorted set (value -> latest time) under the same key
-prefix, recent values a sorted set by time.
+prefix, recent values a sorted set by time. The head of feature set ``fs`` is
+the string ``{entity key}|@{fs.name}`` (:class:`~feature_store.definitions.HeadLayout`),
+with the entity's TTL.
 """
 
 from __future__ import annotations
