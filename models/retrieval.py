@@ -94,7 +94,7 @@ def _sample_queries(vectors: np.ndarray, n: int, rng: np.random.Generator) -> np
 
 
 def build_snapshot(item_ids: Sequence[str] | np.ndarray, vectors: np.ndarray, version: str, *,
-                   kind: str = "auto", k: int = 20, target_recall: float = 0.95,
+                   kind: str = "auto", k: int = 20, target_recall: float = 0.97,
                    queries: np.ndarray | None = None, use_gpu: bool | None = None,
                    seed: int = 0) -> IndexSnapshot:
     """Build a complete index aside (nothing is swapped here); ``kind``: auto | flat | hnsw | ivf."""

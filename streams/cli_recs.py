@@ -44,7 +44,10 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.set_defaults(func=cmd_train)
 
     p = evaluate.add_parser("recs", help="temporal-split evaluation of the two-tower against baselines")
-    _data_args(p, required=True)
+    _data_args(p, required=False)
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="evaluate on N simulated interactions instead of --csv, and add the simulator checks "
+                        "(session shift, expected click-through against popularity)")
     _model_args(p)
     p.add_argument("--ease-lambda", type=float, default=200.0)
     p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
@@ -103,12 +106,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from offline.recs_eval import evaluate_recs
 
     df = _load(args)
+    if not args.simulate and not args.csv:
+        raise SystemExit("give --csv FILE or --simulate N")
     result = evaluate_recs(df, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, lr=args.lr,
                            ease_lambda=args.ease_lambda, seed=args.seed, progress=not args.no_progress,
                            index_kind=args.index, log=lambda m: print(m, file=sys.stderr))
     art = result.pop("artifact")
     if args.save_model:
         result["saved_to"] = str(art.save(args.save_model))
+    if args.simulate:
+        from offline.recs_data import temporal_split
+        from offline.recs_simcheck import simulator_check
+        from streams.simulator import SimConfig
+
+        train, _ = temporal_split(df)
+        result["simulator"] = simulator_check(art, train, SimConfig(seed=args.seed))
     _print_table(result)
     if args.json:
         print(json.dumps(result))

@@ -132,6 +132,9 @@ class RecommendationAsker:
     """Asks ``GET /recommendations`` from a thread of its own, as an app would, and scores the answers.
 
     The expected click-through uses the simulator's ground-truth click model.
+    Each request is followed by the same request on the trending path
+    (``path=fallback``), so the served model and the popularity baseline are
+    judged on the same users at the same moments.
     """
 
     def __init__(self, web: str, sim: Simulator) -> None:
@@ -139,6 +142,8 @@ class RecommendationAsker:
         self.answered = 0
         self.latencies_ms: list[float] = []
         self.expected_ctr: list[float] = []
+        self.expected_ctr_popularity: list[float] = []
+        self.ctr_by_path: dict[str, list[float]] = {}
         self.queue: queue.Queue[str | None] = queue.Queue(maxsize=100)
         self.thread = threading.Thread(target=self._run, name="recs", daemon=True)
         self.thread.start()
@@ -156,9 +161,29 @@ class RecommendationAsker:
             self.latencies_ms.append((time.monotonic() - t0) * 1000)
             self.answered += 1
             user = Simulator.user_index(user_id)
-            items = [Simulator.item_index(i) for i in body["items"]]
-            if items:
-                self.expected_ctr.append(float(np.mean([self.sim.click_probability(user, i) for i in items])))
+            ctr = self._ctr(user, body["items"])
+            if ctr is None:
+                continue
+            self.expected_ctr.append(ctr)
+            self.ctr_by_path.setdefault(body.get("path", "?"), []).append(ctr)
+            status, base = _get_json(f"{self.web}/recommendations/{user_id}?k=10&path=fallback")
+            base_ctr = self._ctr(user, base["items"]) if status == 200 else None
+            if base_ctr is not None:
+                self.expected_ctr_popularity.append(base_ctr)
+
+    def _ctr(self, user: int, item_ids: list[str]) -> float | None:
+        items = [Simulator.item_index(i) for i in item_ids]
+        return float(np.mean([self.sim.click_probability(user, i) for i in items])) if items else None
+
+    def ctr_summary(self) -> dict[str, Any]:
+        """Mean expected click-through of what was served, of the popularity baseline, and by path."""
+        def mean(xs: list[float]) -> float | None:
+            return round(float(np.mean(xs)), 4) if xs else None
+
+        return {"recommendation_expected_ctr": mean(self.expected_ctr),
+                "recommendation_expected_ctr_popularity": mean(self.expected_ctr_popularity),
+                "recommendation_paths": {p: len(v) for p, v in self.ctr_by_path.items()},
+                "recommendation_expected_ctr_personalised": mean(self.ctr_by_path.get("personalised", []))}
 
     def close(self) -> None:
         self.queue.put(None)
@@ -335,7 +360,7 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         "training_examples": collector.distinct("labels"),
         "recommendation_requests": asker.answered,
         "recommendation_p99_ms": round(float(np.percentile(asker.latencies_ms, 99)), 2) if asker.latencies_ms else None,
-        "recommendation_expected_ctr": round(float(np.mean(asker.expected_ctr)), 4) if asker.expected_ctr else None,
+        **asker.ctr_summary(),
         "lost": lost,
         "duplicates": duplicates,
         "p50_ms": round(p50, 2),

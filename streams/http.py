@@ -66,6 +66,8 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
                     wanted["per_category"] = int(query["per_category"])
                 if "mmr_lambda" in query:
                     wanted["mmr_lambda"] = float(query["mmr_lambda"])
+                if "path" in query:
+                    wanted["path"] = query["path"]
             except ValueError:
                 return refuse(self, 422, "invalid", "per_category must be an integer, mmr_lambda a number")
             parsed = parse_request(orjson.dumps(wanted))

@@ -62,6 +62,7 @@ class RecOptions:
     exclude: tuple[str, ...] = ()
     mmr_lambda: float = 1.0  # 1: relevance order; lower trades relevance for variety
     per_category: int | None = None  # at most this many items of one category
+    fallback_only: bool = False  # the trending path even with a model: the baseline, for comparisons
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class RecommendationService:
         """The CPU part of a request (no I/O): query tower, FAISS, filters, re-ranking, fallback."""
         snap = self.holder.current  # read once: model and index of the same version for the whole batch
         results: list[RecResult | None] = [None] * len(user_ids)
-        personal = [i for i, r in enumerate(recents) if r] if snap is not None else []
+        personal = [i for i, r in enumerate(recents) if r and not opts[i].fallback_only] if snap is not None else []
         if personal and snap is not None:
             live: _Live = snap.extra
             q = live.artifact.encoder().encode([user_ids[i] for i in personal], [recents[i] for i in personal])
@@ -286,7 +287,10 @@ def parse_request(value: bytes | None) -> tuple[dict[str, Any], RecOptions] | st
         return "per_category must be a positive integer"
     if not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
         return "mmr_lambda must be a number from 0 to 1"
-    return doc, RecOptions(k, tuple(exclude), float(lam), per_cat)
+    path = doc.get("path")
+    if path not in (None, FALLBACK):
+        return f"path may only be {FALLBACK!r} (to ask for the trending baseline)"
+    return doc, RecOptions(k, tuple(exclude), float(lam), per_cat, path == FALLBACK)
 
 
 def install_request_agent(app: faust.App, runtime: Runtime) -> None:
