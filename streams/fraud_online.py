@@ -4,9 +4,10 @@ Labels and payments are both keyed by the card, so a partition's labels and
 payments meet in the same worker. Keeping a learner per partition (like a
 Faust table) lets partitions move between workers on a rebalance without two
 workers overwriting one model: the new owner loads the partition's
-checkpoint, and every label batch writes it back in the same round trip as
-the batch's delivery marks. The checkpoint carries the ids of the labels it
-learned, so a batch replayed after a crash is learned exactly once.
+checkpoint, and every label batch writes it back before its outputs are
+sent (so before its offsets can be committed). The checkpoint carries the
+ids of the labels it learned, so a batch replayed after a crash is learned
+exactly once.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ class PartitionLearners:
                 self._cache[p] = OnlineFraudLearner.loads(blob) if blob else self.scorer.new_learner()
         return {p: self._cache[p] for p in wanted}
 
-    def checkpoints(self, partitions: Sequence[int]) -> list[tuple[str, bytes]]:
-        """(key, bytes) writes that persist these partitions' learners."""
-        return [(self.key(p), self._cache[p].dumps()) for p in sorted(set(partitions))]
+    async def save(self, partitions: Sequence[int], ttl_s: int) -> None:
+        """Persist these partitions' learners (one round trip; overwrites: a checkpoint is the latest state)."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in sorted(set(partitions)):
+            pipe.set(self.key(p), self._cache[p].dumps(), ex=ttl_s)
+        await pipe.execute()
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drop cached learners (all, or of revoked partitions): their next use reloads the checkpoint."""

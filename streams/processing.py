@@ -295,8 +295,9 @@ class Processor:
         """Each label teaches its partition's online learner at once, from the features its decision logged.
 
         Idempotent per label id (the checkpoint remembers them); the updated
-        checkpoints are written with this batch's delivery marks. A drift
-        flagged by ADWIN becomes an operator event.
+        checkpoints are saved before the batch's outputs are sent, so before
+        its offsets can be committed. A drift flagged by ADWIN becomes an
+        operator event.
         """
         if self.learners is None or not isinstance(self.scorer, ModelScorer):
             return []
@@ -305,7 +306,9 @@ class Processor:
         if not known:
             return []
         learners = await self.learners.for_partitions((rec.partition for rec, _, _ in known), fresh=True)
-        inputs = self.scorer.model.online_inputs(model_inputs([d["features"] for _, _, d in known]))
+        model = self.scorer.model
+        x = model_inputs([d["features"] for _, _, d in known])
+        inputs = model.online_inputs(x, model.base_logits(x))
         outputs = []
         for (rec, e, d), x in zip(known, inputs, strict=True):
             learner = learners[rec.partition]
@@ -324,7 +327,7 @@ class Processor:
                        "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
                 outputs.append(Output(topics.OPERATOR_EVENTS, str(rec.partition).encode(), orjson.dumps(doc),
                                       self.keys.published("drift", e.event_id)))
-        writes.extend(self.learners.checkpoints(list(learners)))
+        await self.learners.save(list(learners), self.settings.decision_log_ttl_s)
         return outputs
 
     def _observe(self, kind: str, rec: RawRecord, started: float, now: float) -> None:

@@ -288,6 +288,14 @@ HISTORY_COLUMNS = ("event_id", "timestamp", "card_id", "merchant_id", "terminal_
                    "device_id", "region", "is_fraud", "scenario")
 
 
+def payments_config(payments_per_day: float, seed: int = 7, scenarios: tuple[str, ...] = FRAUD_SCENARIOS,
+                    n_cards: int = 2000) -> SimConfig:
+    """Payments only, at a daily volume; fraud incidents scale with it (fraud stays near 1% of payments)."""
+    per_s = payments_per_day / 86400.0
+    return SimConfig(seed=seed, events_per_sim_second=per_s, transaction_share=1.0, n_cards=n_cards,
+                     fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios)
+
+
 def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed: int = 7,
                   scenarios: tuple[str, ...] = FRAUD_SCENARIOS, n_cards: int = 2000,
                   emerging_after_days: float | None = None) -> dict[str, int]:
@@ -302,9 +310,7 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
     import csv
     import gzip
 
-    per_s = payments_per_day / 86400.0
-    config = SimConfig(seed=seed, events_per_sim_second=per_s, transaction_share=1.0, n_cards=n_cards,
-                       fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios)
+    config = payments_config(payments_per_day, seed, scenarios, n_cards)
     sim = Simulator(config)
     end = config.start + days * 86400.0
     emerge_at = end if emerging_after_days is None else config.start + emerging_after_days * 86400.0

@@ -1,0 +1,98 @@
+"""The trained fraud model in a real worker: model decisions with reasons, and online learning from labels.
+
+A fraud pattern absent from training (account takeover) streams through the
+real broker; its first labels arrive as ``label`` events; the next day's
+takeovers are detected measurably more often, and labels sent twice are
+learned once.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from models.fraud_online import OnlineFraudLearner
+from streams import topics
+from streams.producer import EventProducer
+from streams.schemas import Label, Transaction
+from streams.simulator import EXTRA_SCENARIOS, Simulator, payments_config
+
+pytestmark = pytest.mark.integration
+DAY = 86400.0
+
+
+def _send_and_collect(producer: EventProducer, outputs, txns: list[Transaction]) -> dict[str, dict]:
+    for t in txns:
+        producer.send(t)
+    assert producer.flush() == 0 and not producer.errors
+    outputs.wait_for(topics.FRAUD_DECISIONS, {t.event_id for t in txns}, timeout_s=120)
+    by_id = {d["event_id"]: d for d in outputs.docs[topics.FRAUD_DECISIONS]}
+    return {t.event_id: by_id[t.event_id] for t in txns}
+
+
+def test_model_decisions_and_online_learning_of_a_new_pattern(settings, worker, outputs, redis_client, fraud_model):
+    model, path = fraud_model
+    worker.settings = settings.with_(fraud_model=str(path.parent))  # the artifacts root: newest version wins
+    worker.start()
+    sim = Simulator(payments_config(3000, seed=2, scenarios=EXTRA_SCENARIOS, n_cards=1000))
+    start = sim.config.start
+    days: dict[int, list] = {0: [], 1: [], 2: []}
+    for rec in sim.records():
+        if rec.time >= start + 3 * DAY:
+            break
+        if rec.kind == "transaction":
+            days[int((rec.time - start) // DAY)].append(rec)
+    producer = EventProducer(settings.broker, settings.hash_key)
+
+    warm_and_first = _send_and_collect(producer, outputs, [r.event for r in days[0] + days[1]])
+    decisions = list(warm_and_first.values())
+    assert all(d["model_version"] == model.version for d in decisions)
+    flagged = [d for d in decisions if d["action"] != "allow"]
+    assert flagged and all(d["reasons"] and d["reasons"][0]["contribution"] > 0 for d in flagged)
+
+    first_frauds = [r for r in days[1] if r.fraud]
+    first_scores = np.array([warm_and_first[r.event_id]["score"] for r in first_frauds])
+    rng = np.random.default_rng(0)
+    labelled = [r for r in days[1] if r.fraud or warm_and_first[r.event_id]["action"] != "allow"
+                or rng.random() < 0.02]  # chargebacks, analysts' dismissals of false alarms, a few audits
+    now = datetime.now(UTC)
+    labels = [Label(event_id=f"lab-{r.event_id}", transaction_id=r.event_id, card_id=r.event.card_id,
+                    verdict="fraud" if r.fraud else "genuine", source="chargeback" if r.fraud else "analyst",
+                    timestamp=now) for r in labelled]
+    for lab in labels + labels[:20]:  # twenty of them delivered twice
+        producer.send(lab)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.TRAINING_EXAMPLES, {lab.event_id for lab in labels}, timeout_s=60)
+
+    second = _send_and_collect(producer, outputs, [r.event for r in days[2]])
+    later_frauds = [r for r in days[2] if r.fraud]
+    later_scores = np.array([second[r.event_id]["score"] for r in later_frauds])
+    genuine_flagged = np.mean([second[r.event_id]["action"] != "allow" for r in days[2] if not r.fraud])
+    assert len(first_scores) >= 10 and len(later_scores) >= 10
+    assert later_scores.mean() > 1.5 * first_scores.mean(), (first_scores.mean(), later_scores.mean())
+    assert (later_scores >= 0.5).mean() > (first_scores >= 0.5).mean() + 0.1
+    assert genuine_flagged < 0.01
+
+    # Every label taught exactly one partition's learner exactly once, duplicates included.
+    time.sleep(0.5)
+    keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}:g:online_fraud:{model.version}:*"))
+    learned = [OnlineFraudLearner.loads(redis_client.get(k)) for k in keys]
+    assert sum(learner.labels_seen for learner in learned) - len(learned) * model.online.labels_seen == len(labels)
+    metrics = worker_metrics(worker.url)
+    assert metrics.get('kestrel_online_labels_total{outcome="learned"}') == len(labels)
+
+
+def worker_metrics(base: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
