@@ -29,6 +29,12 @@ def add_produce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="CSV column mapping, repeatable")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="constant for a field the CSV lacks, e.g. currency=EUR; repeatable")
+    h = p.add_argument_group("payment history to a file (for `kestrel train|eval fraud`), no broker needed")
+    h.add_argument("--history-csv", metavar="PATH", help="write simulated payments with ground truth (.gz ok)")
+    h.add_argument("--days", type=float, default=21.0)
+    h.add_argument("--payments-per-day", type=float, default=5000.0)
+    h.add_argument("--emerging-after-days", type=float, default=None,
+                   help="from this day on fraudsters add a pattern absent before (account takeover)")
 
 
 def simulated(args: argparse.Namespace, max_event_bytes: int) -> Iterator[SimRecord]:
@@ -59,6 +65,14 @@ def send(producer: EventProducer, rec: SimRecord) -> None:
 
 
 def run_produce(args: argparse.Namespace) -> int:
+    if args.history_csv:
+        from streams.simulator import write_history
+
+        counts = write_history(args.history_csv, args.days, args.payments_per_day, seed=args.seed,
+                               emerging_after_days=args.emerging_after_days)
+        print(f"wrote {counts['payments']:,} payments ({counts['frauds']:,} frauds) over {args.days:g} days "
+              f"to {args.history_csv}", file=sys.stderr)
+        return 0
     settings = Settings.from_env()
     ensure_topics(settings.broker, settings.partitions)
     producer = EventProducer(settings.broker, settings.hash_key)

@@ -110,3 +110,30 @@ def test_erase_command_removes_a_subject(settings, redis_client):
     replay = Transaction(**{**txn.model_dump(), "event_id": "er-2"})
     store.apply_batch([compile_event(fs, replay, keys, hasher) for fs in sets])  # a replay after erasure
     assert not any(redis_client.exists(k) for k in pair_keys)  # is refused by the card's tombstone
+
+
+def test_fraud_history_train_and_eval_commands(tmp_path):
+    """`kestrel produce --history-csv`, `kestrel train fraud`, `kestrel eval fraud --json` on a small history."""
+    history = tmp_path / "history.csv.gz"
+    proc = _kestrel("produce", "--history-csv", str(history), "--days", "6", "--payments-per-day", "2000",
+                    "--seed", "3")
+    assert proc.returncode == 0 and history.exists(), proc.stderr
+    columns = ["--merchant-col", "merchant_id", "--card-present-col", "card_present", "--device-col", "device_id",
+               "--epochs", "5"]
+    proc = _kestrel("train", "fraud", "--csv", str(history), "--out", str(tmp_path / "models"), *columns)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "models" / trained["model_version"] / "meta.json").exists()
+    assert "epoch" in proc.stderr  # progress is shown
+    proc = _kestrel("eval", "fraud", "--csv", str(history), "--train-days", "3", "--delay-days", "1",
+                    "--test-days", "2", "--segment-col", "region", "--json", *columns)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = ("roc_auc", "average_precision", "card_precision_at_100", "recall_at_1pct_alerts", "score_p99_ms")
+    assert set(metrics) <= set(summary["kestrel"])
+    assert {"logistic_regression", "gradient_boosted_trees", "river_alone"} <= set(summary["baselines"])
+    for name, m in [("kestrel", summary["kestrel"]), *summary["baselines"].items()]:
+        assert 0.0 <= m["average_precision"] <= 1.0 and m["score_p99_ms"] > 0, name
+    assert summary["test_rows"] > 0 and summary["test_frauds"] > 0 and summary["train_rows"] > 0
+    assert summary["kestrel"]["average_precision"] > summary["baselines"]["rules"]["average_precision"]
+    assert set(summary["segments"]) == {"north", "south", "east", "west"}
