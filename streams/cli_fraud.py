@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _add_columns(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", required=True, help="payment history, CSV or CSV.gz, one row per payment")
+def _add_columns(p: argparse.ArgumentParser, csv_required: bool = True) -> None:
+    p.add_argument("--csv", required=csv_required, help="payment history, CSV or CSV.gz, one row per payment")
     p.add_argument("--id-col", default="event_id")
     p.add_argument("--time-col", default="timestamp", help="ISO 8601 or epoch seconds")
     p.add_argument("--entity-col", default="card_id", help="the card (or customer) whose history is profiled")
@@ -39,6 +39,31 @@ def _say(message: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from offline.fraud_train import fit_fraud_model
+
+    if args.from_broker == bool(args.csv):
+        _say("give either --csv FILE or --from-broker")
+        return 2
+    if args.from_broker:
+        from offline.fraud_logs import logged_training_set
+        from streams.config import Settings
+
+        settings = Settings.from_env()
+        data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
+        model = fit_fraud_model(data.rows, data.labels, data.epoch_s, data.ids, epochs=args.epochs, seed=args.seed,
+                                progress=_say)
+        model.report["source"] = {"broker": settings.broker, "labelled": data.labelled,
+                                  "assumed_genuine": data.assumed_genuine, "too_recent": data.left_out}
+    else:
+        model = _train_from_csv(args)
+        if model is None:
+            return 2
+    path = model.save(Path(args.out) / model.version)
+    print(json.dumps({"model_version": model.version, "path": str(path), **model.report}))
+    return 0
+
+
+def _train_from_csv(args: argparse.Namespace) -> Any:
     import numpy as np
 
     from offline.fraud_dataset import feature_rows, payments_of, read_history
@@ -48,14 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = frame["label"].to_numpy(dtype=float)
     if np.isnan(labels).any():
         _say(f"{int(np.isnan(labels).sum())} rows have no 0/1 label in {args.label_col}")
-        return 2
+        return None
     _say(f"{len(frame):,} payments, {int(labels.sum()):,} frauds; computing features point-in-time")
     rows = feature_rows(payments_of(frame), labels)
     model = fit_fraud_model(rows, labels.astype(int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
                             epochs=args.epochs, seed=args.seed, progress=_say)
-    path = model.save(Path(args.out) / model.version)
-    print(json.dumps({"model_version": model.version, "path": str(path), **model.report}))
-    return 0
+    model.report["source"] = {"csv": str(args.csv)}
+    return model
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,8 +118,13 @@ def _print_table(summary: dict[str, Any]) -> None:
 def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAction,
              bench: argparse._SubParsersAction) -> None:
     """Add the fraud verbs to the ``train`` and ``eval`` command groups."""
-    p = train.add_parser("fraud", help="train the fraud model (torch + river) from a labelled payment history")
-    _add_columns(p)
+    p = train.add_parser("fraud", help="train the fraud model (torch + river) from the decision log and labels "
+                                       "on the broker (--from-broker) or from a labelled payment history (--csv)")
+    _add_columns(p, csv_required=False)
+    p.add_argument("--from-broker", action="store_true",
+                   help="decisions.fraud (features as logged) joined to training.examples, from KESTREL_BROKER")
+    p.add_argument("--assume-genuine-after-days", type=float, default=7.0,
+                   help="with --from-broker: an unlabelled payment older than this is genuine (label delay)")
     p.add_argument("--out", default="artifacts/fraud", help="artifacts root; the model goes to OUT/VERSION/")
     p.set_defaults(func=cmd_train)
 

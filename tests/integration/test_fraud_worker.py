@@ -96,3 +96,35 @@ def worker_metrics(base: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def test_train_from_the_logged_decisions_and_labels(settings, worker, outputs, tmp_path):
+    """`kestrel train fraud --from-broker`: the features the worker logged, joined to the labels that came back."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker.start()
+    sim = Simulator(payments_config(3000, seed=4, n_cards=1000))
+    producer = EventProducer(settings.broker, settings.hash_key)
+    sent: dict[str, list[str]] = {"transaction": [], "label": []}
+    for rec in sim.records():
+        if rec.time >= sim.config.start + 2 * DAY:
+            break
+        producer.send(rec.event)
+        sent[rec.kind].append(rec.event_id)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.TRAINING_EXAMPLES, set(sent["label"]), timeout_s=120)
+    outputs.wait_for(topics.FRAUD_DECISIONS, set(sent["transaction"]), timeout_s=60)
+    proc = subprocess.run([sys.executable, "-m", "streams.cli", "train", "fraud", "--from-broker", "--epochs", "3",
+                           "--assume-genuine-after-days", "0.5", "--out", str(tmp_path / "models")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **settings.to_env()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    source = report["source"]
+    labelled = {d["transaction_id"] for d in outputs.docs[topics.TRAINING_EXAMPLES]}
+    assert source["labelled"] == len(labelled & set(sent["transaction"]))
+    assert source["labelled"] + source["assumed_genuine"] + source["too_recent"] == len(sent["transaction"])
+    assert source["too_recent"] > 0 and report["train_rows"] == source["labelled"] + source["assumed_genuine"]
+    assert (tmp_path / "models" / report["model_version"] / "model.pt").exists()
