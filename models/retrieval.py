@@ -46,6 +46,7 @@ class IndexSnapshot:
     build_s: float = 0.0
     gpu: bool = False
     extra: Any = None  # what must change together with the index (serving: the model of the same version)
+    mips_norm: float | None = None  # set when inner product was turned into L2 (see ``_mips_to_l2``)
     row_of: dict[str, int] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,11 +59,18 @@ class IndexSnapshot:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and row numbers (-1 where fewer than ``k`` rows exist), best first."""
+        return self.search_with(queries, k, self.search_params)
+
+    def search_with(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.size))
-        if self.search_params is not None:
-            return self.index.search(q, k, params=self.search_params)
-        return self.index.search(q, k)
+        if self.mips_norm is None:
+            return self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+        q_aug = np.hstack([q, np.zeros((len(q), 1), dtype=np.float32)])
+        dist, rows = self.index.search(q_aug, k, params=params) if params is not None else self.index.search(q_aug, k)
+        # ||q' - x'||^2 = ||q||^2 + M^2 - 2 q.x: back to inner-product scores, same order
+        scores = (np.sum(q * q, axis=1, keepdims=True) + self.mips_norm ** 2 - dist) / 2
+        return scores.astype(np.float32), rows
 
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
@@ -84,6 +92,18 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Share of the exact top-k that the approximate search returned."""
     hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
     return hits / max(truth.size, 1)
+
+
+def _mips_to_l2(vectors: np.ndarray) -> tuple[np.ndarray, float]:
+    """Append ``sqrt(M^2 - |x|^2)``: nearest in L2 (query padded with 0) is then largest inner product.
+
+    Item vectors carry a bias dimension, so their norms differ and inner product is not a metric; HNSW
+    graphs are built for metrics and lose recall on raw inner product (Bachrach et al., 2014).
+    """
+    norms2 = np.sum(vectors.astype(np.float64) ** 2, axis=1)
+    m2 = float(norms2.max())
+    extra = np.sqrt(np.maximum(m2 - norms2, 0.0)).astype(np.float32)[:, None]
+    return np.ascontiguousarray(np.hstack([vectors, extra])), float(np.sqrt(m2))
 
 
 def _sample_queries(vectors: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,10 +137,12 @@ def build_snapshot(item_ids: Sequence[str] | np.ndarray, vectors: np.ndarray, ve
     sample = queries if queries is not None else _sample_queries(vectors, min(500, n), rng)
     sample = np.ascontiguousarray(sample[:500], dtype=np.float32)
     truth = exact_top_k(vectors, sample, min(k, n))
+    mips_norm = None
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        augmented, mips_norm = _mips_to_l2(vectors)
+        index = faiss.IndexHNSWFlat(dim + 1, HNSW_M)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.add(vectors)
+        index.add(augmented)
         steps = [faiss.SearchParametersHNSW(efSearch=max(ef, k)) for ef in EF_SEARCH_STEPS]
     elif kind == "ivf":
         nlist = int(max(16, min(4 * np.sqrt(n), n // 39)))
@@ -134,13 +156,15 @@ def build_snapshot(item_ids: Sequence[str] | np.ndarray, vectors: np.ndarray, ve
         steps = [faiss.SearchParametersIVF(nprobe=min(p, nlist)) for p in NPROBE_STEPS]
     else:
         raise ValueError(f"unknown index kind {kind!r}")
+    snap = IndexSnapshot(index, ids, vectors, version, kind, None, 0.0, gpu=gpu, mips_norm=mips_norm)
     recall = 0.0
     for params in steps:  # the cheapest breadth that reaches the target on the sample
-        _, found = index.search(sample, min(k, n), params=params)
+        _, found = snap.search_with(sample, min(k, n), params)
         recall = recall_at_k(found, truth)
         if recall >= target_recall:
             break
-    snap = IndexSnapshot(index, ids, vectors, version, kind, params, recall, gpu=gpu)
+    object.__setattr__(snap, "search_params", params)
+    object.__setattr__(snap, "measured_recall", recall)
     return _with_time(snap, started)
 
 

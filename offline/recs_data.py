@@ -106,12 +106,14 @@ def training_examples(train: pd.DataFrame, history_len: int) -> Examples:
     users, hist, targets, times = [], [], [], []
     for user, group in train.sort_values(["user", "time"], kind="stable").groupby("user", sort=False):
         recent: OrderedDict[str, None] = OrderedDict()
+        seen: set[str] = set()
         for item, t in zip(group["item"].to_numpy(), group["time"].to_numpy(), strict=True):
-            if item not in recent:
+            if item not in seen:
                 users.append(user)
                 hist.append(list(reversed(recent))[:history_len])
                 targets.append(item)
                 times.append(t)
+            seen.add(item)
             recent.pop(item, None)
             recent[item] = None
             if len(recent) > 4 * history_len:  # bounded, like the online LastN
