@@ -9,15 +9,15 @@ codes come from the model's attributions with the payment's own numbers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 MONTH_S = 30 * 86400.0
-NIGHT_HOURS = range(0, 6)  # 00:00-05:59 UTC: payments of the small hours
+NIGHT_END_HOUR = 6  # 00:00-05:59 UTC: payments of the small hours
 
 
 def payment_context(epoch_s: float, card_present: bool | None, device_id: str | None) -> dict[str, float]:
@@ -45,40 +45,59 @@ def payment_features(amount: float, epoch_s: float, card_present: bool | None, d
         "prev_terminal": vector.get("prev_terminal", "")}
 
 
-def _log(x: float) -> float:
-    return math.log1p(max(x, 0.0))
+# Input functions take a feature dict (one payment: floats) or a :class:`Columns` (a batch: arrays), so the
+# stream path computes a whole micro-batch with numpy while explanations read one payment's values.
+def _log(x: Any) -> Any:
+    return np.log1p(np.maximum(x, 0.0))
 
 
-def _z(f: Mapping[str, float]) -> float:
-    std = max(f.get("amount_std_30d", 0.0), 1.0)
-    if f.get("txn_count_30d_before", 0.0) < 2:
-        return 0.0
-    return max(min((f.get("amount", 0.0) - f.get("amount_mean_30d_before", 0.0)) / std, 20.0), -20.0)
+def _z(f: Any) -> Any:
+    std = np.maximum(f.get("amount_std_30d", 0.0), 1.0)
+    z = np.clip((f.get("amount", 0.0) - f.get("amount_mean_30d_before", 0.0)) / std, -20.0, 20.0)
+    return np.where(f.get("txn_count_30d_before", 0.0) < 2, 0.0, z)
 
 
-def _since(f: Mapping[str, float]) -> float:
+def _since(f: Any) -> Any:
     s = f.get("seconds_since_prev", -1.0)
-    return _log(s if s >= 0 else MONTH_S)
+    return _log(np.where(s >= 0, s, MONTH_S))
 
 
-def _spend_ratio(f: Mapping[str, float]) -> float:
-    return f.get("amount_sum_1h", 0.0) / max(f.get("amount_mean_30d_before", 0.0), 1.0)
+def _spend_ratio(f: Any) -> Any:
+    return f.get("amount_sum_1h", 0.0) / np.maximum(f.get("amount_mean_30d_before", 0.0), 1.0)
 
 
-def _new_device(f: Mapping[str, float]) -> bool:
-    return f.get("has_device", 0.0) > 0 and f.get("card_device_seconds_since_prev", -1.0) < 0
+def _new_device(f: Any) -> Any:
+    return (f.get("has_device", 0.0) > 0) & (f.get("card_device_seconds_since_prev", -1.0) < 0)
 
 
-def _device_payments_before(f: Mapping[str, float]) -> float:
+def _device_payments_before(f: Any) -> Any:
     """Earlier payments from this card's device in 30 days; a card-present payment counts as a known device."""
-    if f.get("has_device", 0.0) <= 0:
-        return 30.0
-    return max(f.get("card_device_txn_count_30d", 1.0) - 1.0, 0.0)
+    before = np.maximum(f.get("card_device_txn_count_30d", 1.0) - 1.0, 0.0)
+    return np.where(f.get("has_device", 0.0) <= 0, 30.0, before)
 
 
-def _terminal_rate(f: Mapping[str, float]) -> float:
+def _terminal_rate(f: Any) -> Any:
     """Fraud rate of the terminal's labelled payments, shrunk toward 0 when there are few labels."""
     return f.get("terminal_frauds_30d_d7", 0.0) / (f.get("terminal_labels_30d_d7", 0.0) + 2.0)
+
+
+class Columns:
+    """A batch of feature dicts seen column-wise: ``get(name, default)`` is a float array (cached)."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = rows
+        self._cache: dict[tuple[str, float], np.ndarray] = {}
+
+    def get(self, name: str, default: float = 0.0) -> np.ndarray:
+        key = (name, default)
+        if key not in self._cache:
+            self._cache[key] = np.fromiter((_num(r.get(name, default), default) for r in self.rows), dtype=np.float64,
+                                           count=len(self.rows))
+        return self._cache[key]
+
+
+def _num(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, int | float) else default
 
 
 @dataclass(frozen=True)
@@ -103,7 +122,7 @@ def _g(name: str, default: float = 0.0) -> Callable[[Mapping[str, float]], float
 INPUTS: tuple[ModelInput, ...] = (
     _input("amount", lambda f: _log(f.get("amount", 0.0)), lambda f: f"amount {f.get('amount', 0.0):,.2f}",
            _g("amount")),
-    _input("amount_vs_mean_30d", lambda f: _log(min(f.get("amount_vs_mean_30d", 0.0), 1000.0)),
+    _input("amount_vs_mean_30d", lambda f: _log(np.minimum(f.get("amount_vs_mean_30d", 0.0), 1000.0)),
            lambda f: f"amount {f.get('amount_vs_mean_30d', 0.0):.1f}× this card's 30-day mean "
                      f"({f.get('amount_mean_30d_before', 0.0):,.2f})", _g("amount_vs_mean_30d")),
     _input("amount_z_30d", _z, lambda f: f"amount {_z(f):+.1f} standard deviations from this card's 30-day mean"),
@@ -129,23 +148,23 @@ INPUTS: tuple[ModelInput, ...] = (
            lambda f: (f"{f.get('seconds_since_prev', -1.0):,.0f} s after this card's previous payment"
                       if f.get("seconds_since_prev", -1.0) >= 0 else "first payment seen from this card"),
            _g("seconds_since_prev", -1.0)),
-    _input("new_terminal", lambda f: float(f.get("card_terminal_seconds_since_prev", -1.0) < 0),
+    _input("new_terminal", lambda f: 1.0 * (f.get("card_terminal_seconds_since_prev", -1.0) < 0),
            lambda f: ("first payment by this card at this terminal"
                       if f.get("card_terminal_seconds_since_prev", -1.0) < 0 else "a terminal this card has used"),
            _g("card_terminal_txn_count_30d")),
-    _input("new_device", lambda f: float(_new_device(f)),
+    _input("new_device", lambda f: 1.0 * _new_device(f),
            lambda f: "first payment by this card from this device" if _new_device(f) else "a known device (or none)",
            _g("has_device")),
     _input("device_history_30d", lambda f: _log(_device_payments_before(f)),
            lambda f: (f"{_device_payments_before(f):.0f} earlier payments by this card from this device in 30 days"
                       if f.get("has_device", 0.0) > 0 else "no device (card present)"),
            _device_payments_before),
-    _input("card_not_present", lambda f: float(f.get("card_present", -1.0) == 0.0),
+    _input("card_not_present", lambda f: 1.0 * (f.get("card_present", -1.0) == 0.0),
            lambda f: "card not present (online / phone)" if f.get("card_present", -1.0) == 0.0 else "card present",
            _g("card_present", -1.0)),
-    _input("night", lambda f: float(int(f.get("hour_utc", 12.0)) in NIGHT_HOURS),
+    _input("night", lambda f: 1.0 * (f.get("hour_utc", 12.0) < NIGHT_END_HOUR),
            lambda f: f"at {f.get('hour_utc', 12.0):02.0f}h UTC", _g("hour_utc", 12.0)),
-    _input("weekend", lambda f: float(f.get("weekday", 0.0) >= 5),
+    _input("weekend", lambda f: 1.0 * (f.get("weekday", 0.0) >= 5),
            lambda f: "on a weekend" if f.get("weekday", 0.0) >= 5 else "on a weekday", _g("weekday")),
     _input("terminal_fraud_rate_30d", _terminal_rate,
            lambda f: f"terminal fraud rate {f.get('terminal_fraud_rate_30d_d7', 0.0):.0%} over 30 days "
@@ -165,16 +184,17 @@ INPUT_NAMES: tuple[str, ...] = tuple(i.name for i in INPUTS)
 INPUT_INDEX = {name: i for i, name in enumerate(INPUT_NAMES)}
 
 
-def model_inputs(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
-    """The (n, len(INPUTS)) float32 matrix of model inputs.
+def model_inputs(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The (n, len(INPUTS)) float32 matrix of model inputs, computed column-wise.
 
-    >>> model_inputs([{"amount": 0.0}]).shape == (1, len(INPUTS))
-    True
+    >>> x = model_inputs([{"amount": 0.0}, {"amount": 99.0, "hour_utc": 2.0}])
+    >>> x.shape == (2, len(INPUTS)), float(x[1, INPUT_INDEX["night"]]), round(float(x[1, 0]), 3)
+    (True, 1.0, 4.605)
     """
+    cols = Columns(rows)
     out = np.empty((len(rows), len(INPUTS)), dtype=np.float32)
-    for r, f in enumerate(rows):
-        for c, inp in enumerate(INPUTS):
-            out[r, c] = inp.value_of(f)
+    for c, inp in enumerate(INPUTS):
+        out[:, c] = inp.value_of(cols)
     return out
 
 

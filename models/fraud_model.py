@@ -73,14 +73,27 @@ class FraudModel:
         return _sigmoid(self.base_logits(x))
 
     def score_arrays(self, x: np.ndarray, learners: Sequence[OnlineFraudLearner]) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and per-input log-odds contributions, (n,) and (n, d), with each row's own learner."""
+        """Scores and per-input log-odds contributions, (n,) and (n, d), with each row's own learner.
+
+        The river layer is evaluated as a matrix product per distinct learner
+        (the same logistic function river's ``predict_proba_one`` computes),
+        not one dict at a time: a micro-batch costs one pass.
+        """
         z, attr = logits_and_attributions(self.net, x)
         a, b = self.platt
-        xs = self.online_inputs(x, a * z + b)
-        scores = np.array([learner.predict([xi])[0] for learner, xi in zip(learners, xs, strict=True)])
-        w_base = np.array([learner.model.weights.get(BASE, 0.0) for learner in learners])
-        river = np.array([[learner.model.weights.get(name, 0.0) * xi[name] for name in INPUT_NAMES]
-                          for learner, xi in zip(learners, xs, strict=True)]).reshape(len(xs), len(INPUTS))
+        base = a * z + b
+        std = self.standardised(x).astype(np.float64)
+        scores = np.empty(len(x))
+        river = np.empty(std.shape)
+        w_base = np.empty(len(x))
+        groups: dict[int, tuple[OnlineFraudLearner, list[int]]] = {}
+        for i, learner in enumerate(learners):
+            groups.setdefault(id(learner), (learner, []))[1].append(i)
+        for learner, rows in groups.values():
+            w, wb, intercept = learner.weight_vector(INPUT_NAMES)
+            river[rows] = std[rows] * w
+            w_base[rows] = wb
+            scores[rows] = _sigmoid(river[rows].sum(axis=1) + wb * base[rows] + intercept)
         return scores, (w_base * a)[:, None] * attr + river
 
     # -- artifact ----------------------------------------------------------------
@@ -143,8 +156,9 @@ class ModelScorer:
         x = model_inputs(features)
         scores, contrib = self.model.score_arrays(x, learners or [self.model.online] * len(features))
         out = []
-        for f, p, c in zip(features, scores, contrib, strict=True):
-            top = [i for i in np.argsort(-c)[:TOP_REASONS] if c[i] > 0.05]
+        tops = np.argsort(-contrib, axis=1)[:, :TOP_REASONS]
+        for f, p, c, order in zip(features, scores, contrib, tops, strict=True):
+            top = [i for i in order if c[i] > 0.05]
             reasons = tuple(Reason(INPUTS[i].name, INPUTS[i].explain(f), round(float(INPUTS[i].raw_of(f)), 4),
                                    round(float(c[i]), 3)) for i in top)
             score = round(float(p), 6)

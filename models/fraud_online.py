@@ -72,6 +72,11 @@ class OnlineFraudLearner:
         """Probability of fraud for each input dict."""
         return np.array([self.model.predict_proba_one(dict(x)).get(True, 0.0) for x in xs], dtype=np.float64)
 
+    def weight_vector(self, names: Sequence[str]) -> tuple[np.ndarray, float, float]:
+        """(weights of ``names``, weight of the base log-odds, intercept): for scoring a batch as one matrix."""
+        w = self.model.weights  # a fresh dict per access in river: read it once
+        return np.array([w.get(n, 0.0) for n in names]), float(w.get(BASE, 0.0)), float(self.model.intercept)
+
     def logit(self, x: Mapping[str, float]) -> float:
         w = self.model.weights
         return self.model.intercept + sum(w.get(k, 0.0) * v for k, v in x.items())

@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,4 +74,27 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                     "first_event": float(epoch_s[0]), "last_event": float(epoch_s[-1])}
     say(f"river layer: base weight {model.online.model.weights.get('base_logit', 0.0):.2f}; "
         f"done in {time.time() - started:.1f}s -> {model.version}")
+    return model
+
+
+def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments_per_day: float = 3000.0,
+                               seed: int = 1, epochs: int = 8, progress: Progress | None = None) -> FraudModel:
+    """Simulate a labelled payment history (default fraud mix) and train on it; saved under ``out_root``.
+
+    What the demo does on its first run, and what tests use: a real model in seconds, no data download.
+    """
+    import tempfile
+
+    from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
+    from streams.simulator import write_history
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "history.csv"
+        write_history(str(csv), days, payments_per_day, seed=seed, n_cards=1000)
+        frame = read_history(csv, Columns(merchant="merchant_id", card_present="card_present", device="device_id"))
+    rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
+    model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
+                            frame["event_id"].tolist(), epochs=epochs, seed=0, progress=progress)
+    model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "seed": seed}
+    model.save(Path(out_root) / model.version)
     return model

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from streams.config import Settings
 from streams.producer import EventProducer
 from streams.services import EmbeddedBroker, LocalRedis, free_port
 from streams.simulate_cli import paced, send
-from streams.simulator import SimConfig, Simulator
+from streams.simulator import SimConfig, SimRecord, Simulator
 
 OUTPUT_KINDS = {topics.FRAUD_DECISIONS: "fraud", topics.RECOMMENDATION_DECISIONS: "recs",
                 topics.TRAINING_EXAMPLES: "labels", topics.DEADLETTER: "deadletter"}
@@ -54,6 +55,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-delay", type=float, default=1800.0, help="simulated seconds before labels arrive")
     p.add_argument("--recs-every", type=int, default=200, help="ask GET /recommendations every N events")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for the last decisions")
+    p.add_argument("--fraud-model", default="auto", metavar="auto|rules|PATH",
+                   help="auto: KESTREL_FRAUD_MODEL, else artifacts/fraud-demo (trained on simulated history on the "
+                        "first run, ~10 s); rules: the rules baseline; PATH: an artifact (root)")
     p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
 
 
@@ -67,6 +71,7 @@ class Collector:
     seen: dict[str, Counter] = field(default_factory=lambda: {k: Counter() for k in OUTPUT_KINDS.values()})
     latencies_ms: list[float] = field(default_factory=list)
     actions: Counter = field(default_factory=Counter)
+    fraud_actions: dict[str, str] = field(default_factory=dict)
     dl_reasons: Counter = field(default_factory=Counter)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,6 +101,7 @@ class Collector:
                 self.latencies_ms.append((now - sent) * 1000)
             if kind == "fraud":
                 self.actions[doc.get("action")] += 1
+                self.fraud_actions[event_id] = doc.get("action")
             elif kind == "deadletter":
                 self.dl_reasons[doc.get("reason")] += 1
 
@@ -265,6 +271,8 @@ def run_demo(args: argparse.Namespace) -> int:
         redis_prefix=f"{base.redis_prefix}-demo-{run_id}", app_id=f"{base.app_id}-demo-{run_id}",
         web_port=free_port(), api_token=base.api_token or secrets.token_urlsafe(24),
         session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
+    settings = settings.with_(fraud_model=demo_fraud_model(args.fraud_model, args.seed, say))
+    say(f"fraud scorer: {settings.fraud_model or 'rules baseline'}")
     log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
     worker = None
     collector_thread = None
@@ -367,8 +375,42 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         "p99_ms": round(p99, 2),
         "events_per_s": round(sent / max(send_elapsed, 1e-9), 1),
         "actions": dict(collector.actions),
+        **_fraud_summary(stream, collector),
         "deadletter_reasons": dict(collector.dl_reasons),
     }
+
+
+def _fraud_summary(stream: list[SimRecord], collector: Collector) -> dict[str, Any]:
+    """How the live scorer did against the simulator's ground truth (flagged = review or block)."""
+    with collector.lock:
+        actions = dict(collector.fraud_actions)
+    frauds = [r.event_id for r in stream if r.kind == "transaction" and r.fraud]
+    flagged = [eid for eid, action in actions.items() if action != "allow"]
+    fraud_ids = set(frauds)
+    caught = sum(1 for eid in frauds if actions.get(eid, "allow") != "allow")
+    return {"frauds_sent": len(frauds), "frauds_flagged": caught,
+            "fraud_recall": round(caught / len(frauds), 4) if frauds else None,
+            "flagged_precision": round(sum(1 for eid in flagged if eid in fraud_ids) / len(flagged), 4)
+            if flagged else None}
+
+
+def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
+    """The fraud model artifact the demo's worker loads ("" = rules); trains one on its first run."""
+    if choice == "rules":
+        return ""
+    if choice != "auto":
+        return choice
+    if os.environ.get("KESTREL_FRAUD_MODEL"):
+        return os.environ["KESTREL_FRAUD_MODEL"]
+    from models.fraud_model import latest_artifact
+
+    root = Path("artifacts/fraud-demo")
+    if latest_artifact(root) is None:
+        from offline.fraud_train import train_on_simulated_history
+
+        say("training a fraud model on 4 simulated days (first run only; `kestrel train fraud` for real data)")
+        train_on_simulated_history(root, seed=seed + 1000, progress=say)
+    return str(root)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ so a batch replayed after a crash re-sends only what was never delivered.
 from __future__ import annotations
 
 import base64
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ def load_fraud_scorer(settings: Settings) -> FraudScorer:
     if path is None:
         raise FileNotFoundError(f"KESTREL_FRAUD_MODEL={settings.fraud_model}: no model artifact (meta.json) there")
     policy = Policy.from_json(settings.fraud_policy) if settings.fraud_policy else Policy(review=0.5)
+    import torch
+
+    # A micro-batch through a small MLP is 5x faster on one thread than on two that contend with the event
+    # loop (measured: 12 vs 55-85 ms per 500 payments, forward + attribution backward, on this 2-core box).
+    torch.set_num_threads(int(os.environ.get("KESTREL_TORCH_THREADS", "1")))
     return ModelScorer(FraudModel.load(path), policy)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from models.fraud_model import FraudModel
 from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
-from offline.fraud_train import fit_fraud_model
+from offline.fraud_train import train_on_simulated_history
 from streams.simulator import write_history
 
 HISTORY_COLUMNS = Columns(merchant="merchant_id", card_present="card_present", device="device_id",
@@ -22,11 +22,8 @@ def simulated_frame(path: Path, days: float, per_day: float, seed: int, **kwargs
 
 def train_small_model(directory: Path) -> tuple[FraudModel, Path]:
     """Four simulated days (default fraud mix, no account takeover), a few epochs: seconds on 2 cores."""
-    frame = simulated_frame(directory / "train.csv", days=4, per_day=3000, seed=1)
-    rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
-    model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
-                            frame["event_id"].tolist(), epochs=8, seed=0)
-    return model, model.save(directory / "artifacts" / model.version)
+    model = train_on_simulated_history(directory / "artifacts", days=4, payments_per_day=3000, seed=1, epochs=8)
+    return model, directory / "artifacts" / model.version
 
 
 def rows_and_inputs(frame) -> tuple[list[dict], np.ndarray]:

@@ -119,6 +119,8 @@ def test_artifact_roundtrip_and_model_based_reasons(fraud_model, tmp_path):
     a, _ = model.score_arrays(x, [model.online] * len(x))
     b, _ = loaded.score_arrays(x, [loaded.online] * len(x))
     np.testing.assert_allclose(a, b, rtol=1e-5)
+    river_says = model.online.predict(model.online_inputs(x[:50], model.base_logits(x[:50])))
+    np.testing.assert_allclose(a[:50], river_says, rtol=1e-4, atol=1e-7)  # the matrix path is river's function
     scorer = ModelScorer(loaded, Policy(review=0.5))
     scores = scorer.score_batch([None] * len(rows), rows)
     flagged = [s for s in scores if s.action != "allow"]
