@@ -13,12 +13,14 @@ Measured side by side in one run against the same Redis:
   ``HMGET``/``ZCOUNT`` and not aggregated (what a store without heads must
   at least fetch). On a shared machine the ``PING`` percentiles show how much
   of a p99 is scheduling noise;
+* the same reads through the asyncio store (fewer samples; no baselines);
 * memory per entity (``MEMORY USAGE`` of every key of sampled entities:
   buckets, distinct-count set, head).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import secrets
@@ -31,11 +33,12 @@ from typing import Any
 
 import numpy as np
 import redis
+import redis.asyncio as aioredis
 
 from feature_store.definitions import Windowed, compile_event, vector_reads
 from feature_store.erase import delete_matching
 from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import RedisOnlineStore
+from feature_store.redis_store import AsyncRedisOnlineStore, RedisOnlineStore
 from feature_store.sets import CARD_PROFILE
 
 READ_P99_TARGET_MS = 0.25  # one entity's vector (issue #3)
@@ -111,6 +114,30 @@ def naive_apply(client: redis.Redis, keys: KeySpace, hasher: KeyedHasher, event:
     return out
 
 
+async def _async_reads(config: BenchConfig, keys: KeySpace, hasher: KeyedHasher, ids: list[str], at: float,
+                       seed: int) -> tuple[list[float], list[float]]:
+    """The asyncio store's single and 100-entity reads (what the stream agents and HTTP views use)."""
+    client = aioredis.Redis.from_url(config.redis_url)
+    store = AsyncRedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=hasher)
+    rng = random.Random(seed)
+    single, batch = [], []
+    try:
+        for entity in ids[:200]:
+            await store.read(CARD_PROFILE, entity, at=at)
+        for _ in range(config.reads // 3):
+            t = time.perf_counter()
+            await store.read(CARD_PROFILE, rng.choice(ids), at=at)
+            single.append(time.perf_counter() - t)
+        for _ in range(config.batch_reads // 3):
+            chosen = rng.sample(ids, min(100, len(ids)))
+            t = time.perf_counter()
+            await store.read_batch(CARD_PROFILE, chosen, at=at)
+            batch.append(time.perf_counter() - t)
+    finally:
+        await client.aclose()
+    return single, batch
+
+
 def run(config: BenchConfig) -> dict[str, Any]:
     client = redis.Redis.from_url(config.redis_url)
     keys = KeySpace(f"kestrel-bench-{secrets.token_hex(4)}")
@@ -176,6 +203,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             t = time.perf_counter()
             pipe.execute()
             raw_batch.append(time.perf_counter() - t)
+        async_single, async_batch = asyncio.run(_async_reads(config, keys, hasher, ids, at, config.seed))
         # -- memory ------------------------------------------------------------
         sample = rng.sample(ids, min(200, len(ids)))
         total = 0
@@ -211,6 +239,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "batch_ping_p99_ms": round(bping99, 4),
             "read_p99_target_ms": READ_P99_TARGET_MS,
             "batch_read_p99_target_ms": BATCH_READ_P99_TARGET_MS,
+            "async_read_p50_ms": round(_percentiles(async_single)[0], 4),
+            "async_read_p99_ms": round(_percentiles(async_single)[1], 4),
+            "async_batch_read_p50_ms": round(_percentiles(async_batch)[0], 4),
+            "async_batch_read_p99_ms": round(_percentiles(async_batch)[1], 4),
             "bytes_per_entity": round(total / len(sample)),
             "note": "ping = a redis-py PING timed after each read (round-trip floor and noise gauge); raw = the "
                     "vector's bucket fields as pipelined HMGET/ZCOUNT, not aggregated; batch = 100 entities",
