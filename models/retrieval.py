@@ -1,7 +1,7 @@
 """FAISS retrieval over item vectors, with an index that is swapped whole, never edited in place.
 
 The index type follows the catalog: exact (flat inner product) for small
-catalogs, HNSW on the CPU or IVF on a GPU for large ones, with the search
+catalogs, IVF or HNSW (whichever reaches the recall target) for large ones, with the search
 breadth (``efSearch`` / ``nprobe``) raised until recall@k against exact search
 on a sample of queries reaches the target: the choice is measured, not assumed.
 
@@ -117,14 +117,28 @@ def build_snapshot(item_ids: Sequence[str] | np.ndarray, vectors: np.ndarray, ve
                    kind: str = "auto", k: int = 20, target_recall: float = 0.97,
                    queries: np.ndarray | None = None, use_gpu: bool | None = None,
                    seed: int = 0) -> IndexSnapshot:
-    """Build a complete index aside (nothing is swapped here); ``kind``: auto | flat | hnsw | ivf."""
+    """Build a complete index aside (nothing is swapped here); ``kind``: auto | flat | hnsw | ivf.
+
+    ``auto``: exact up to ``EXACT_MAX_ITEMS``; above, IVF first (it builds in seconds, and on clustered
+    catalogs, where many items are near-duplicates, it keeps recall that HNSW loses); when IVF does
+    not reach ``target_recall`` even at the widest ``nprobe``, HNSW is built too and the better
+    measured recall wins. On a GPU the IVF index is a GPU index and is kept (faiss has no GPU HNSW).
+    """
+    n = len(vectors)
+    if kind == "auto" and n > EXACT_MAX_ITEMS:
+        build = {"k": k, "target_recall": target_recall, "queries": queries, "use_gpu": use_gpu, "seed": seed}
+        ivf = build_snapshot(item_ids, vectors, version, kind="ivf", **build)
+        if (ivf.measured_recall is not None and ivf.measured_recall >= target_recall) or ivf.gpu:
+            return ivf
+        hnsw = build_snapshot(item_ids, vectors, version, kind="hnsw", **build)
+        return hnsw if (hnsw.measured_recall or 0.0) > (ivf.measured_recall or 0.0) else ivf
     started = time.perf_counter()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.asarray(list(item_ids), dtype=object)
     n, dim = vectors.shape
     gpu = faiss_gpu_available() if use_gpu is None else use_gpu
     if kind == "auto":
-        kind = "flat" if n <= EXACT_MAX_ITEMS else ("ivf" if gpu else "hnsw")
+        kind = "flat"
     rng = np.random.default_rng(seed)
     params: Any = None
     if kind == "flat":

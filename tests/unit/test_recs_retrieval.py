@@ -31,6 +31,11 @@ def test_small_catalog_is_exact_and_large_one_reaches_the_target_recall():
     assert recall_at_k(rows, exact_top_k(big.vectors, q, 20)) >= 0.85  # fresh queries, not the tuning sample
 
 
+def test_auto_above_the_exact_limit_picks_an_approximate_index_that_reaches_the_target():
+    snap = build_snapshot([f"i{j}" for j in range(25_000)], _vectors(25_000, seed=5), "v1", target_recall=0.9)
+    assert snap.kind in ("ivf", "hnsw") and snap.measured_recall >= 0.9
+
+
 def test_ivf_index_is_tuned_by_measured_recall_too():
     snap = build_snapshot([f"i{j}" for j in range(4000)], _vectors(4000), "v1", kind="ivf", target_recall=0.9)
     assert snap.kind == "ivf" and snap.measured_recall >= 0.9
