@@ -27,6 +27,7 @@ with the entity's TTL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -534,8 +535,17 @@ def read_template(fs: FeatureSet) -> bytes:
 
 
 def head_suffix(fs: FeatureSet) -> str:
-    """Key suffix of ``fs``'s head next to the entity hash ('@' cannot occur in a feature name)."""
-    return f"|@{fs.name}"
+    """Key suffix of ``fs``'s head next to the entity hash ('@' cannot occur in a feature name).
+
+    It names the set's version and a digest of the head layout: a head
+    written under another definition of the set is never misread (its
+    numbers would sit at other places); the new definition's heads are
+    rebuilt from the buckets by each entity's next event, or by
+    :meth:`RedisOnlineStore.rebuild_heads`, and the old ones expire.
+    """
+    lay = fs.head
+    shape = repr((lay.lua_fmt, lay.series, lay.distinct, lay.last_time, lay.strings)).encode()
+    return f"|@{fs.name}:{fs.version}:{hashlib.sha1(shape).hexdigest()[:8]}"
 
 
 def write_template(fs: FeatureSet) -> bytes:

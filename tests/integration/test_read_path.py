@@ -269,3 +269,20 @@ def test_sync_reads_survive_a_dropped_connection_and_close(space):
     assert store.read(HEADED, "c", at=13_000_100.0) == want
     store.close()
     assert store.read(HEADED, "c", at=13_000_100.0) == want
+
+
+def test_a_changed_definition_never_misreads_an_old_head(space):
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    changed = FeatureSet(HEADED.name, HEADED.version, "card", "test", HEADED.entity_id_of, HEADED.time_of,
+                         (Windowed("n_5m", "count", 300, 60, series="a", lateness_s=600), *HEADED.features))
+    assert head_suffix(changed) != head_suffix(HEADED)
+    t0 = 14_000_000.0
+    store.apply_batch([compile_event(HEADED, _ev("d", i, t0 + 50 * i, 6.0, "ab"[i % 2]), keys, HASHER)
+                       for i in range(6)])
+    at = t0 + 400
+    assert store.read(changed, "d", at=at) == _read_plan(changed).missing(at)  # no head of this layout yet
+    store.apply_batch([compile_event(changed, _ev("d", 6, t0 + 300, 1.0, "c"), keys, HASHER)])
+    got = store.read(changed, "d", at=at)
+    assert got["n_10m"] == 7 and got["n_5m"] == 3 and got["terminals_1h"] == 3  # t0+200, t0+250, t0+300
+    _assert_same(got, _from_buckets(client, keys, changed, ["d"], at)[0], at)
