@@ -15,14 +15,16 @@ measured without an A/B test:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from models.two_tower import RecsArtifact
 from offline.recs_data import recent_distinct
-from streams.simulator import SimConfig, Simulator
+
+if TYPE_CHECKING:
+    from streams.simulator import SimConfig
 
 
 def _top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str], k: int) -> list[str]:
@@ -38,6 +40,8 @@ def _top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str], k: 
 def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfig, users: int = 200,
                     steps: Sequence[int] = (0, 1, 2, 3, 5), k: int = 10, seed: int = 0) -> dict[str, Any]:
     """Session shift (category share in the top ``k`` after n in-category interactions) and expected CTR."""
+    from streams.simulator import Simulator  # the ground truth lives with the simulator
+
     sim = Simulator(sim_config)
     rng = np.random.default_rng(seed)
     enc, ids = art.encoder(), art.vocab.item_ids
