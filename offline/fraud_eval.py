@@ -162,6 +162,9 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
 
     model = fit_fraud_model([rows[i] for i in train], y[train], t[train], ids[train].tolist(), epochs=cfg.epochs,
                             seed=cfg.seed, progress=say)
+    import torch
+
+    torch.set_num_threads(1)  # as the worker scores (see streams.processing.load_fraud_scorer)
     scorer = ModelScorer(model, Policy(review=0.5))
     say("scoring the test window in time order (labels fed back after the delay)")
     kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, [lr] * len(xb))[0], scorer.new_learner(),

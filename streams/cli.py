@@ -88,6 +88,22 @@ async def _erase_cases(settings: Settings, keys: object, card_token: str) -> int
         await client.aclose()
 
 
+def cmd_rebuild_heads(args: argparse.Namespace) -> int:
+    """After upgrading from a version without read heads: build them for every stored entity."""
+    import redis
+
+    from feature_store.keys import KeyedHasher, KeySpace
+    from feature_store.redis_store import RedisOnlineStore
+    from feature_store.sets import ALL_SETS
+
+    settings = Settings.from_env()
+    store = RedisOnlineStore(redis.Redis.from_url(settings.redis_url), settings.dedup_ttl_s,
+                             KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode()))
+    names = args.set or sorted(ALL_SETS)
+    print(json.dumps({name: store.rebuild_heads(ALL_SETS[name]) for name in names}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from feature_store.bench import BenchConfig, run
 
@@ -141,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entity", required=True, metavar="ENTITY:ID",
                    help="card:ID, user:ID or terminal:ID (the raw id; only its keyed hash is used)")
     p.set_defaults(func=cmd_erase)
+
+    from feature_store.sets import ALL_SETS
+
+    p = sub.add_parser("rebuild-heads", help="build the feature store's read heads for entities stored "
+                                             "without them (once, after upgrading)")
+    p.add_argument("--set", action="append", choices=sorted(ALL_SETS), help="feature set (repeatable; default all)")
+    p.set_defaults(func=cmd_rebuild_heads)
 
     # Nested verbs: `kestrel train|eval {fraud,recs}`, `kestrel bench {features,recs}`.
     train = sub.add_parser("train", help="train a model and write a versioned artifact").add_subparsers(

@@ -137,3 +137,26 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
     assert summary["test_rows"] > 0 and summary["test_frauds"] > 0 and summary["train_rows"] > 0
     assert summary["kestrel"]["average_precision"] > summary["baselines"]["rules"]["average_precision"]
     assert set(summary["segments"]) == {"north", "south", "east", "west"}
+
+
+def test_rebuild_heads_command_restores_read_heads(settings, redis_client):
+    """Data stored without read heads (an older version) gets them back from `kestrel rebuild-heads`."""
+    from feature_store.definitions import compile_event
+    from feature_store.keys import KeyedHasher, KeySpace
+    from feature_store.redis_store import RedisOnlineStore
+    from feature_store.sets import CARD_PROFILE
+    from streams.schemas import Transaction
+
+    keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
+    store = RedisOnlineStore(redis_client, 3600, keys, hasher)
+    txns = [Transaction(event_id=f"rh-{i}", card_id=f"card-{i % 3}", merchant_id="m", terminal_id="t",
+                        amount=10.0 + i, currency="EUR", timestamp=1_767_225_600 + 60 * i) for i in range(9)]
+    store.apply_batch([compile_event(CARD_PROFILE, t, keys, hasher) for t in txns])
+    heads = list(redis_client.scan_iter(match=f"{settings.redis_prefix}:e:card:*|@*"))
+    assert len(heads) == 3
+    expected = {h: redis_client.get(h) for h in heads}
+    redis_client.delete(*heads)
+    proc = _kestrel("rebuild-heads", "--set", "card_profile", env=settings.to_env())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"card_profile": 3}
+    assert {h: redis_client.get(h) for h in heads} == expected  # bit for bit what the writes had built
