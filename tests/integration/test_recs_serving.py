@@ -103,27 +103,42 @@ def test_interactions_through_the_broker_shift_the_next_recommendation(settings,
     assert after["items"][0] not in excluded["items"]
 
 
-def test_request_and_response_topics_answer_with_the_model_and_path(settings, worker, recs_model):
-    root, _categories = recs_model
+def test_request_and_response_topics_answer_with_the_model_and_path(settings, worker, outputs, recs_model):
+    root, categories = recs_model
     worker.settings = settings.with_(recs_model=str(root))
     worker.start()
+    user = f"asker-{secrets.token_hex(3)}"
+    some_cat = next(iter(set(categories.values())))
+    history = [i for i, c in categories.items() if c == some_cat][:3]
+    ids = _send(EventProducer(settings.broker, settings.hash_key), user, history, categories, "q")
+    outputs.wait_for(topics.RECOMMENDATION_DECISIONS, set(ids), timeout_s=60)
     consumer = Consumer({"bootstrap.servers": settings.broker, "group.id": f"t-{secrets.token_hex(4)}",
                          "enable.auto.commit": False, "fetch.wait.max.ms": 10})
     consumer.assign([TopicPartition(topics.RECS_RESPONSES, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
     producer = Producer({"bootstrap.servers": settings.broker})
-    requests = {"r-1": {"request_id": "r-1", "user_id": "nobody-yet", "k": 5},
-                "r-2": {"request_id": "r-2", "user_id": "someone", "k": 0}}
-    for rid, doc in requests.items():
-        producer.produce(topics.RECS_REQUESTS, key=rid.encode(), value=orjson.dumps(doc))
-    producer.flush(10)
     answers: dict[bytes, dict] = {}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(answers) < 2:
-        for msg in consumer.consume(10, timeout=0.2):
-            if msg.error() is None:
-                answers[msg.key()] = orjson.loads(msg.value())
+
+    def ask(rid: str, doc: dict) -> dict:
+        producer.produce(topics.RECS_REQUESTS, key=rid.encode(), value=orjson.dumps({"request_id": rid, **doc}))
+        producer.flush(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and rid.encode() not in answers:
+            for msg in consumer.consume(10, timeout=0.2):
+                if msg.error() is None:
+                    answers[msg.key()] = orjson.loads(msg.value())
+        return answers[rid.encode()]
+
+    assert "k must be" in ask("bad", {"user_id": user, "k": 0})["error"]
+    cold = ask("cold", {"user_id": "nobody-yet", "k": 5})
+    assert cold["path"] == "fallback" and cold["model_version"] == "popularity-v1"
+    deadline = time.monotonic() + 90  # the model loads in a thread after the worker starts
+    n = 0
+    while True:
+        n += 1
+        ans = ask(f"warm-{n}", {"user_id": user, "k": 5, "exclude": [history[0]]})
+        if ans["path"] == "personalised" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     consumer.close()
-    ok, bad = answers[b"r-1"], answers[b"r-2"]
-    assert ok["request_id"] == "r-1" and ok["path"] == "fallback" and ok["model_version"]
-    assert isinstance(ok["items"], list)
-    assert "k must be" in bad["error"]
+    assert ans["path"] == "personalised" and ans["model_version"].startswith("two-tower-")
+    assert ans["user_id"] == user and len(ans["items"]) == 5 and not set(ans["items"]) & set(history)
