@@ -100,7 +100,8 @@ class FraudModel:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": self.net.state_dict(), "hidden": list(self.net.hidden)}, path / "model.pt")
+        torch.save({"state": self.net.state_dict(), "hidden": list(self.net.hidden), "members": len(self.net.mlps)},
+                   path / "model.pt")
         (path / "online.pkl").write_bytes(self.online.dumps())
         meta = {"version": self.version, "inputs": list(INPUT_NAMES), "platt": list(self.platt),
                 "payments_per_day": self.payments_per_day,
@@ -115,7 +116,7 @@ class FraudModel:
         if tuple(meta["inputs"]) != INPUT_NAMES:
             raise ValueError(f"{path}: model inputs {meta['inputs']} differ from this code's {list(INPUT_NAMES)}")
         blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        net = FraudNet(len(INPUT_NAMES), tuple(blob["hidden"]))
+        net = FraudNet(len(INPUT_NAMES), tuple(blob["hidden"]), int(blob["members"]))
         net.load_state_dict(blob["state"])
         net.to(device or pick_device()).eval()
         return FraudModel(meta["version"], net, tuple(meta["platt"]),

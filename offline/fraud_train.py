@@ -33,7 +33,8 @@ def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, 
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
-                    epochs: int = 30, seed: int = 0, progress: Progress | None = None) -> FraudModel:
+                    epochs: int = 30, members: int = 3, seed: int = 0,
+                    progress: Progress | None = None) -> FraudModel:
     """Train every part of the fraud model from time-ordered rows with labels."""
     say = progress or (lambda _m: None)
     started = time.time()
@@ -47,10 +48,11 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     say(f"training on {cut:,} payments ({int(y[fit].sum()):,} frauds), validating on {n - cut:,} "
         f"({int(y[val].sum()):,} frauds)")
 
-    def epoch_report(epoch: int, loss: float, val_ap: float) -> None:
-        say(f"  epoch {epoch:>2}/{epochs}  loss {loss:.4f}  validation AP {val_ap:.3f}")
+    def epoch_report(member: int, epoch: int, loss: float, val_ap: float) -> None:
+        say(f"  network {member}/{members}  epoch {epoch:>2}/{epochs}  loss {loss:.4f}  validation AP {val_ap:.3f}")
 
-    net = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, seed=seed, progress=epoch_report)
+    net = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, members=members, seed=seed,
+                          progress=epoch_report)
     z_val = logits(net, x[val])
     platt = fit_platt(z_val, y[val])
     model = FraudModel("pending", net, platt, OnlineFraudLearner(base_weight=1.0), np.array([]), 0.0)
