@@ -87,7 +87,7 @@ def train_two_tower(train: pd.DataFrame, *, dim: int = 64, epochs: int = 8, batc
     log_q = torch.tensor(np.log((freq + 1.0) / (freq.sum() + config.n_items)), dtype=torch.float32, device=device)
 
     model = TwoTower(config, device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opts = _optimizers(model, lr)
     n = len(target)
     steps_per_epoch = max(1, n // batch_size)
     losses: list[float] = []
@@ -110,9 +110,11 @@ def train_two_tower(train: pd.DataFrame, *, dim: int = 64, epochs: int = 8, batc
                 dup = (tgt[:, None] == tgt[None, :]) & ~torch.eye(len(b), dtype=torch.bool, device=device)
                 logits = logits.masked_fill(dup, float("-inf"))
                 loss = nn.functional.cross_entropy(logits, torch.arange(len(b), device=device))
-                opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                for opt in opts:
+                    opt.step()
                 epoch_loss += float(loss.detach())
                 if bar is not None:
                     bar.update(task, advance=1, description=f"training two-tower: epoch {epoch + 1}/{epochs} "
@@ -130,6 +132,25 @@ def train_two_tower(train: pd.DataFrame, *, dim: int = 64, epochs: int = 8, batc
             "examples_per_s": round(n * epochs / max(time.time() - started, 1e-9), 1),
             "data_end_time": float(train["time"].max())}
     return RecsArtifact(version, model, vocab, embeddings, meta)
+
+
+def _optimizers(model: TwoTower, lr: float) -> list[torch.optim.Optimizer]:
+    """Sparse gradients and lazy Adam for the embedding tables, Adam for the rest.
+
+    A batch touches a few thousand rows; dense gradients would make every step
+    read and write every row of every table (the user table alone has 20k rows),
+    which was 70% of the training time.
+    """
+    tables: list[nn.Parameter] = []
+    for ebc in (model.query_ebc, model.item_ebc):
+        for bag in ebc.embedding_bags.values():
+            bag.sparse = True
+            tables.append(bag.weight)
+    model.item_bias.sparse = True
+    tables.append(model.item_bias.weight)
+    table_ids = {id(t) for t in tables}
+    dense = [p for p in model.parameters() if id(p) not in table_ids]
+    return [torch.optim.SparseAdam(tables, lr=lr), torch.optim.Adam(dense, lr=lr)]
 
 
 class _NoProgress:
