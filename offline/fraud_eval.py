@@ -40,6 +40,7 @@ class EvalConfig:
     test_days: float = 7.0
     train_start: str | None = None
     epochs: int = 30
+    members: int = 3
     seed: int = 0
 
 
@@ -161,6 +162,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     delay_s = cfg.delay_days * DAY
 
     model = fit_fraud_model([rows[i] for i in train], y[train], t[train], ids[train].tolist(), epochs=cfg.epochs,
+                            members=cfg.members,
                             seed=cfg.seed, progress=say)
     import torch
 

@@ -22,6 +22,7 @@ def _add_columns(p: argparse.ArgumentParser, csv_required: bool = True) -> None:
     p.add_argument("--card-present-col", default=None)
     p.add_argument("--device-col", default=None)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--members", type=int, default=3, help="networks averaged in the torch model")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -50,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         settings = Settings.from_env()
         data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
-        model = fit_fraud_model(data.rows, data.labels, data.epoch_s, data.ids, epochs=args.epochs, seed=args.seed,
+        model = fit_fraud_model(data.rows, data.labels, data.epoch_s, data.ids, epochs=args.epochs,
+                                members=args.members, seed=args.seed,
                                 progress=_say)
         model.report["source"] = {"broker": settings.broker, "labelled": data.labelled,
                                   "assumed_genuine": data.assumed_genuine, "too_recent": data.left_out}
@@ -77,7 +79,7 @@ def _train_from_csv(args: argparse.Namespace) -> Any:
     _say(f"{len(frame):,} payments, {int(labels.sum()):,} frauds; computing features point-in-time")
     rows = feature_rows(payments_of(frame), labels)
     model = fit_fraud_model(rows, labels.astype(int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
-                            epochs=args.epochs, seed=args.seed, progress=_say)
+                            epochs=args.epochs, members=args.members, seed=args.seed, progress=_say)
     model.report["source"] = {"csv": str(args.csv)}
     return model
 
@@ -86,7 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from offline.fraud_eval import EvalConfig, run_eval
 
     cfg = EvalConfig(csv=args.csv, columns=_columns(args), train_days=args.train_days, delay_days=args.delay_days,
-                     test_days=args.test_days, train_start=args.train_start, epochs=args.epochs, seed=args.seed)
+                     test_days=args.test_days, train_start=args.train_start, epochs=args.epochs,
+                     members=args.members, seed=args.seed)
     summary = run_eval(cfg, _say)
     if args.json:
         print(json.dumps(_finite(summary)))
