@@ -75,3 +75,25 @@ def test_bad_requests_are_refused_with_a_reason(doc, error):
 def test_a_good_request_becomes_options():
     doc, opt = parse_request(b'{"user_id": "u", "k": 7, "exclude": ["a"], "per_category": 2, "mmr_lambda": 0.5}')
     assert doc["user_id"] == "u" and opt == RecOptions(7, ("a",), 0.5, 2, False)
+
+
+def test_items_first_seen_in_the_stream_join_the_index_by_a_swap(service):
+    import asyncio
+
+    from streams.recommend import NEW_ITEMS_BATCH
+
+    before = service.holder.current
+    new = [(f"fresh-{j}", "2") for j in range(NEW_ITEMS_BATCH)]
+
+    async def run() -> None:
+        service.observe_items([("i1", "0"), *new])  # a known item is not re-added
+        await service._adding
+
+    asyncio.run(run())
+    after = service.holder.current
+    assert after is not before and before.size == len(before.item_ids)  # the old snapshot is untouched
+    assert after.size == before.size + NEW_ITEMS_BATCH and after.version == before.version
+    assert after.extra.category_of["fresh-0"] == "2" and "fresh-0" in after.row_of
+    # A category-2 history now retrieves from the whole, bigger index without error.
+    (res,) = service.rank(["u2"], [["i20"]], [{"i20"}], [], set(), [RecOptions(5)])
+    assert res.path == PERSONALISED and len(res.items) == 5
