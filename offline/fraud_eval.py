@@ -40,7 +40,7 @@ class EvalConfig:
     test_days: float = 7.0
     train_start: str | None = None
     epochs: int = 30
-    members: int = 3
+    members: int = 5
     seed: int = 0
 
 

@@ -33,7 +33,7 @@ def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, 
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
-                    epochs: int = 30, members: int = 3, seed: int = 0,
+                    epochs: int = 30, members: int = 5, seed: int = 0,
                     progress: Progress | None = None) -> FraudModel:
     """Train every part of the fraud model from time-ordered rows with labels."""
     say = progress or (lambda _m: None)
@@ -96,7 +96,7 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
         frame = read_history(csv, Columns(merchant="merchant_id", card_present="card_present", device="device_id"))
     rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
     model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
-                            frame["event_id"].tolist(), epochs=epochs, seed=0, progress=progress)
+                            frame["event_id"].tolist(), epochs=epochs, members=3, seed=0, progress=progress)
     model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "seed": seed}
     model.save(Path(out_root) / model.version)
     return model

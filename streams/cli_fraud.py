@@ -22,7 +22,7 @@ def _add_columns(p: argparse.ArgumentParser, csv_required: bool = True) -> None:
     p.add_argument("--card-present-col", default=None)
     p.add_argument("--device-col", default=None)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--members", type=int, default=3, help="networks averaged in the torch model")
+    p.add_argument("--members", type=int, default=5, help="networks averaged in the torch model")
     p.add_argument("--seed", type=int, default=0)
 
 
