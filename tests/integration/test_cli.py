@@ -119,7 +119,7 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
                     "--seed", "3")
     assert proc.returncode == 0 and history.exists(), proc.stderr
     columns = ["--merchant-col", "merchant_id", "--card-present-col", "card_present", "--device-col", "device_id",
-               "--epochs", "5"]
+               "--epochs", "5", "--members", "2"]
     proc = _kestrel("train", "fraud", "--csv", str(history), "--out", str(tmp_path / "models"), *columns)
     assert proc.returncode == 0, proc.stderr[-2000:]
     trained = json.loads(proc.stdout.strip().splitlines()[-1])
