@@ -97,6 +97,7 @@ class RecommendationService:
         self._loading: asyncio.Task[None] | None = None
         self._next_check = 0.0
         self._loaded_from: str | None = None
+        self._warned_missing = False
         self._new_items: dict[str, str] = {}
         self._new_since = 0.0
         self._adding: asyncio.Task[None] | None = None
@@ -123,6 +124,9 @@ class RecommendationService:
         if self._loading is not None and not self._loading.done():
             return
         target = self._current_target()
+        if target is None and not self._warned_missing:
+            self._warned_missing = True
+            log.warning("KESTREL_RECS_MODEL=%s holds no model (yet): serving trending items", self.model_path)
         if target is not None and target != self._loaded_from:
             self._loading = asyncio.get_running_loop().create_task(self._load(target))
 
