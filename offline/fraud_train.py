@@ -80,7 +80,8 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
 
 
 def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments_per_day: float = 3000.0,
-                               seed: int = 1, epochs: int = 8, progress: Progress | None = None) -> FraudModel:
+                               seed: int = 1, epochs: int = 8, n_cards: int = 1000,
+                               progress: Progress | None = None) -> FraudModel:
     """Simulate a labelled payment history (default fraud mix) and train on it; saved under ``out_root``.
 
     What the demo does on its first run, and what tests use: a real model in seconds, no data download.
@@ -92,11 +93,12 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
 
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "history.csv"
-        write_history(str(csv), days, payments_per_day, seed=seed, n_cards=1000)
+        write_history(str(csv), days, payments_per_day, seed=seed, n_cards=n_cards)
         frame = read_history(csv, Columns(merchant="merchant_id", card_present="card_present", device="device_id"))
     rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
     model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
                             frame["event_id"].tolist(), epochs=epochs, members=3, seed=0, progress=progress)
-    model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "seed": seed}
+    model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "n_cards": n_cards,
+                              "seed": seed}
     model.save(Path(out_root) / model.version)
     return model
