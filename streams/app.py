@@ -59,6 +59,7 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self._processor: Processor | None = None
+        self.warm = False  # set once the models answered a first call (see warm_up); /ready waits for it
         self._topics: dict[str, Any] = {}
 
     @property
@@ -138,6 +139,22 @@ def create_app(settings: Settings | None = None) -> faust.App:
         _install_agent(app, runtime, name)
     install_views(app, runtime)
     install_alert_views(app, runtime)
+
+    @app.task
+    async def warm_up() -> None:
+        """Pay one-time costs (model files, first torch/FAISS calls, Redis scripts) before reporting ready."""
+        delay = 0.5
+        while True:
+            try:
+                await runtime.processor.warm_up()
+                runtime.warm = True
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("warm-up failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @app.on_partitions_revoked.connect
     async def forget_online_learners(sender: Any, revoked: Any, **_: Any) -> None:

@@ -58,6 +58,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraud-model", default="auto", metavar="auto|rules|PATH",
                    help="auto: KESTREL_FRAUD_MODEL, else artifacts/fraud-demo (trained on simulated history on the "
                         "first run, ~10 s); rules: the rules baseline; PATH: an artifact (root)")
+    p.add_argument("--recs-model", default="auto", metavar="auto|trending|PATH",
+                   help="auto: KESTREL_RECS_MODEL, else artifacts/recs-demo (a two-tower trained on simulated "
+                        "interactions on the first run, ~15 s); trending: no model; PATH: an artifact (root)")
     p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
 
 
@@ -273,6 +276,8 @@ def run_demo(args: argparse.Namespace) -> int:
         session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
     settings = settings.with_(fraud_model=demo_fraud_model(args.fraud_model, args.seed, say))
     say(f"fraud scorer: {settings.fraud_model or 'rules baseline'}")
+    settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
+    say(f"recommender: {settings.recs_model or 'trending items only'}")
     log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
     worker = None
     collector_thread = None
@@ -417,6 +422,23 @@ def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
             "`kestrel train fraud` for real data)")
         train_on_simulated_history(root, days=0.5, payments_per_day=per_day, n_cards=cards, seed=seed + 1000,
                                    progress=say)
+    return str(root)
+
+
+def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
+    """The two-tower artifact root the demo's worker loads ("" = trending only); trains one on its first run."""
+    if choice == "trending":
+        return ""
+    if choice != "auto":
+        return choice
+    if os.environ.get("KESTREL_RECS_MODEL"):
+        return os.environ["KESTREL_RECS_MODEL"]
+    root = Path("artifacts/recs-demo")
+    if not (root / "CURRENT").exists():
+        say("training a two-tower recommender on 100,000 simulated interactions (first run only, ~15 s)")
+        # Same seed as the demo's stream: the seed makes the world (catalog, shoppers' tastes) the model must know.
+        subprocess.run([sys.executable, "-m", "streams.cli", "train", "recs", "--simulate", "100000",
+                        "--seed", str(seed), "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
     return str(root)
 
 

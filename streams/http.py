@@ -44,8 +44,9 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
     class Ready(View):
         async def get(self, request: Request) -> Response:
             assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.consumer.assignment())
-            status = 200 if assigned else 503
-            return reply(self, {"ready": bool(assigned), "partitions": assigned}, status)
+            ready = bool(assigned) and runtime.warm
+            return reply(self, {"ready": ready, "partitions": assigned, "models_warm": runtime.warm},
+                         200 if ready else 503)
 
     @app.page("/metrics")
     class PrometheusMetrics(View):
