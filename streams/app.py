@@ -24,6 +24,7 @@ from streams.config import Settings
 from streams.http import install_views
 from streams.metrics import Metrics
 from streams.processing import Output, Processor, RawRecord
+from streams.recommend import install_request_agent
 
 log = logging.getLogger("kestrel.worker")
 
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         _install_agent(app, runtime, name)
     install_views(app, runtime)
     install_alert_views(app, runtime)
+    install_request_agent(app, runtime)  # recs.requests -> recs.responses
 
     @app.task
     async def warm_up() -> None:

@@ -11,7 +11,7 @@ import orjson
 from faust.web import Request, Response, View
 
 from streams.producer import EVENT_ID_HEADER, partition_key
-from streams.recommend import install_request_agent, parse_request
+from streams.recommend import parse_request
 from streams.topics import EVENT_TYPE_TOPIC
 from streams.validation import Rejection, check_time, validate_document
 
@@ -78,9 +78,6 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
             (res,) = await runtime.processor.recommend([user_id], opts)
             return reply(self, {"user_id": user_id, "k": opts.k, "items": res.items,
                                 "model_version": res.model_version, "path": res.path})
-
-    # The same service's second front door: the recs.requests -> recs.responses topic pair.
-    install_request_agent(app, runtime)
 
     @app.page("/events")
     class Events(View):
