@@ -158,12 +158,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    @app.on_partitions_revoked.connect
-    async def forget_online_learners(sender: Any, revoked: Any, **_: Any) -> None:
-        """A partition may come back after another worker taught its learner: reload it from its checkpoint."""
-        learners = runtime._processor.learners if runtime._processor is not None else None
-        if learners is not None:
-            learners.forget({tp.partition for tp in revoked})
     return app
 
 

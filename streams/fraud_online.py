@@ -1,19 +1,21 @@
-"""The worker's online fraud learners: one per input partition, checkpointed in Redis.
+"""The workers' online fraud learner: one per model version, shared through Redis.
 
-Labels and payments are both keyed by the card, so a partition's labels and
-payments meet in the same worker. Keeping a learner per partition (like a
-Faust table) lets partitions move between workers on a rebalance without two
-workers overwriting one model: the new owner loads the partition's
-checkpoint, and every label batch writes it back before its outputs are
-sent (so before its offsets can be committed). The checkpoint carries the
-ids of the labels it learned, so a batch replayed after a crash is learned
-exactly once.
+Every worker scores with the same learner and every label teaches it, so a
+new fraud pattern is learned from all of its labels, whichever partition or
+worker they land on. Updates are compare-and-set on a revision number: a
+label batch loads the latest checkpoint, learns, and writes it back only if
+no other worker wrote in between (else it reloads and learns again). Labels
+are rare next to payments, so retries are rare too. The checkpoint carries
+the ids of the labels it learned, so a batch replayed after a crash, or a
+label sent twice, is learned exactly once. Scoring uses a cached copy that
+is refreshed when the revision moved (checked at most every ``refresh_s``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -23,42 +25,63 @@ from models.fraud_online import OnlineFraudLearner
 if TYPE_CHECKING:
     from models.fraud_model import ModelScorer
 
+T = TypeVar("T")
 
-class PartitionLearners:
-    """Learners by partition for one model version; a cache in front of Redis checkpoints."""
+# KEYS[1] checkpoint hash; ARGV: expected revision ("" = none yet), new blob, ttl. Returns 1 if written.
+CAS_LUA = r"""
+local rev = redis.call('HGET', KEYS[1], 'rev') or ''
+if rev ~= ARGV[1] then return 0 end
+local next_rev = (tonumber(rev) or 0) + 1
+redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'rev', tostring(next_rev))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
 
-    def __init__(self, client: aioredis.Redis, keys: KeySpace, scorer: ModelScorer) -> None:
+
+class SharedLearner:
+    """The online learner of one model version, checkpointed in one Redis hash."""
+
+    def __init__(self, client: aioredis.Redis, keys: KeySpace, scorer: ModelScorer, ttl_s: int,
+                 refresh_s: float = 2.0, max_attempts: int = 20) -> None:
         self.client = client
-        self.keys = keys
         self.scorer = scorer
-        self._cache: dict[int, OnlineFraudLearner] = {}
+        self.key = keys.global_(f"online_fraud:{scorer.version}")
+        self.ttl_s = ttl_s
+        self.refresh_s = refresh_s
+        self.max_attempts = max_attempts
+        self._cas = client.register_script(CAS_LUA)
+        self._cached: OnlineFraudLearner | None = None
+        self._rev = ""
+        self._checked = 0.0
 
-    def key(self, partition: int) -> str:
-        return self.keys.global_(f"online_fraud:{self.scorer.version}:{partition}")
+    async def current(self) -> OnlineFraudLearner:
+        """The learner to score with: cached, reloaded when another batch or worker has taught it since."""
+        now = time.monotonic()
+        if self._cached is None or now - self._checked >= self.refresh_s:
+            self._checked = now
+            rev = await self.client.hget(self.key, "rev")
+            rev_s = rev.decode() if rev else ""
+            if self._cached is None or rev_s != self._rev:
+                await self._load()
+        assert self._cached is not None
+        return self._cached
 
-    async def for_partitions(self, partitions: Iterable[int], fresh: bool = False) -> dict[int, OnlineFraudLearner]:
-        """The learner of each partition: cached, else its checkpoint, else the model's starting state.
+    async def _load(self) -> tuple[OnlineFraudLearner, str]:
+        blob, rev = await self.client.hmget(self.key, ["blob", "rev"])
+        learner = OnlineFraudLearner.loads(blob) if blob else self.scorer.new_learner()
+        self._cached, self._rev = learner, rev.decode() if rev else ""
+        return learner, self._rev
 
-        ``fresh`` reloads from Redis (the label path does, so it always learns on the authoritative state).
+    async def update(self, teach: Callable[[OnlineFraudLearner], T]) -> T:
+        """Apply ``teach`` to the latest learner and save it atomically; retried on a concurrent update.
+
+        ``teach`` must only touch the learner it is given (it may run more than once).
         """
-        wanted = sorted(set(partitions))
-        missing = [p for p in wanted if fresh or p not in self._cache]
-        if missing:
-            raw = await self.client.mget([self.key(p) for p in missing])
-            for p, blob in zip(missing, raw, strict=True):
-                self._cache[p] = OnlineFraudLearner.loads(blob) if blob else self.scorer.new_learner()
-        return {p: self._cache[p] for p in wanted}
-
-    async def save(self, partitions: Sequence[int], ttl_s: int) -> None:
-        """Persist these partitions' learners (one round trip; overwrites: a checkpoint is the latest state)."""
-        pipe = self.client.pipeline(transaction=False)
-        for p in sorted(set(partitions)):
-            pipe.set(self.key(p), self._cache[p].dumps(), ex=ttl_s)
-        await pipe.execute()
-
-    def forget(self, partitions: Iterable[int] | None = None) -> None:
-        """Drop cached learners (all, or of revoked partitions): their next use reloads the checkpoint."""
-        if partitions is None:
-            self._cache.clear()
-        for p in partitions or ():
-            self._cache.pop(p, None)
+        for _ in range(self.max_attempts):
+            learner, rev = await self._load()
+            result = teach(learner)
+            if await self._cas(keys=[self.key], args=[rev, learner.dumps(), self.ttl_s]):
+                self._rev = str((int(rev) if rev else 0) + 1)
+                self._checked = time.monotonic()
+                return result
+        raise RuntimeError(f"online learner {self.key}: {self.max_attempts} concurrent updates in a row")

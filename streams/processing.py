@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from feature_store.sets import (
 )
 from models.fraud_features import model_inputs, payment_features
 from models.fraud_model import FraudModel, ModelScorer, latest_artifact
+from models.fraud_online import DriftEvent, OnlineFraudLearner
 from models.policy import Policy
 from models.popularity import PopularityRecommender
 from models.rules import RuleScorer
@@ -41,7 +43,7 @@ from streams import topics
 from streams.case_store import AlertDesk
 from streams.config import Settings
 from streams.delivery import DeliveryLedger
-from streams.fraud_online import PartitionLearners
+from streams.fraud_online import SharedLearner
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.recommend import RecommendationService, RecOptions, RecResult
@@ -144,9 +146,9 @@ class Processor:
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or load_fraud_scorer(settings)
-        # online learners per partition, when the scorer is a trained model (rules do not learn)
-        self.learners = PartitionLearners(client, self.keys, self.scorer) if isinstance(self.scorer, ModelScorer) \
-            else None
+        # the online learner shared by all workers, when the scorer is a trained model (rules do not learn)
+        self.learner = SharedLearner(client, self.keys, self.scorer, settings.decision_log_ttl_s) \
+            if isinstance(self.scorer, ModelScorer) else None
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
@@ -240,9 +242,9 @@ class Processor:
             for j, fs in enumerate(FRAUD_VECTOR_SETS):
                 vector.update(finalize(fs, snaps[j * n + i], e.epoch_s))
             feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
-        if self.learners is not None:
-            by_partition = await self.learners.for_partitions(rec.partition for rec, _ in valid)
-            scores = self.scorer.score_batch(events, feats, [by_partition[rec.partition] for rec, _ in valid])
+        if self.learner is not None:
+            learner = await self.learner.current()
+            scores = self.scorer.score_batch(events, feats, [learner] * len(events))
         else:
             scores = self.scorer.score_batch(events, feats)
         now = time.time()
@@ -315,42 +317,49 @@ class Processor:
 
     async def _learn(self, valid: list[tuple[RawRecord, Label]], decisions: list[dict[str, Any] | None],
                      writes: list[tuple[str, bytes]], now: float) -> list[Output]:
-        """Each label teaches its partition's online learner at once, from the features its decision logged.
+        """Each label teaches the online learner at once, from the features its decision logged.
 
-        Idempotent per label id (the checkpoint remembers them); the updated
-        checkpoints are saved before the batch's outputs are sent, so before
-        its offsets can be committed. A drift flagged by ADWIN becomes an
-        operator event.
+        Idempotent per label id (the checkpoint remembers them); the learner
+        is saved (compare-and-set, shared by all workers) before the batch's
+        outputs are sent, so before its offsets can be committed. A drift
+        flagged by ADWIN becomes an operator event.
         """
-        if self.learners is None or not isinstance(self.scorer, ModelScorer):
+        if self.learner is None or not isinstance(self.scorer, ModelScorer):
             return []
         known = [(rec, e, d) for (rec, e), d in zip(valid, decisions, strict=True) if d and d.get("features")]
         self.metrics.online_labels.labels("no_decision").inc(len(valid) - len(known))
         if not known:
             return []
-        learners = await self.learners.for_partitions((rec.partition for rec, _, _ in known), fresh=True)
         model = self.scorer.model
         x = model_inputs([d["features"] for _, _, d in known])
         inputs = model.online_inputs(x, model.base_logits(x))
+        review = self.scorer.thresholds.review
+
+        def teach(learner: OnlineFraudLearner) -> tuple[Counter, list[tuple[Label, DriftEvent]]]:
+            outcomes: Counter = Counter()
+            drifts = []
+            for (_, e, d), xi in zip(known, inputs, strict=True):
+                if learner.seen(e.event_id):
+                    outcomes["already_learned"] += 1
+                    continue
+                outcomes["learned"] += 1
+                drift = learner.learn(e.event_id, xi, e.verdict == "fraud", float(d.get("score", 0.0)), review)
+                if drift is not None:
+                    drifts.append((e, drift))
+            return outcomes, drifts
+
+        outcomes, drifts = await self.learner.update(teach)
+        for outcome, n in outcomes.items():
+            self.metrics.online_labels.labels(outcome).inc(n)
         outputs = []
-        for (rec, e, d), x in zip(known, inputs, strict=True):
-            learner = learners[rec.partition]
-            if learner.seen(e.event_id):
-                self.metrics.online_labels.labels("already_learned").inc()
-                continue
-            drift = learner.learn(e.event_id, x, e.verdict == "fraud", float(d.get("score", 0.0)),
-                                  self.scorer.thresholds.review)
-            self.metrics.online_labels.labels("learned").inc()
-            if drift is not None:
-                self.metrics.drift_events.inc()
-                doc = {"type": "drift", "detector": drift.detector, "metric": "decision_error_rate",
-                       "error_rate": round(drift.error_rate, 4), "labels_seen": drift.labels_seen,
-                       "partition": rec.partition, "model_version": self.scorer.version,
-                       "label_event_id": e.event_id, "at": _iso(now),
-                       "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
-                outputs.append(Output(topics.OPERATOR_EVENTS, str(rec.partition).encode(), orjson.dumps(doc),
-                                      self.keys.published("drift", e.event_id)))
-        await self.learners.save(list(learners), self.settings.decision_log_ttl_s)
+        for e, drift in drifts:
+            self.metrics.drift_events.inc()
+            doc = {"type": "drift", "detector": drift.detector, "metric": "decision_error_rate",
+                   "error_rate": round(drift.error_rate, 4), "labels_seen": drift.labels_seen,
+                   "model_version": self.scorer.version, "label_event_id": e.event_id, "at": _iso(now),
+                   "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
+            outputs.append(Output(topics.OPERATOR_EVENTS, self.scorer.version.encode(), orjson.dumps(doc),
+                                  self.keys.published("drift", e.event_id)))
         return outputs
 
     def _observe(self, kind: str, rec: RawRecord, started: float, now: float) -> None:
