@@ -88,6 +88,28 @@ async def _erase_cases(settings: Settings, keys: object, card_token: str) -> int
         await client.aclose()
 
 
+def cmd_exclude(args: argparse.Namespace) -> int:
+    """Items that must not be recommended (out of stock, blocked), or allowed again with --remove."""
+    import redis.asyncio as aioredis
+
+    from feature_store.keys import KeySpace
+    from streams.recommend import EXCLUDED_SET, exclude_items
+
+    settings = Settings.from_env()
+    keys = KeySpace(settings.redis_prefix)
+
+    async def run() -> list[str]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            await exclude_items(client, keys, args.items, remove=args.remove)
+            return sorted(m.decode() for m in await client.smembers(keys.global_(EXCLUDED_SET)))
+        finally:
+            await client.aclose()
+
+    print(json.dumps({"excluded": asyncio.run(run())}))
+    return 0
+
+
 def cmd_rebuild_heads(args: argparse.Namespace) -> int:
     """After upgrading from a version without read heads: build them for every stored entity."""
     import redis
@@ -159,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_erase)
 
     from feature_store.sets import ALL_SETS
+
+    p = sub.add_parser("exclude", help="items never to recommend (out of stock, blocked); prints the whole list")
+    p.add_argument("items", nargs="*", metavar="ITEM_ID")
+    p.add_argument("--remove", action="store_true", help="allow these items again")
+    p.set_defaults(func=cmd_exclude)
 
     p = sub.add_parser("rebuild-heads", help="build the feature store's read heads for entities stored "
                                              "without them (once, after upgrading)")

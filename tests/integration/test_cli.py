@@ -160,3 +160,12 @@ def test_rebuild_heads_command_restores_read_heads(settings, redis_client):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"card_profile": 3}
     assert {h: redis_client.get(h) for h in heads} == expected  # bit for bit what the writes had built
+
+
+def test_exclude_command_manages_the_items_never_recommended(settings):
+    env = settings.to_env()
+    proc = _kestrel("exclude", "item_7", "item_9", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"excluded": ["item_7", "item_9"]}
+    proc = _kestrel("exclude", "item_7", "--remove", env=env)
+    assert json.loads(proc.stdout) == {"excluded": ["item_9"]}
