@@ -134,11 +134,22 @@ class SeenSet:
 
 @dataclass(frozen=True)
 class GlobalScore:
-    """A global sorted-set score per member, e.g. item popularity weighted by kind."""
+    """A global sorted-set score per member, e.g. item popularity weighted by kind.
+
+    With ``bucket_s``, one sorted set per event-time bucket (``name@index``),
+    each kept for ``buckets`` buckets; :func:`~feature_store.redis_store.read_windowed_top`
+    unions the last ``buckets`` of them: what is popular *now* (trending), not
+    since the beginning.
+    """
 
     name: str
     member_of: Callable[[Any], str]
     weight_of: Callable[[Any], float]
+    bucket_s: int | None = None
+    buckets: int = 0
+
+    def bucket_key(self, keys: KeySpace, index: int | str) -> str:
+        return keys.global_(f"{self.name}@{index}")
 
 
 Feature = Windowed | TimeSince | LastValue | LastN | SeenSet | GlobalScore
@@ -419,7 +430,14 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
             skey = keys.entity_part(fs.entity, token, feat.name)
             ops.writes.append(["sadd", skey, str(feat.value_of(event)), [fs.ttl_s]])
         elif isinstance(feat, GlobalScore):
-            ops.writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [float(feat.weight_of(event))]])
+            weight = float(feat.weight_of(event))
+            if feat.bucket_s is None:
+                ops.writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [weight]])
+            else:
+                index = math.floor(t / feat.bucket_s)
+                keep_s = (feat.buckets + 1) * feat.bucket_s
+                ops.writes.append(["zincr", feat.bucket_key(keys, index), feat.member_of(event),
+                                   [weight, keep_s, index, feat.bucket_key(keys, "latest")]])
     if has_hash:
         ops.writes.append(["expire", key, "", [fs.ttl_s]])
     return ops

@@ -43,6 +43,7 @@ from feature_store.definitions import (
     COMPONENTS,
     EventOps,
     FeatureSet,
+    GlobalScore,
     TimeSince,
     Windowed,
     finalize,
@@ -414,6 +415,12 @@ local function write(op)
     redis.call('EXPIRE', key, a[1])
   elseif kind == 'zincr' then
     redis.call('ZINCRBY', key, a[1], name)
+    if a[2] then  -- time-bucketed: keep the bucket a window long, remember the newest bucket index
+      redis.call('EXPIRE', key, a[2])
+      local newest = tonumber(redis.call('GET', a[4]) or '-1')
+      if a[3] > newest then redis.call('SET', a[4], a[3]) end
+      redis.call('EXPIRE', a[4], a[2])
+    end
   elseif kind == 'expire' then
     redis.call('EXPIRE', key, a[1])
   end
@@ -825,3 +832,31 @@ async def read_recent_and_top(client: aioredis.Redis, set_keys: Sequence[str], t
     pipe.zrevrange(top_key, 0, max(top_n - 1, 0))
     *sets, top = await pipe.execute()
     return ([{m.decode() for m in s} for s in sets], [m.decode() for m in top])
+
+
+# ARGV: newest-bucket key, bucket key prefix ("...name@"), buckets, depth, union key, union lifetime (s)
+WINDOWED_TOP_LUA = r"""
+local union = ARGV[5]
+if redis.call('EXISTS', union) == 0 then
+  local newest = tonumber(redis.call('GET', ARGV[1]) or '')
+  if not newest then return {} end
+  local parts = {}
+  for i = newest - tonumber(ARGV[3]) + 1, newest do parts[#parts + 1] = ARGV[2] .. string.format('%d', i) end
+  if redis.call('ZUNIONSTORE', union, #parts, unpack(parts)) == 0 then return {} end
+  redis.call('EXPIRE', union, tonumber(ARGV[6]))
+end
+return redis.call('ZREVRANGE', union, 0, tonumber(ARGV[4]) - 1)
+"""
+
+
+def windowed_top_args(feat: GlobalScore, keys: KeySpace, depth: int, union_s: int = 5) -> list[object]:
+    """Arguments of :data:`WINDOWED_TOP_LUA` for a time-bucketed :class:`GlobalScore`.
+
+    The union of the window's buckets is cached under ``name@top`` for
+    ``union_s`` seconds, shared by every worker: a request reads one sorted
+    set, and the union is recomputed at most every few seconds.
+    """
+    if feat.bucket_s is None:
+        raise ValueError(f"{feat.name} is not time-bucketed")
+    prefix = feat.bucket_key(keys, "")
+    return [feat.bucket_key(keys, "latest"), prefix, feat.buckets, depth, feat.bucket_key(keys, "top"), union_s]

@@ -116,7 +116,7 @@ INTERACTION_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase"
 
 USER_ACTIVITY = FeatureSet(
     name="user_activity",
-    version="2",
+    version="3",
     entity="user",
     source="interaction",
     entity_id_of=lambda e: e.user_id,
@@ -129,10 +129,14 @@ USER_ACTIVITY = FeatureSet(
         LastN("recent_items", value_of=lambda e: e.item_id, n=50),
         SeenSet("seen_items", value_of=lambda e: e.item_id),
         GlobalScore("item_popularity", member_of=lambda e: e.item_id, weight_of=lambda e: INTERACTION_WEIGHTS[e.kind]),
+        # What is popular now: the last 24 hours (event time) in hourly buckets; the cold-start fallback.
+        GlobalScore("item_trending", member_of=lambda e: e.item_id, weight_of=lambda e: INTERACTION_WEIGHTS[e.kind],
+                    bucket_s=HOUR, buckets=24),
     ),
     ttl_s=30 * DAY,
 )
 
 FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
+TRENDING = next(f for f in USER_ACTIVITY.features if f.name == "item_trending")
 ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE,
                                    USER_ACTIVITY)}

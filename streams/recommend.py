@@ -7,7 +7,7 @@ every interaction), ``GET /recommendations/{user_id}`` and the
 1. one Redis round trip reads the user's recent items (the feature store's
    LastN, newest first, already updated by the interaction that just
    happened), seen items, the excluded items (out of stock, blocked) and the
-   trending items (stream popularity counts);
+   trending items (interactions of the last 24 hours, weighted by kind);
 2. with a model and a history, the query tower turns them into a vector and
    FAISS returns candidates; seen and excluded items are dropped; an optional
    MMR / per-category cap re-ranks; the answer's ``path`` is ``personalised``;
@@ -36,6 +36,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.redis_store import WINDOWED_TOP_LUA, windowed_top_args
+from feature_store.sets import TRENDING
 from models.popularity import PopularityRecommender
 from models.retrieval import IndexHolder, IndexSnapshot
 
@@ -101,6 +103,7 @@ class RecommendationService:
         self._new_items: dict[str, str] = {}
         self._new_since = 0.0
         self._adding: asyncio.Task[None] | None = None
+        self._trending: Any = None  # the windowed-top script, registered on first use
 
     # -- model lifecycle ---------------------------------------------------------
     @property
@@ -207,10 +210,14 @@ class RecommendationService:
         for t in tokens:
             pipe.zrevrange(self.keys.entity_part("user", t, "recent_items"), 0, HISTORY_LEN - 1)
             pipe.smembers(self.keys.entity_part("user", t, "seen_items"))
+        if self._trending is None:
+            self._trending = self.client.register_script(WINDOWED_TOP_LUA)
+        await self._trending(args=windowed_top_args(TRENDING, self.keys, TRENDING_DEPTH), client=pipe)
         pipe.zrevrange(self.keys.global_("item_popularity"), 0, TRENDING_DEPTH - 1)
         pipe.smembers(self.keys.global_(EXCLUDED_SET))
-        *per_user, trending_raw, excluded_raw = await pipe.execute()
-        trending = [m.decode() for m in trending_raw]
+        *per_user, trending_raw, all_time_raw, excluded_raw = await pipe.execute()
+        # trending: the last 24 hours of interactions; all-time popularity only while those are empty
+        trending = [m.decode() for m in (trending_raw or all_time_raw)]
         excluded = {m.decode() for m in excluded_raw}
         recents = [[m.decode() for m in per_user[2 * i]] for i in range(len(tokens))]
         seens = [{m.decode() for m in per_user[2 * i + 1]} for i in range(len(tokens))]
