@@ -22,7 +22,6 @@ True
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -77,15 +76,6 @@ class OnlineFraudLearner:
         w = self.model.weights  # a fresh dict per access in river: read it once
         return np.array([w.get(n, 0.0) for n in names]), float(w.get(BASE, 0.0)), float(self.model.intercept)
 
-    def logit(self, x: Mapping[str, float]) -> float:
-        w = self.model.weights
-        return self.model.intercept + sum(w.get(k, 0.0) * v for k, v in x.items())
-
-    def contributions(self, x: Mapping[str, float]) -> dict[str, float]:
-        """Each input's share of the logit (weight × standardised value)."""
-        w = self.model.weights
-        return {k: w.get(k, 0.0) * v for k, v in x.items()}
-
     def seen(self, label_id: str) -> bool:
         return label_id in self._learned_set
 
@@ -126,7 +116,3 @@ class OnlineFraudLearner:
         state = dict(self.__dict__)
         state["_learned_set"] = set()  # rebuilt from ``learned`` on load
         return state
-
-
-def logistic(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
