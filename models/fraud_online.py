@@ -2,8 +2,9 @@
 
 Between nightly retrains, new fraud patterns would go unseen; this learner
 updates its weights from every ``label`` event within the batch that brings
-it, and watches its own error rate with ADWIN so an operator hears about
-drift. Inputs are the same standardised vector the torch model sees.
+it, and watches the decisions' error rate with ADWIN so an operator hears
+about drift. Inputs are the same standardised vector the torch model sees;
+stacked (``base_weight``), also the torch model's calibrated log-odds.
 
 Learning is idempotent per label: the ids of recently learned labels travel
 with the checkpoint, so a label redelivered after a crash is not learned twice.
