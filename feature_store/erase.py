@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
-from feature_store.keys import PAIR_OWNER, KeyedHasher, KeySpace
+from feature_store.keys import PAIR_OWNER, KeyedHasher, KeySpace, escape_glob
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,10 @@ def erase_subject(client: redis.Redis, keys: KeySpace, hasher: KeyedHasher, enti
     token = hasher.token(entity, raw_id)
     tombstone = keys.tombstone(entity, token)
     client.set(tombstone, b"1", ex=tombstone_ttl_s)
-    deleted = delete_matching(client, f"{_escape(keys.entity(entity, token))}*")
+    deleted = delete_matching(client, f"{escape_glob(keys.entity(entity, token))}*")
     # Pair keys (card x terminal) start with the owner's token.
     for pair in (p for p, owner in PAIR_OWNER.items() if owner == entity):
-        deleted += delete_matching(client, f"{_escape(keys.entity(pair, token))}*")
+        deleted += delete_matching(client, f"{escape_glob(keys.entity(pair, token))}*")
     return ErasureReport(entity, token, deleted, tombstone)
 
 
@@ -47,8 +47,3 @@ def delete_matching(client: redis.Redis, pattern: str, batch_size: int = 500) ->
     if batch:
         deleted += client.unlink(*batch)
     return deleted
-
-
-def _escape(pattern: str) -> str:
-    """Escape glob characters so a prefix matches literally."""
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in pattern)

@@ -95,3 +95,12 @@ class KeySpace:
 
     def decision(self, event_id: str) -> str:
         return f"{self.prefix}:decision:{event_id}"
+
+
+def escape_glob(pattern: str) -> str:
+    """Escape glob characters so a key prefix matches literally in a SCAN pattern.
+
+    >>> escape_glob("k:e:card:a*b")
+    'k:e:card:a\\\\*b'
+    """
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in pattern)

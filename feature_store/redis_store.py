@@ -48,7 +48,7 @@ from feature_store.definitions import (
     Windowed,
     finalize,
 )
-from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.keys import KeyedHasher, KeySpace, escape_glob
 from feature_store.read_path import PAST, HeadReader
 
 LUA_READS = r"""
@@ -601,10 +601,6 @@ def _apply_args(batch: Sequence[EventOps], keys: KeySpace, ttl_s: int) -> list[A
     return [ttl_s, b"[" + b",".join(templates) + b"]", *events]
 
 
-def _escape_glob(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
 def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
     return [keys.entity(fs.entity, hasher.token(fs.entity, e)) for e in entity_ids]
 
@@ -774,7 +770,7 @@ class RedisOnlineStore(_StoreBase):
         template = _write_template(fs)
         prefix = self.keys.entity(fs.entity, "")
         built, chunk = 0, []
-        for key in self.client.scan_iter(match=_escape_glob(prefix) + "*", count=1000, _type="hash"):
+        for key in self.client.scan_iter(match=escape_glob(prefix) + "*", count=1000, _type="hash"):
             name = key.decode()
             if ":" in name[len(prefix):] or "|" in name:
                 continue  # another entity type's key, or a part of an entity

@@ -119,6 +119,12 @@ def _g(name: str, default: float = 0.0) -> Callable[[Mapping[str, float]], float
     return lambda f: float(f.get(name, default))
 
 
+def _count(name: str, text: str, key: str | None = None) -> ModelInput:
+    """An input that is log(1 + a stored count), worded as "<count> <text>"."""
+    key = key or name
+    return _input(name, lambda f: _log(f.get(key, 0.0)), lambda f: f"{f.get(key, 0.0):.0f} {text}", _g(key))
+
+
 INPUTS: tuple[ModelInput, ...] = (
     _input("amount", lambda f: _log(f.get("amount", 0.0)), lambda f: f"amount {f.get('amount', 0.0):,.2f}",
            _g("amount")),
@@ -126,24 +132,15 @@ INPUTS: tuple[ModelInput, ...] = (
            lambda f: f"amount {f.get('amount_vs_mean_30d', 0.0):.1f}× this card's 30-day mean "
                      f"({f.get('amount_mean_30d_before', 0.0):,.2f})", _g("amount_vs_mean_30d")),
     _input("amount_z_30d", _z, lambda f: f"amount {_z(f):+.1f} standard deviations from this card's 30-day mean"),
-    _input("card_history_30d", lambda f: _log(f.get("txn_count_30d_before", 0.0)),
-           lambda f: f"{f.get('txn_count_30d_before', 0.0):.0f} earlier payments by this card in 30 days",
-           _g("txn_count_30d_before")),
-    _input("txn_count_10m", lambda f: _log(f.get("txn_count_10m", 0.0)),
-           lambda f: f"{f.get('txn_count_10m', 0.0):.0f} payments by this card in 10 minutes", _g("txn_count_10m")),
-    _input("txn_count_1h", lambda f: _log(f.get("txn_count_1h", 0.0)),
-           lambda f: f"{f.get('txn_count_1h', 0.0):.0f} payments by this card in 1 hour", _g("txn_count_1h")),
-    _input("txn_count_24h", lambda f: _log(f.get("txn_count_24h", 0.0)),
-           lambda f: f"{f.get('txn_count_24h', 0.0):.0f} payments by this card in 24 hours", _g("txn_count_24h")),
+    _count("card_history_30d", "earlier payments by this card in 30 days", key="txn_count_30d_before"),
+    _count("txn_count_10m", "payments by this card in 10 minutes"),
+    _count("txn_count_1h", "payments by this card in 1 hour"),
+    _count("txn_count_24h", "payments by this card in 24 hours"),
     _input("spend_1h_vs_mean", lambda f: _log(_spend_ratio(f)),
            lambda f: f"{f.get('amount_sum_1h', 0.0):,.2f} spent in 1 hour ({_spend_ratio(f):.1f}× the 30-day mean)",
            _g("amount_sum_1h")),
-    _input("small_txn_count_10m", lambda f: _log(f.get("small_txn_count_10m", 0.0)),
-           lambda f: f"{f.get('small_txn_count_10m', 0.0):.0f} small payments (under 5) in 10 minutes: card testing?",
-           _g("small_txn_count_10m")),
-    _input("distinct_terminals_24h", lambda f: _log(f.get("distinct_terminals_24h", 0.0)),
-           lambda f: f"{f.get('distinct_terminals_24h', 0.0):.0f} different terminals in 24 hours",
-           _g("distinct_terminals_24h")),
+    _count("small_txn_count_10m", "small payments (under 5) in 10 minutes: card testing?"),
+    _count("distinct_terminals_24h", "different terminals in 24 hours"),
     _input("seconds_since_prev", _since,
            lambda f: (f"{f.get('seconds_since_prev', -1.0):,.0f} s after this card's previous payment"
                       if f.get("seconds_since_prev", -1.0) >= 0 else "first payment seen from this card"),
@@ -170,15 +167,9 @@ INPUTS: tuple[ModelInput, ...] = (
            lambda f: f"terminal fraud rate {f.get('terminal_fraud_rate_30d_d7', 0.0):.0%} over 30 days "
                      f"({f.get('terminal_frauds_30d_d7', 0.0):.0f} of {f.get('terminal_labels_30d_d7', 0.0):.0f} "
                      "labelled payments, labels older than 7 days)", _g("terminal_fraud_rate_30d_d7")),
-    _input("terminal_frauds_30d", lambda f: _log(f.get("terminal_frauds_30d_d7", 0.0)),
-           lambda f: f"{f.get('terminal_frauds_30d_d7', 0.0):.0f} confirmed frauds at this terminal in 30 days",
-           _g("terminal_frauds_30d_d7")),
-    _input("terminal_txn_count_1h", lambda f: _log(f.get("terminal_txn_count_1h", 0.0)),
-           lambda f: f"{f.get('terminal_txn_count_1h', 0.0):.0f} payments at this terminal in 1 hour",
-           _g("terminal_txn_count_1h")),
-    _input("terminal_distinct_cards_24h", lambda f: _log(f.get("terminal_distinct_cards_24h", 0.0)),
-           lambda f: f"{f.get('terminal_distinct_cards_24h', 0.0):.0f} different cards at this terminal in 24 hours",
-           _g("terminal_distinct_cards_24h")),
+    _count("terminal_frauds_30d", "confirmed frauds at this terminal in 30 days", key="terminal_frauds_30d_d7"),
+    _count("terminal_txn_count_1h", "payments at this terminal in 1 hour"),
+    _count("terminal_distinct_cards_24h", "different cards at this terminal in 24 hours"),
 )
 INPUT_NAMES: tuple[str, ...] = tuple(i.name for i in INPUTS)
 INPUT_INDEX = {name: i for i, name in enumerate(INPUT_NAMES)}

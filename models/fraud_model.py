@@ -72,29 +72,19 @@ class FraudModel:
     def torch_probability(self, x: np.ndarray) -> np.ndarray:
         return _sigmoid(self.base_logits(x))
 
-    def score_arrays(self, x: np.ndarray, learners: Sequence[OnlineFraudLearner]) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and per-input log-odds contributions, (n,) and (n, d), with each row's own learner.
+    def score_arrays(self, x: np.ndarray, learner: OnlineFraudLearner) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and per-input log-odds contributions, (n,) and (n, d), with the given river layer.
 
-        The river layer is evaluated as a matrix product per distinct learner
-        (the same logistic function river's ``predict_proba_one`` computes),
-        not one dict at a time: a micro-batch costs one pass.
+        The river layer is evaluated as one matrix product (the same logistic
+        function river's ``predict_proba_one`` computes), not one dict at a
+        time: a micro-batch costs one pass.
         """
         z, attr = logits_and_attributions(self.net, x)
         a, b = self.platt
-        base = a * z + b
-        std = self.standardised(x).astype(np.float64)
-        scores = np.empty(len(x))
-        river = np.empty(std.shape)
-        w_base = np.empty(len(x))
-        groups: dict[int, tuple[OnlineFraudLearner, list[int]]] = {}
-        for i, learner in enumerate(learners):
-            groups.setdefault(id(learner), (learner, []))[1].append(i)
-        for learner, rows in groups.values():
-            w, wb, intercept = learner.weight_vector(INPUT_NAMES)
-            river[rows] = std[rows] * w
-            w_base[rows] = wb
-            scores[rows] = _sigmoid(river[rows].sum(axis=1) + wb * base[rows] + intercept)
-        return scores, (w_base * a)[:, None] * attr + river
+        w, w_base, intercept = learner.weight_vector(INPUT_NAMES)
+        river = self.standardised(x).astype(np.float64) * w
+        scores = _sigmoid(river.sum(axis=1) + w_base * (a * z + b) + intercept)
+        return scores, w_base * a * attr + river
 
     # -- artifact ----------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -137,8 +127,8 @@ def latest_artifact(root: str | os.PathLike[str]) -> Path | None:
 class ModelScorer:
     """The :class:`~models.scoring.FraudScorer` of a trained :class:`FraudModel`.
 
-    ``learners`` (one per event) are the online learners of the events'
-    partitions; without them the artifact's own starting state is used.
+    ``learner`` is the online layer to score with (the workers' shared one);
+    without it the artifact's own starting state is used.
     """
 
     def __init__(self, model: FraudModel, policy: Policy | None = None) -> None:
@@ -151,11 +141,11 @@ class ModelScorer:
         return OnlineFraudLearner.loads(self.model.online.dumps())
 
     def score_batch(self, events: Sequence[Any], features: Sequence[Mapping[str, Any]],
-                    learners: Sequence[OnlineFraudLearner] | None = None) -> list[FraudScore]:
+                    learner: OnlineFraudLearner | None = None) -> list[FraudScore]:
         if not features:
             return []
         x = model_inputs(features)
-        scores, contrib = self.model.score_arrays(x, learners or [self.model.online] * len(features))
+        scores, contrib = self.model.score_arrays(x, learner or self.model.online)
         out = []
         tops = np.argsort(-contrib, axis=1)[:, :TOP_REASONS]
         for f, p, c, order in zip(features, scores, contrib, tops, strict=True):

@@ -53,6 +53,10 @@ class Columns:
     segment: str | None = None
 
 
+# The columns of `kestrel produce --history-csv` (streams.simulator.write_history).
+SIMULATED_COLUMNS = Columns(merchant="merchant_id", card_present="card_present", device="device_id")
+
+
 def read_history(path: str | Path, cols: Columns) -> pd.DataFrame:
     """Read a (possibly gzipped) CSV, parse times to epoch seconds, sort by time. Raises on a missing column."""
     opener = gzip.open if str(path).endswith(".gz") else open

@@ -169,7 +169,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     torch.set_num_threads(1)  # as the worker scores (see streams.processing.load_fraud_scorer)
     scorer = ModelScorer(model, Policy(review=0.5))
     say("scoring the test window in time order (labels fed back after the delay)")
-    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, [lr] * len(xb))[0], scorer.new_learner(),
+    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, lr)[0], scorer.new_learner(),
                                     lambda xb: model.online_inputs(xb, model.base_logits(xb)), x, t, test, label_idx,
                                     y, ids, delay_s)
     latency = _single_latency(lambda i: scorer.score_batch([None], [rows[test[i]]]), 300, len(test))

@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from streams import topics
+from streams.schemas import epoch_of
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int, idle_s: float = 3.0,
@@ -61,10 +61,6 @@ class LoggedTrainingSet:
     left_out: int
 
 
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
                 assume_genuine_after_s: float) -> LoggedTrainingSet:
     """Decisions (one per event_id, features as logged) with labels; time-ordered.
@@ -82,11 +78,11 @@ def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
             latest_label[tid] = (when, int(ex["label"]))
     unique = {d["event_id"]: d for d in decisions if d.get("features")}
     ordered = sorted(unique.values(), key=lambda d: d["event_time"])
-    newest = max((_epoch(d["event_time"]) for d in ordered), default=0.0)
+    newest = max((epoch_of(d["event_time"]) for d in ordered), default=0.0)
     rows, labels, times, ids = [], [], [], []
     labelled = assumed = left_out = 0
     for d in ordered:
-        t = _epoch(d["event_time"])
+        t = epoch_of(d["event_time"])
         if d["event_id"] in latest_label:
             y = latest_label[d["event_id"]][1]
             labelled += 1

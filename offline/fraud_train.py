@@ -88,13 +88,13 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
     """
     import tempfile
 
-    from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
+    from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
     from streams.simulator import write_history
 
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "history.csv"
         write_history(str(csv), days, payments_per_day, seed=seed, n_cards=n_cards)
-        frame = read_history(csv, Columns(merchant="merchant_id", card_present="card_present", device="device_id"))
+        frame = read_history(csv, SIMULATED_COLUMNS)
     rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
     model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
                             frame["event_id"].tolist(), epochs=epochs, members=3, seed=0, progress=progress)

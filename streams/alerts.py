@@ -17,10 +17,11 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from dataclasses import field as dc_field
-from datetime import datetime
 from typing import Any, Literal
 
 import orjson
+
+from streams.schemas import epoch_of
 
 SEVERITIES = ("low", "medium", "high", "critical")
 FLAGGED_ACTIONS = ("review", "block")
@@ -87,10 +88,6 @@ def case_id_for(card: str, opening_event_id: str) -> str:
 def label_id_for(case_id: str, transaction_id: str) -> str:
     """Deterministic label event id: re-sending a verdict's labels cannot count them twice."""
     return "analyst-" + hashlib.sha256(f"{case_id}\x1f{transaction_id}".encode()).hexdigest()[:24]
-
-
-def epoch_of(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(frozen=True, slots=True)

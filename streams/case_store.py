@@ -24,13 +24,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from feature_store.keys import KeySpace
+from feature_store.keys import KeySpace, escape_glob
 from streams import topics
 from streams.alerts import (
     HISTORY_IN_ALERT,
@@ -48,6 +47,7 @@ from streams.alerts import (
 )
 from streams.config import Settings
 from streams.metrics import Metrics
+from streams.schemas import epoch_of, iso_of
 
 if TYPE_CHECKING:
     from streams.processing import Output
@@ -117,10 +117,6 @@ redis.call('ZREM', ARGV[5], ARGV[6])
 if redis.call('GET', ARGV[7]) == ARGV[6] then redis.call('DEL', ARGV[7]) end
 return 1
 """
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -256,7 +252,7 @@ class CaseStore:
         kept on the hot path). Hit markers keep the token until they expire, like the decision log.
         """
         doomed = [self.k.card(card), self.k.history(card)]
-        async for key in self.client.scan_iter(match=f"{_glob_escape(self.k.case_prefix)}*", count=1000):
+        async for key in self.client.scan_iter(match=f"{escape_glob(self.k.case_prefix)}*", count=1000):
             if key.endswith(b":hits"):
                 continue
             raw = await self.client.hget(key, "doc")
@@ -286,7 +282,7 @@ class AlertDesk:
             return []
         history: dict[str, list[tuple[float, str]]] = {}
         for d in docs:
-            history.setdefault(d["card"], []).append((_epoch(d["event_time"]), d["event_id"]))
+            history.setdefault(d["card"], []).append((epoch_of(d["event_time"]), d["event_id"]))
         hits = [h for h in map(Hit.from_decision, docs) if h is not None]
         cards = list(dict.fromkeys(h.card for h in hits))
         for _ in range(COMMIT_ATTEMPTS):
@@ -304,7 +300,7 @@ class AlertDesk:
         """Apply the batch's new hits in order; at most one alert per card per batch (its latest state)."""
         from streams.processing import Output
 
-        now_iso = _iso(time.time())
+        now_iso = iso_of(time.time())
         state = dict(prep.cases)
         new_hits: dict[str, list[Hit]] = {}
         opened_here: set[str] = set()
@@ -384,7 +380,7 @@ class AlertDesk:
                 closed = case
                 break
             transactions = await self.store.hit_ids(case_id)
-            closed = close_case(case, req.verdict, req.note, _iso(time.time()), len(transactions))
+            closed = close_case(case, req.verdict, req.note, iso_of(time.time()), len(transactions))
             if await self.store.close(case, closed):
                 self.metrics.alert_verdicts.labels(req.verdict).inc()
                 break
@@ -411,13 +407,6 @@ class AlertDesk:
                           self.keys.published("alert", str(alert["event_id"])))
 
 
-def _glob_escape(text: str) -> str:
-    """Match ``text`` literally in a SCAN pattern."""
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass

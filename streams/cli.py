@@ -7,8 +7,12 @@ import asyncio
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from streams.config import Settings
+
+if TYPE_CHECKING:
+    from feature_store.keys import KeySpace
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -75,7 +79,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _erase_cases(settings: Settings, keys: object, card_token: str) -> int:
+async def _erase_cases(settings: Settings, keys: KeySpace, card_token: str) -> int:
     """The analyst cases and decision history of a card (streams.case_store), erased with its features."""
     import redis.asyncio as aioredis
 
@@ -83,7 +87,7 @@ async def _erase_cases(settings: Settings, keys: object, card_token: str) -> int
 
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        return await CaseStore(client, keys, 0, 0).erase_card(card_token)  # type: ignore[arg-type]
+        return await CaseStore(client, keys, 0, 0).erase_card(card_token)
     finally:
         await client.aclose()
 

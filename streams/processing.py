@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -47,7 +46,7 @@ from streams.fraud_online import SharedLearner
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.recommend import RecommendationService, RecOptions, RecResult
-from streams.schemas import Interaction, Label, Transaction
+from streams.schemas import Interaction, Label, Transaction, epoch_of, iso_of
 from streams.validation import Rejection, check_time, parse_event
 
 log = logging.getLogger("kestrel.worker")
@@ -87,10 +86,6 @@ def _terminal_of(decision: dict[str, Any]) -> str:
     return decision.get("terminal_id") or f"merchant:{decision['merchant_id']}"
 
 
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 @dataclass(frozen=True, slots=True)
 class RawRecord:
     topic: str
@@ -110,10 +105,6 @@ class Output:
     mark: str
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def deadletter_record(rec: RawRecord, rej: Rejection, now: float) -> dict[str, Any]:
     """The dead-letter document: reason, where it came from, and the original bytes."""
     header_id = rec.headers.get(EVENT_ID_HEADER)
@@ -129,7 +120,7 @@ def deadletter_record(rec: RawRecord, rej: Rejection, now: float) -> dict[str, A
         "key_b64": base64.b64encode(rec.key).decode() if rec.key is not None else None,
         "value_b64": base64.b64encode(rec.value).decode() if rec.value is not None else None,
         "headers": {k: base64.b64encode(v).decode() for k, v in rec.headers.items()},
-        "received_at": _iso(now),
+        "received_at": iso_of(now),
     }
 
 
@@ -244,7 +235,7 @@ class Processor:
             feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
         if self.learner is not None:
             learner = await self.learner.current()
-            scores = self.scorer.score_batch(events, feats, [learner] * len(events))
+            scores = self.scorer.score_batch(events, feats, learner)
         else:
             scores = self.scorer.score_batch(events, feats)
         now = time.time()
@@ -260,7 +251,7 @@ class Processor:
                             for r in s.reasons],
                 "model_version": self.scorer.version,
                 "feature_set": FEATURE_SET_VERSION, "features": f,
-                "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
+                "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
                 "processing_ms": round((now - started) * 1000, 3),
             }
             body = orjson.dumps(doc)
@@ -286,7 +277,7 @@ class Processor:
             doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": res.items,
                    "model_version": res.model_version, "path": res.path,
                    "trigger": {"item_id": e.item_id, "kind": e.kind},
-                   "event_time": _iso(e.epoch_s), "decided_at": _iso(now),
+                   "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
                    "processing_ms": round((now - started) * 1000, 3)}
             outputs.append(Output(topics.RECOMMENDATION_DECISIONS, user.encode(), orjson.dumps(doc),
                                   self.keys.published("recs", e.event_id)))
@@ -299,7 +290,7 @@ class Processor:
         for _, e in valid:
             pipe.get(self.keys.decision(e.transaction_id))
         decisions = [orjson.loads(raw) if raw else None for raw in await pipe.execute()]
-        risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), _epoch(d["event_time"]), e.verdict == "fraud")
+        risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), epoch_of(d["event_time"]), e.verdict == "fraud")
                        for (_, e), d in zip(valid, decisions, strict=True) if d is not None]
         await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
         now = time.time()
@@ -307,7 +298,7 @@ class Processor:
         for (rec, e), decision in zip(valid, decisions, strict=True):
             doc = {"type": "training_example", "event_id": e.event_id, "transaction_id": e.transaction_id,
                    "label": 1 if e.verdict == "fraud" else 0, "verdict": e.verdict, "source": e.source,
-                   "label_time": _iso(e.epoch_s), "decision": decision,
+                   "label_time": iso_of(e.epoch_s), "decision": decision,
                    "note": None if decision else "no logged decision for this transaction (expired or unknown)"}
             key = (decision or {}).get("card") or (self.token("card", e.card_id) if e.card_id else e.transaction_id)
             outputs.append(Output(topics.TRAINING_EXAMPLES, key.encode(), orjson.dumps(doc),
@@ -356,7 +347,7 @@ class Processor:
             self.metrics.drift_events.inc()
             doc = {"type": "drift", "detector": drift.detector, "metric": "decision_error_rate",
                    "error_rate": round(drift.error_rate, 4), "labels_seen": drift.labels_seen,
-                   "model_version": self.scorer.version, "label_event_id": e.event_id, "at": _iso(now),
+                   "model_version": self.scorer.version, "label_event_id": e.event_id, "at": iso_of(now),
                    "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
             outputs.append(Output(topics.OPERATOR_EVENTS, self.scorer.version.encode(), orjson.dumps(doc),
                                   self.keys.published("drift", e.event_id)))

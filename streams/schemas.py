@@ -20,6 +20,17 @@ Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s]+$")]
 ContextValue = str | int | float | bool
 
 
+
+def epoch_of(iso: str) -> float:
+    """Epoch seconds of a time the system wrote (ISO 8601, ``Z`` suffix)."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def iso_of(ts: float) -> str:
+    """The system's output time format: UTC, milliseconds, ``Z`` suffix."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from models.fraud_model import FraudModel
-from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
+from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
 from offline.fraud_train import train_on_simulated_history
 from streams.simulator import write_history
 
-HISTORY_COLUMNS = Columns(merchant="merchant_id", card_present="card_present", device="device_id",
-                          segment="scenario")
+HISTORY_COLUMNS = dataclasses.replace(SIMULATED_COLUMNS, segment="scenario")
 
 
 def simulated_frame(path: Path, days: float, per_day: float, seed: int, **kwargs: object):

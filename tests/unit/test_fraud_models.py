@@ -116,8 +116,8 @@ def test_artifact_roundtrip_and_model_based_reasons(fraud_model, tmp_path):
     loaded = FraudModel.load(path)
     frame = simulated_frame(tmp_path / "h.csv", days=1, per_day=3000, seed=5)
     rows, x = rows_and_inputs(frame)
-    a, _ = model.score_arrays(x, [model.online] * len(x))
-    b, _ = loaded.score_arrays(x, [loaded.online] * len(x))
+    a, _ = model.score_arrays(x, model.online)
+    b, _ = loaded.score_arrays(x, loaded.online)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     river_says = model.online.predict(model.online_inputs(x[:50], model.base_logits(x[:50])))
     np.testing.assert_allclose(a[:50], river_says, rtol=1e-4, atol=1e-7)  # the matrix path is river's function
@@ -143,13 +143,13 @@ def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path)
     day = ((frame["epoch_s"] - frame["epoch_s"].min()) // DAY).to_numpy()
     learner = ModelScorer(model).new_learner()
     first, later = np.flatnonzero(day == 1), np.flatnonzero(day == 2)
-    before, _ = model.score_arrays(x[first], [learner] * len(first))
+    before, _ = model.score_arrays(x[first], learner)
     inputs = model.online_inputs(x[first], model.base_logits(x[first]))
     rng = np.random.default_rng(0)
     for i, xi, s in zip(first, inputs, before, strict=True):
         if y[i] or s >= 0.5 or rng.random() < 0.02:  # chargebacks, dismissed alerts, a few audits
             learner.learn(str(frame["event_id"][i]), xi, bool(y[i]), float(s), 0.5)
-    after, _ = model.score_arrays(x[later], [learner] * len(later))
+    after, _ = model.score_arrays(x[later], learner)
     frauds_before, frauds_after = before[y[first] == 1], after[y[later] == 1]
     assert len(frauds_before) >= 10 and len(frauds_after) >= 10
     assert frauds_after.mean() > 1.5 * frauds_before.mean()
