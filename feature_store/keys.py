@@ -96,6 +96,10 @@ class KeySpace:
     def decision(self, event_id: str) -> str:
         return f"{self.prefix}:decision:{event_id}"
 
+    def early_labels(self, transaction_id: str) -> str:
+        """Labels that arrived before their transaction was decided (a hash: label id -> label), joined later."""
+        return f"{self.prefix}:early-labels:{transaction_id}"
+
 
 def escape_glob(pattern: str) -> str:
     """Escape glob characters so a key prefix matches literally in a SCAN pattern.

@@ -34,7 +34,8 @@ class Metrics:
         self.alert_verdicts = Counter("kestrel_alert_verdicts", "Analyst verdicts that closed a case, by verdict.",
                                       ["verdict"], registry=r)
         self.online_labels = Counter("kestrel_online_labels", "Labels seen by the online fraud learners, by outcome "
-                                     "(learned, already_learned, no_decision).", ["outcome"], registry=r)
+                                     "(learned, already_learned, no_decision; parked: arrived before its payment "
+                                     "was decided, learned when it is).", ["outcome"], registry=r)
         self.drift_events = Counter("kestrel_drift_events", "Drift flagged by ADWIN on the fraud decisions' error "
                                     "rate.", registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],

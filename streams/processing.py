@@ -259,6 +259,7 @@ class Processor:
             outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
                                   self.keys.published("fraud", e.event_id)))
             self._observe("fraud", rec, started, now)
+        outputs += await self._join_early_labels(outputs)
         return outputs + await self.alerts.on_decisions(outputs)
 
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
@@ -290,24 +291,69 @@ class Processor:
         for _, e in valid:
             pipe.get(self.keys.decision(e.transaction_id))
         decisions = [orjson.loads(raw) if raw else None for raw in await pipe.execute()]
-        risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), epoch_of(d["event_time"]), e.verdict == "fraud")
-                       for (_, e), d in zip(valid, decisions, strict=True) if d is not None]
-        await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
+        await self._park_early_labels([e for (_, e), d in zip(valid, decisions, strict=True) if d is None])
         now = time.time()
-        outputs = await self._learn(valid, decisions, writes, now)
+        outputs = await self._apply_labels([e for _, e in valid], decisions, now)
         for (rec, e), decision in zip(valid, decisions, strict=True):
             doc = {"type": "training_example", "event_id": e.event_id, "transaction_id": e.transaction_id,
                    "label": 1 if e.verdict == "fraud" else 0, "verdict": e.verdict, "source": e.source,
                    "label_time": iso_of(e.epoch_s), "decision": decision,
-                   "note": None if decision else "no logged decision for this transaction (expired or unknown)"}
+                   "note": None if decision else ("no logged decision for this transaction yet: kept for "
+                                                  "the online learner until it is decided (or expires)")}
             key = (decision or {}).get("card") or (self.token("card", e.card_id) if e.card_id else e.transaction_id)
             outputs.append(Output(topics.TRAINING_EXAMPLES, key.encode(), orjson.dumps(doc),
                                   self.keys.published("label", e.event_id)))
             self._observe("label", rec, started, now)
         return outputs
 
-    async def _learn(self, valid: list[tuple[RawRecord, Label]], decisions: list[dict[str, Any] | None],
-                     writes: list[tuple[str, bytes]], now: float) -> list[Output]:
+    async def _apply_labels(self, labels: list[Label], decisions: list[dict[str, Any] | None],
+                            now: float) -> list[Output]:
+        """What a label joined to its decision changes: the terminal's fraud counts and the online learner."""
+        risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), epoch_of(d["event_time"]), e.verdict == "fraud")
+                       for e, d in zip(labels, decisions, strict=True) if d is not None]
+        await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
+        return await self._learn(labels, decisions, now)
+
+    async def _park_early_labels(self, labels: list[Label]) -> None:
+        """Keep labels whose transaction is not decided yet (the labels topic ran ahead), to join them later.
+
+        Only what the join needs is kept (no card id): the label's ids, verdict,
+        source and time, for as long as decisions are kept.
+        """
+        if not labels:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for e in labels:
+            key = self.keys.early_labels(e.transaction_id)
+            pipe.hset(key, e.event_id, orjson.dumps(e.model_dump(mode="json", exclude={"card_id"})))
+            pipe.expire(key, self.settings.decision_log_ttl_s)
+        await pipe.execute()
+        self.metrics.online_labels.labels("parked").inc(len(labels))
+
+    async def _join_early_labels(self, decided: list[Output]) -> list[Output]:
+        """Labels parked before these transactions were decided: applied now, as if they had come after.
+
+        One ``EXISTS`` per batch when none are parked (the usual case). Applying
+        is idempotent (the terminal counts and the learner skip a label id they
+        have seen), so a crash between applying and deleting is harmless.
+        """
+        docs = [orjson.loads(o.value) for o in decided]
+        keys = [self.keys.early_labels(d["event_id"]) for d in docs]
+        if not keys or not await self.client.exists(*keys):
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hvals(key)
+        labels, decisions = [], []
+        for doc, raws in zip(docs, await pipe.execute(), strict=True):
+            for raw in raws:
+                labels.append(Label.model_validate_json(raw))
+                decisions.append(doc)
+        outputs = await self._apply_labels(labels, decisions, time.time())
+        await self.client.delete(*keys)
+        return outputs
+
+    async def _learn(self, labels: list[Label], decisions: list[dict[str, Any] | None], now: float) -> list[Output]:
         """Each label teaches the online learner at once, from the features its decision logged.
 
         Idempotent per label id (the checkpoint remembers them); the learner
@@ -317,19 +363,19 @@ class Processor:
         """
         if self.learner is None or not isinstance(self.scorer, ModelScorer):
             return []
-        known = [(rec, e, d) for (rec, e), d in zip(valid, decisions, strict=True) if d and d.get("features")]
-        self.metrics.online_labels.labels("no_decision").inc(len(valid) - len(known))
+        known = [(e, d) for e, d in zip(labels, decisions, strict=True) if d and d.get("features")]
+        self.metrics.online_labels.labels("no_decision").inc(sum(1 for d in decisions if d and not d.get("features")))
         if not known:
             return []
         model = self.scorer.model
-        x = model_inputs([d["features"] for _, _, d in known])
+        x = model_inputs([d["features"] for _, d in known])
         inputs = model.online_inputs(x, model.base_logits(x))
         review = self.scorer.thresholds.review
 
         def teach(learner: OnlineFraudLearner) -> tuple[Counter, list[tuple[Label, DriftEvent]]]:
             outcomes: Counter = Counter()
             drifts = []
-            for (_, e, d), xi in zip(known, inputs, strict=True):
+            for (e, d), xi in zip(known, inputs, strict=True):
                 if learner.seen(e.event_id):
                     outcomes["already_learned"] += 1
                     continue

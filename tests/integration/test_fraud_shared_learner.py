@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -49,3 +50,60 @@ def test_concurrent_workers_lose_no_update_and_learn_each_label_once(redis_url, 
     cached, stored = asyncio.run(run())
     assert stored - start == 3 * 15 * 5 + 1  # every distinct label once, the shared one once
     assert cached <= stored
+
+
+def test_a_label_that_arrives_before_its_payment_is_learned_when_the_payment_is_decided(redis_url, fraud_model):
+    """The labels topic may run ahead of the transactions topic: the label waits, then counts once."""
+    import redis
+
+    from feature_store.erase import delete_matching
+    from streams import topics
+    from streams.config import Settings
+    from streams.metrics import Metrics
+    from streams.processing import Processor, RawRecord
+
+    model, _ = fraud_model
+    prefix = f"kestrel-test-early-{secrets.token_hex(4)}"
+    t0 = 1_780_000_000.0
+
+    def txn(event_id: str, at: float) -> RawRecord:
+        doc = {"type": "transaction", "event_id": event_id, "card_id": f"card-{event_id}", "merchant_id": "m-9",
+               "terminal_id": "t-9", "amount": 900.0, "currency": "EUR", "timestamp": at, "card_present": False,
+               "device_id": f"dev-{event_id}"}
+        return RawRecord(topics.TRANSACTIONS, 0, 0, b"k", orjson.dumps(doc))
+
+    label = {"type": "label", "event_id": "early-label-1", "transaction_id": "early-1", "verdict": "fraud",
+             "source": "chargeback", "card_id": "card-early-1", "timestamp": t0 + 60}
+
+    async def run() -> dict:
+        client = aioredis.Redis.from_url(redis_url)
+        proc = Processor(Settings().with_(redis_prefix=prefix, redis_url=redis_url), client, Metrics(),
+                         scorer=ModelScorer(model, Policy(review=0.5)))
+        try:
+            out = await proc.process(topics.LABELS, [RawRecord(topics.LABELS, 0, 0, b"k", orjson.dumps(label))])
+            (example,) = [orjson.loads(o.value) for o in out if o.topic == topics.TRAINING_EXAMPLES]
+            parked = await client.hgetall(proc.keys.early_labels("early-1"))
+            seen_before = (await proc.learner.current()).seen("early-label-1")
+            await proc.process(topics.TRANSACTIONS, [txn("early-1", t0)])
+            learner = await proc.learner.current()
+            seen_after, count = learner.seen("early-label-1"), learner.labels_seen
+            left = await client.exists(proc.keys.early_labels("early-1"))
+            await proc.process(topics.TRANSACTIONS, [txn("early-1", t0)])  # redelivered: nothing counts twice
+            again = (await proc.learner.current()).labels_seen
+            later = await proc.process(topics.TRANSACTIONS, [txn("early-2", t0 + 8 * 86400)])  # same terminal
+            (decision,) = [orjson.loads(o.value) for o in later if o.topic == topics.FRAUD_DECISIONS]
+            return {"example": example, "parked": parked, "seen_before": seen_before, "seen_after": seen_after,
+                    "count": count, "again": again, "left": left, "later": decision["features"],
+                    "parked_metric": proc.metrics.online_labels.labels("parked")._value.get()}
+        finally:
+            await client.delete(proc.keys.global_(f"online_fraud:{model.version}"))
+            await client.aclose()
+            delete_matching(redis.Redis.from_url(redis_url), f"{prefix}:*")
+
+    r = asyncio.run(run())
+    assert r["example"]["decision"] is None and "kept for the online learner" in r["example"]["note"]
+    assert list(r["parked"]) == [b"early-label-1"] and b"card-early-1" not in r["parked"][b"early-label-1"]
+    assert r["parked_metric"] == 1
+    assert not r["seen_before"] and r["seen_after"]
+    assert r["again"] == r["count"] and r["left"] == 0
+    assert r["later"]["terminal_frauds_30d_d7"] == 1  # the terminal's fraud count got the early label too
