@@ -109,9 +109,11 @@ def _finite(doc: Any) -> Any:
 
 def _print_table(summary: dict[str, Any]) -> None:
     keys = ("roc_auc", "average_precision", "card_precision_at_100", "recall_at_1pct_alerts", "score_p99_ms")
-    print(f"{'model':<24}" + "".join(f"{k:>24}" for k in keys))
+    print(f"{'model':<24}" + "".join(f"{k:>24}" for k in keys) + "   Kestrel's AP gain (95% interval)")
     for name, m in [("kestrel", summary["kestrel"]), *summary["baselines"].items()]:
-        print(f"{name:<24}" + "".join(f"{m[k]:>24}" for k in keys))
+        g = summary["kestrel_ap_gain"].get(name)
+        gain = f"   {g['gain']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else ""
+        print(f"{name:<24}" + "".join(f"{m[k]:>24}" for k in keys) + gain)
     print(f"train rows {summary['train_rows']:,}, test rows {summary['test_rows']:,}, "
           f"test frauds {summary['test_frauds']:,}; {summary['windows']}")
     for seg, s in summary.get("segments", {}).items():

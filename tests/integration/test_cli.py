@@ -137,6 +137,10 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
     assert summary["test_rows"] > 0 and summary["test_frauds"] > 0 and summary["train_rows"] > 0
     assert summary["kestrel"]["average_precision"] > summary["baselines"]["rules"]["average_precision"]
     assert set(summary["segments"]) == {"north", "south", "east", "west"}
+    for name, gain in summary["kestrel_ap_gain"].items():  # paired bootstrap against every baseline
+        lo, hi = gain["ci95"]
+        assert lo <= hi and gain["gain"] == pytest.approx(
+            summary["kestrel"]["average_precision"] - summary["baselines"][name]["average_precision"], abs=2e-4)
 
 
 def test_rebuild_heads_command_restores_read_heads(settings, redis_client):

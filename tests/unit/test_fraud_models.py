@@ -159,3 +159,17 @@ def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path)
     assert frauds_after.mean() > 1.5 * frauds_before.mean()
     assert (frauds_after >= 0.5).mean() > (frauds_before >= 0.5).mean() + 0.1
     assert (after[y[later] == 0] >= 0.5).mean() < 0.01  # without flooding the queue with genuine payments
+
+
+def test_bootstrap_average_precision_matches_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score
+
+    from offline.fraud_eval import paired_ap_gain
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(3000) < 0.03).astype(int)
+    a = np.round(y + rng.normal(0, 0.5, 3000), 1)  # rounded: many tied scores
+    b = np.round(y + rng.normal(0, 0.9, 3000), 1)
+    g = paired_ap_gain(y, a, b, np.arange(3000) // 3, draws=200)
+    assert g["gain"] == pytest.approx(average_precision_score(y, a) - average_precision_score(y, b), abs=1e-4)
+    assert g["ci95"][0] < g["gain"] < g["ci95"][1]
