@@ -194,6 +194,13 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     x = model_inputs(rows)
     say(f"features: {x.shape[1]} model inputs for {len(rows):,} payments in {time.time() - started:.1f}s")
 
+    warm_days = (train_start - t[0]) / DAY
+    longest = longest_window_days()
+    if warm_days < longest:
+        say(f"warning: {warm_days:.1f} days of history before the training window, but the features reach back "
+            f"{longest:.0f} days: early payments see partial windows, so features drift upward through the run "
+            f"(models that cannot extrapolate suffer most). Give {longest:.0f}+ days of history before "
+            "--train-start for a fair comparison.")
     train = np.flatnonzero((t >= train_start) & (t < train_end))
     gap = np.flatnonzero((t >= train_end) & (t < test_start))
     known_fraud_cards = set(cards[np.concatenate([train, gap])][y[np.concatenate([train, gap])] == 1])
@@ -242,10 +249,21 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
         "windows": {"train_start": _iso(train_start), "test_start": _iso(test_start), "test_end": _iso(test_end),
                     "delay_days": cfg.delay_days},
         "removed_known_fraud_cards": len(known_fraud_cards),
+        "warm_up_days": round(warm_days, 2), "longest_feature_window_days": longest,
     }
     if "segment" in frame:
         summary["segments"] = segment_report(y_test, kestrel_scores, frame["segment"].to_numpy()[test])
     return summary
+
+
+def longest_window_days() -> float:
+    """How far back (days) the fraud features look, delay included: the warm-up a replay needs."""
+    from feature_store.definitions import Windowed
+    from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL, TERMINAL_ACTIVITY, TERMINAL_RISK
+
+    return max((f.window_s + f.delay_s) / DAY for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL,
+                                                          CARD_DEVICE)
+               for f in fs.vector if isinstance(f, Windowed))
 
 
 def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, ids: np.ndarray, rows: list,

@@ -137,6 +137,8 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
     assert summary["test_rows"] > 0 and summary["test_frauds"] > 0 and summary["train_rows"] > 0
     assert summary["kestrel"]["average_precision"] > summary["baselines"]["rules"]["average_precision"]
     assert set(summary["segments"]) == {"north", "south", "east", "west"}
+    assert summary["warm_up_days"] < summary["longest_feature_window_days"] == 37.0  # a 6-day history is cold
+    assert "partial windows" in proc.stderr  # and the user is told the comparison is skewed
     for name, gain in summary["kestrel_ap_gain"].items():  # paired bootstrap against every baseline
         lo, hi = gain["ci95"]
         assert lo <= hi and gain["gain"] == pytest.approx(
