@@ -196,7 +196,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
 
     warm_days = (train_start - t[0]) / DAY
     longest = longest_window_days()
-    if warm_days < longest:
+    if warm_days < longest - 1 / 24:  # an hour's slack: a history's first payment comes a little after midnight
         say(f"warning: {warm_days:.1f} days of history before the training window, but the features reach back "
             f"{longest:.0f} days: early payments see partial windows, so features drift upward through the run "
             f"(models that cannot extrapolate suffer most). Give {longest:.0f}+ days of history before "
