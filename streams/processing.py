@@ -239,7 +239,7 @@ class Processor:
         else:
             scores = self.scorer.score_batch(events, feats)
         now = time.time()
-        outputs = []
+        outputs, docs = [], []
         for (rec, e), f, s in zip(valid, feats, scores, strict=True):
             card = self.token("card", e.card_id)
             doc = {
@@ -255,11 +255,12 @@ class Processor:
                 "processing_ms": round((now - started) * 1000, 3),
             }
             body = orjson.dumps(doc)
+            docs.append(doc)
             writes.append((self.keys.decision(e.event_id), body))  # the decision log labels join to
             outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
                                   self.keys.published("fraud", e.event_id)))
             self._observe("fraud", rec, started, now)
-        outputs += await self._join_early_labels(outputs)
+        outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(outputs)
 
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
@@ -330,14 +331,13 @@ class Processor:
         await pipe.execute()
         self.metrics.online_labels.labels("parked").inc(len(labels))
 
-    async def _join_early_labels(self, decided: list[Output]) -> list[Output]:
+    async def _join_early_labels(self, docs: list[dict[str, Any]]) -> list[Output]:
         """Labels parked before these transactions were decided: applied now, as if they had come after.
 
         One ``EXISTS`` per batch when none are parked (the usual case). Applying
         is idempotent (the terminal counts and the learner skip a label id they
         have seen), so a crash between applying and deleting is harmless.
         """
-        docs = [orjson.loads(o.value) for o in decided]
         keys = [self.keys.early_labels(d["event_id"]) for d in docs]
         if not keys or not await self.client.exists(*keys):
             return []
