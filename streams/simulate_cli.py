@@ -31,10 +31,15 @@ def add_produce_args(p: argparse.ArgumentParser) -> None:
                    help="constant for a field the CSV lacks, e.g. currency=EUR; repeatable")
     h = p.add_argument_group("payment history to a file (for `kestrel train|eval fraud`), no broker needed")
     h.add_argument("--history-csv", metavar="PATH", help="write simulated payments with ground truth (.gz ok)")
-    h.add_argument("--days", type=float, default=21.0)
+    h.add_argument("--days", type=float, default=59.0,
+                   help="59 (the default) fits `kestrel eval fraud`'s default windows (7 train, 7 delay, 7 test) "
+                        "after the 37 days the features need to warm up")
     h.add_argument("--payments-per-day", type=float, default=5000.0)
     h.add_argument("--emerging-after-days", type=float, default=None,
                    help="from this day on fraudsters add a pattern absent before (account takeover)")
+    h.add_argument("--hard-negatives", action="store_true",
+                   help="genuine customers also change phones, travel and make big purchases now and then, "
+                        "so no single input marks fraud (a harder, more realistic history)")
 
 
 def simulated(args: argparse.Namespace, max_event_bytes: int) -> Iterator[SimRecord]:
@@ -69,7 +74,7 @@ def run_produce(args: argparse.Namespace) -> int:
         from streams.simulator import write_history
 
         counts = write_history(args.history_csv, args.days, args.payments_per_day, seed=args.seed,
-                               emerging_after_days=args.emerging_after_days)
+                               emerging_after_days=args.emerging_after_days, hard_negatives=args.hard_negatives)
         print(f"wrote {counts['payments']:,} payments ({counts['frauds']:,} frauds) over {args.days:g} days "
               f"to {args.history_csv}", file=sys.stderr)
         return 0

@@ -50,6 +50,11 @@ class SimConfig:
     genuine_label_share: float = 0.02
     scenarios: tuple[str, ...] = FRAUD_SCENARIOS
     night_fraud_share: float = 0.6  # share of sprees / large amounts moved to the night (00:00-05:00 UTC)
+    # Genuine behaviour that looks like fraud on one input alone (the hard negatives of real traffic); off by
+    # default (see HARD_NEGATIVES), and when off the stream is exactly what it was without these fields:
+    genuine_new_device_share: float = 0.0  # an online payment from a device the card never used (a new phone)
+    trip_share: float = 0.0  # a payment that starts a 1-3 day trip: payments at unfamiliar merchants
+    big_ticket_share: float = 0.0  # a purchase 5-20x the card's usual amount (a flight, a sofa)
     invalid_share: float = 0.0
     max_event_bytes: int = 64 * 1024
 
@@ -74,7 +79,8 @@ class SimRecord:
 class _Card:
     mean_amount: float
     merchants: np.ndarray
-    devices: tuple[str, ...]
+    devices: list[str]
+    away_until: float = 0.0  # travelling until then: shops mostly at merchants it does not use at home
 
 
 @dataclass(order=True)
@@ -99,7 +105,7 @@ class Simulator:
         self.user_activity /= self.user_activity.sum()
         self.cards = [
             _Card(float(np.exp(rng.normal(3.6, 0.7))), rng.integers(0, c.n_merchants, int(rng.integers(3, 12))),
-                  tuple(f"dev_{i:06d}_{j}" for j in range(int(rng.integers(1, 3)))))
+                  [f"dev_{i:06d}_{j}" for j in range(int(rng.integers(1, 3)))])
             for i in range(c.n_cards)
         ]
         self.card_activity = rng.pareto(2.0, c.n_cards) + 1.0
@@ -173,18 +179,28 @@ class Simulator:
         if card is None:
             card = int(rng.choice(c.n_cards, p=self.card_activity))
         holder = self.cards[card]
+        t = self.now if at is None else at
+        genuine = scenario is None and amount is None
+        if genuine and c.trip_share and rng.random() < c.trip_share:
+            holder.away_until = t + float(rng.uniform(1, 3)) * 86400
         if terminal is None:
-            merchant = int(rng.choice(holder.merchants)) if rng.random() < 0.85 else int(rng.integers(c.n_merchants))
+            home = rng.random() < (0.85 if holder.away_until <= t else 0.1)
+            merchant = int(rng.choice(holder.merchants)) if home else int(rng.integers(c.n_merchants))
             terminal = merchant * c.terminals_per_merchant + int(rng.integers(c.terminals_per_merchant))
         merchant = terminal // c.terminals_per_merchant
         if amount is None:
             amount = float(np.exp(rng.normal(math.log(holder.mean_amount), 0.5)))
-        t = self.now if at is None else at
+            if c.big_ticket_share and rng.random() < c.big_ticket_share:
+                amount *= float(rng.uniform(5, 20))
         if scenario is None and self.compromised_terminals.get(terminal, 0.0) > t and rng.random() < 0.5:
             scenario, amount = "terminal_compromise", amount * float(rng.uniform(1.5, 3.0))
         present = bool(rng.random() < 0.6) if device is None else False
         if device is None and not present:
-            device = holder.devices[int(rng.integers(len(holder.devices)))]
+            if genuine and c.genuine_new_device_share and rng.random() < c.genuine_new_device_share:
+                holder.devices.append(f"dev_{card:06d}_{len(holder.devices)}")
+                device = holder.devices[-1]
+            else:
+                device = holder.devices[int(rng.integers(len(holder.devices)))]
         ev = Transaction(event_id=self._id("t"), card_id=f"card_{card:06d}", customer_id=f"cust_{card:06d}",
                          merchant_id=f"merchant_{merchant}", terminal_id=f"term_{terminal}",
                          amount=round(amount, 2), currency="EUR", timestamp=_dt(t),
@@ -288,17 +304,23 @@ HISTORY_COLUMNS = ("event_id", "timestamp", "card_id", "merchant_id", "terminal_
                    "device_id", "region", "is_fraud", "scenario")
 
 
+# Genuine customers who change phones, travel and buy big once in a while (``--hard-negatives``): a new device,
+# an unfamiliar terminal or a large amount alone no longer marks fraud; their combination still does.
+HARD_NEGATIVES = {"genuine_new_device_share": 0.03, "trip_share": 0.004, "big_ticket_share": 0.005}
+
+
 def payments_config(payments_per_day: float, seed: int = 7, scenarios: tuple[str, ...] = FRAUD_SCENARIOS,
-                    n_cards: int = 2000) -> SimConfig:
+                    n_cards: int = 2000, hard_negatives: bool = False) -> SimConfig:
     """Payments only, at a daily volume; fraud incidents scale with it (fraud stays near 1% of payments)."""
     per_s = payments_per_day / 86400.0
     return SimConfig(seed=seed, events_per_sim_second=per_s, transaction_share=1.0, n_cards=n_cards,
-                     fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios)
+                     fraud_incidents_per_sim_hour=per_s * 3600 * 0.00185, scenarios=scenarios,
+                     **(HARD_NEGATIVES if hard_negatives else {}))
 
 
 def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed: int = 7,
                   scenarios: tuple[str, ...] = FRAUD_SCENARIOS, n_cards: int = 2000,
-                  emerging_after_days: float | None = None) -> dict[str, int]:
+                  emerging_after_days: float | None = None, hard_negatives: bool = False) -> dict[str, int]:
     """Write ``days`` of simulated payments with their ground truth to a CSV (gzip when ``path`` ends in .gz).
 
     Fraud incidents scale with the payment rate, so fraud stays near 1% of
@@ -310,7 +332,7 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
     import csv
     import gzip
 
-    config = payments_config(payments_per_day, seed, scenarios, n_cards)
+    config = payments_config(payments_per_day, seed, scenarios, n_cards, hard_negatives)
     sim = Simulator(config)
     end = config.start + days * 86400.0
     emerge_at = end if emerging_after_days is None else config.start + emerging_after_days * 86400.0

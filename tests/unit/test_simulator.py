@@ -76,3 +76,43 @@ def test_invalid_events_are_rejected_by_the_worker_validation():
     for r in recs:
         kind = "interaction" if r.topic == "events.interactions" else "transaction"
         assert isinstance(parse_event(r.value, kind, 64 * 1024), Rejection), r.kind
+
+
+def test_default_payment_stream_is_pinned():
+    """The measured numbers in the README come from these streams: an option must not change the default one."""
+    import hashlib
+
+    from streams.simulator import payments_config
+
+    def digest(config: SimConfig) -> str:
+        values = b"".join(r.value for r in itertools.islice(Simulator(config).records(), 5000))
+        return hashlib.sha256(values).hexdigest()[:16]
+
+    assert digest(SimConfig(seed=5)) == "72f18487b74c018b"
+    assert digest(payments_config(5000, seed=5)) == "fa41e5b1ee3e582c"
+
+
+def test_hard_negatives_give_genuine_payments_the_marks_of_fraud():
+    """New devices, unfamiliar terminals and big amounts also come from genuine customers, with --hard-negatives."""
+    from streams.simulator import payments_config
+
+    def genuine_marks(hard: bool) -> Counter:
+        sim = Simulator(payments_config(20000, seed=6, hard_negatives=hard))
+        start_devices = {f"card_{i:06d}": set(c.devices) for i, c in enumerate(sim.cards)}
+        means = {f"card_{i:06d}": c.mean_amount for i, c in enumerate(sim.cards)}
+        marks: Counter = Counter()
+        for r in itertools.islice(sim.records(), 40000):
+            if r.kind != "transaction" or r.fraud:
+                continue
+            e = r.event
+            marks["payments"] += 1
+            if e.device_id and e.device_id not in start_devices[e.card_id]:
+                marks["new_device"] += 1  # its first payment: the card knows the device from then on
+                start_devices[e.card_id].add(e.device_id)
+            marks["big_ticket"] += e.amount > 5 * means[e.card_id]
+        return marks
+
+    plain, hard = genuine_marks(False), genuine_marks(True)
+    assert plain["new_device"] == 0 and plain["big_ticket"] <= plain["payments"] * 0.0015  # the lognormal tail
+    assert 0.005 < hard["new_device"] / hard["payments"] < 0.03  # 3% of card-not-present payments, then known
+    assert 0.003 < (hard["big_ticket"] - plain["big_ticket"]) / hard["payments"] < 0.008  # 0.5% big tickets
