@@ -13,6 +13,8 @@ is refreshed when the revision moved (checked at most every ``refresh_s``).
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -77,11 +79,14 @@ class SharedLearner:
 
         ``teach`` must only touch the learner it is given (it may run more than once).
         """
-        for _ in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
             learner, rev = await self._load()
             result = teach(learner)
             if await self._cas(keys=[self.key], args=[rev, learner.dumps(), self.ttl_s]):
                 self._rev = str((int(rev) if rev else 0) + 1)
                 self._checked = time.monotonic()
                 return result
+            # Lost the race: back off a random, growing while, so that workers in lockstep stop colliding
+            # (without it, one worker could lose every round to the others and run out of attempts).
+            await asyncio.sleep(random.uniform(0.0, min(0.002 * 2 ** attempt, 0.1)))
         raise RuntimeError(f"online learner {self.key}: {self.max_attempts} concurrent updates in a row")
