@@ -137,6 +137,8 @@ USER_ACTIVITY = FeatureSet(
 )
 
 FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
+# Every set a payment's fraud vector is read from (the worker's scoring path, the offline replay, the eval).
+FRAUD_VECTOR_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE)
 TRENDING = next(f for f in USER_ACTIVITY.features if f.name == "item_trending")
 ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE,
                                    USER_ACTIVITY)}

@@ -259,11 +259,9 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
 def longest_window_days() -> float:
     """How far back (days) the fraud features look, delay included: the warm-up a replay needs."""
     from feature_store.definitions import Windowed
-    from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL, TERMINAL_ACTIVITY, TERMINAL_RISK
+    from feature_store.sets import FRAUD_VECTOR_SETS
 
-    return max((f.window_s + f.delay_s) / DAY for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL,
-                                                          CARD_DEVICE)
-               for f in fs.vector if isinstance(f, Windowed))
+    return max((f.window_s + f.delay_s) / DAY for fs in FRAUD_VECTOR_SETS for f in fs.vector if isinstance(f, Windowed))
 
 
 def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, ids: np.ndarray, rows: list,

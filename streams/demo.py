@@ -399,14 +399,20 @@ def _fraud_summary(stream: list[SimRecord], collector: Collector) -> dict[str, A
             if flagged else None}
 
 
-def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
-    """The fraud model artifact the demo's worker loads ("" = rules); trains one on its first run."""
-    if choice == "rules":
+def _explicit_model(choice: str, baseline: str, env_var: str) -> str | None:
+    """What ``--*-model`` asks for unless it is "auto": "" for the baseline, a path, or the env var's path."""
+    if choice == baseline:
         return ""
     if choice != "auto":
         return choice
-    if os.environ.get("KESTREL_FRAUD_MODEL"):
-        return os.environ["KESTREL_FRAUD_MODEL"]
+    return os.environ.get(env_var) or None
+
+
+def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
+    """The fraud model artifact the demo's worker loads ("" = rules); trains one on its first run."""
+    chosen = _explicit_model(choice, "rules", "KESTREL_FRAUD_MODEL")
+    if chosen is not None:
+        return chosen
     from models.fraud_model import latest_artifact
 
     # The demo's simulator: 2 events per simulated second, 75% payments, 2,000 cards. A model trained on the
@@ -427,12 +433,9 @@ def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
 
 def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
     """The two-tower artifact root the demo's worker loads ("" = trending only); trains one on its first run."""
-    if choice == "trending":
-        return ""
-    if choice != "auto":
-        return choice
-    if os.environ.get("KESTREL_RECS_MODEL"):
-        return os.environ["KESTREL_RECS_MODEL"]
+    chosen = _explicit_model(choice, "trending", "KESTREL_RECS_MODEL")
+    if chosen is not None:
+        return chosen
     root = Path("artifacts/recs-demo")
     if not (root / "CURRENT").exists():
         say("training a two-tower recommender on 100,000 simulated interactions (first run only, ~15 s)")

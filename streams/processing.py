@@ -27,6 +27,7 @@ from feature_store.sets import (
     CARD_DEVICE,
     CARD_PROFILE,
     CARD_TERMINAL,
+    FRAUD_VECTOR_SETS,
     TERMINAL_ACTIVITY,
     TERMINAL_RISK,
     USER_ACTIVITY,
@@ -52,7 +53,6 @@ from streams.validation import Rejection, check_time, parse_event
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
 # Order matters: the snapshots of a transaction batch come back set by set in this order.
-FRAUD_VECTOR_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE)
 FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in FRAUD_VECTOR_SETS)
 
 
