@@ -3,13 +3,15 @@
 Train on the training window; leave a gap as long as the label delay (those
 labels are not known yet when the test starts); score the test window in
 time order while labels flow back only ``delay`` after each payment (the
-online learner learns them then); drop cards whose fraud was already known
+online learner learns them then: the frauds, the verdicts on alerts and an
+audited share of the rest, as the worker's label stream carries them); drop cards whose fraud was already known
 before the test (they would be blocked already). Every baseline is trained
 on the same rows, with the same features, in the same run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +24,7 @@ import pandas as pd
 
 from models.fraud_features import model_inputs
 from models.fraud_model import FraudModel, ModelScorer
-from models.fraud_online import OnlineFraudLearner
+from models.fraud_online import OnlineFraudLearner, labelled_share
 from models.policy import Policy
 from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
 from offline.fraud_train import fit_fraud_model, river_warm_start
@@ -42,6 +44,7 @@ class EvalConfig:
     epochs: int = 30
     members: int = 5
     seed: int = 0
+    audit_share: float = 0.02  # genuine payments below the review threshold that get a label (as the worker's)
 
 
 def ranking_metrics(y: np.ndarray, score: np.ndarray, cards: np.ndarray, day: np.ndarray) -> dict[str, float]:
@@ -91,7 +94,8 @@ def paired_ap_gain(y: np.ndarray, better: np.ndarray, other: np.ndarray, groups:
     payments, and a spree's frauds, stay together, so the interval is not
     narrowed by treating a card's correlated payments as independent. Both
     models are scored on the same resamples, so their shared difficulty
-    cancels and the interval says whether the gain is real or luck.
+    cancels and the interval says whether the gain is real or luck. ``se``
+    (the resamples' spread) lets independent runs be pooled.
 
     >>> rng = np.random.default_rng(1); y = (rng.random(4000) < 0.05).astype(int)
     >>> good = y + rng.normal(0, 0.6, 4000); weak = y + rng.normal(0, 1.2, 4000)
@@ -113,8 +117,10 @@ def paired_ap_gain(y: np.ndarray, better: np.ndarray, other: np.ndarray, groups:
         a, b = (_weighted_ap(y[order], w[:, order], ends) for order, ends in sorted_views)
         gains.append(a - b)
     full = [_weighted_ap(y[order], np.ones((1, len(y))), ends)[0] for order, ends in sorted_views]
-    lo, hi = np.percentile(np.concatenate(gains), [2.5, 97.5])
-    return {"gain": round(float(full[0] - full[1]), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)]}
+    drawn = np.concatenate(gains)
+    lo, hi = np.percentile(drawn, [2.5, 97.5])
+    return {"gain": round(float(full[0] - full[1]), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "se": round(float(drawn.std(ddof=1)), 5)}
 
 
 def segment_report(y: np.ndarray, score: np.ndarray, segment: np.ndarray) -> dict[str, dict[str, float]]:
@@ -145,14 +151,34 @@ def _single_latency(score_one: Callable[[int], object], n: int, total: int) -> l
     return out
 
 
+def audited(ids: np.ndarray, share: float) -> np.ndarray:
+    """Which payments an audit samples: a stable hash of the id, so every model sees the same labels.
+
+    >>> audited(np.array(["a", "b", "c"]), 1.0).tolist(), audited(np.array(["a", "b", "c"]), 0.0).tolist()
+    ([True, True, True], [False, False, False])
+    """
+    if share >= 1.0:
+        return np.ones(len(ids), dtype=bool)
+    digests = (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big") for i in ids)
+    return np.fromiter((d / 2**64 < share for d in digests), dtype=bool, count=len(ids))
+
+
 def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.ndarray], learner: OnlineFraudLearner,
                    std: Callable[[np.ndarray], Sequence[Mapping[str, float]]], x: np.ndarray, t: np.ndarray,
                    test_idx: np.ndarray, label_idx: np.ndarray, y: np.ndarray, ids: np.ndarray,
-                   delay_s: float) -> np.ndarray:
-    """Score ``test_idx`` in time order in micro-batches; labels of ``label_idx`` are learned at t + delay."""
+                   delay_s: float, audit_share: float = 1.0, review: float = 0.5) -> np.ndarray:
+    """Score ``test_idx`` in time order in micro-batches; labels of ``label_idx`` arrive at t + delay.
+
+    The labels that arrive are the ones the worker's label stream carries:
+    every fraud (chargebacks), a verdict on every payment scored at or above
+    ``review`` (the analysts' queue), and the ``audit_share`` of the rest;
+    each is learned with its :func:`~models.fraud_online.labelled_share`.
+    """
     arrival = t[label_idx] + delay_s
     order = np.argsort(arrival, kind="stable")
     label_idx, arrival = label_idx[order], arrival[order]
+    audit = audited(ids[label_idx], audit_share)
+    decided: dict[int, float] = {}  # the score each test payment got when it was decided
     learned = 0
     scores = np.empty(len(test_idx))
     for start in range(0, len(test_idx), CHUNK):
@@ -160,11 +186,18 @@ def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.nd
         due = int(np.searchsorted(arrival, t[chunk[0]], side="right"))
         if due > learned:
             rows = label_idx[learned:due]
-            said = model_score(x[rows], learner)  # what the model says of them: misses are learned harder
+            said = np.array([decided.get(j, np.nan) for j in rows.tolist()])
+            undecided = np.isnan(said)  # gap payments: what the model would have said of them
+            if undecided.any():
+                said[undecided] = model_score(x[rows[undecided]], learner)
+            keep = (y[rows] == 1) | (said >= review) | audit[learned:due]
+            rows, said = rows[keep], said[keep]
             for xi, j, s in zip(std(x[rows]), rows, said, strict=True):
-                learner.learn(str(ids[j]), xi, bool(y[j]), float(s))
+                learner.learn(str(ids[j]), xi, bool(y[j]), float(s), review, labelled_share(s, review, audit_share))
             learned = due
-        scores[start:start + len(chunk)] = model_score(x[chunk], learner)
+        chunk_scores = model_score(x[chunk], learner)
+        scores[start:start + len(chunk)] = chunk_scores
+        decided.update(zip(chunk.tolist(), chunk_scores.tolist(), strict=True))
     return scores
 
 
@@ -224,7 +257,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     say("scoring the test window in time order (labels fed back after the delay)")
     kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, lr)[0], scorer.new_learner(),
                                     lambda xb: model.online_inputs(xb, model.base_logits(xb)), x, t, test, label_idx,
-                                    y, ids, delay_s)
+                                    y, ids, delay_s, cfg.audit_share, scorer.thresholds.review)
     latency = _single_latency(lambda i: scorer.score_batch([None], [rows[test[i]]]), 300, len(test))
 
     results: dict[str, dict[str, float]] = {}
@@ -235,7 +268,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     results["kestrel"] = kestrel
 
     say("baselines: logistic regression, gradient-boosted trees, river alone, torch alone, rules")
-    baselines = _baselines(model, x, y, t, ids, rows, train, test, label_idx, delay_s, cfg.seed)
+    baselines = _baselines(model, x, y, t, ids, rows, train, test, label_idx, delay_s, cfg.seed, cfg.audit_share)
     for name, (scores, lat) in baselines.items():
         m = ranking_metrics(y_test, scores, cards[test], day)
         m["score_p50_ms"], m["score_p99_ms"] = _percentile_ms(lat)
@@ -250,6 +283,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
                     "delay_days": cfg.delay_days},
         "removed_known_fraud_cards": len(known_fraud_cards),
         "warm_up_days": round(warm_days, 2), "longest_feature_window_days": longest,
+        "label_audit_share": cfg.audit_share,
     }
     if "segment" in frame:
         summary["segments"] = segment_report(y_test, kestrel_scores, frame["segment"].to_numpy()[test])
@@ -266,7 +300,7 @@ def longest_window_days() -> float:
 
 def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, ids: np.ndarray, rows: list,
                train: np.ndarray, test: np.ndarray, label_idx: np.ndarray, delay_s: float,
-               seed: int) -> dict[str, tuple[np.ndarray, list[float]]]:
+               seed: int, audit_share: float) -> dict[str, tuple[np.ndarray, list[float]]]:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -284,7 +318,7 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
     river_alone = OnlineFraudLearner()
     river_warm_start(river_alone, model.online_inputs(x[train]), y[train], ids[train].tolist())
     river_scores = _replay_online(lambda xb, lr_: lr_.predict(model.online_inputs(xb)), river_alone,
-                                  model.online_inputs, x, t, test, label_idx, y, ids, delay_s)
+                                  model.online_inputs, x, t, test, label_idx, y, ids, delay_s, audit_share)
     out["river_alone"] = (river_scores, _single_latency(
         lambda i: river_alone.predict(model.online_inputs(x[test[i]:test[i] + 1])), 300, len(test)))
     out["torch_alone"] = (model.torch_probability(x[test]), _single_latency(

@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(csv=args.csv, columns=_columns(args), train_days=args.train_days, delay_days=args.delay_days,
                      test_days=args.test_days, train_start=args.train_start, epochs=args.epochs,
-                     members=args.members, seed=args.seed)
+                     members=args.members, seed=args.seed, audit_share=args.audit_share)
     summary = run_eval(cfg, _say)
     if args.json:
         print(json.dumps(_finite(summary)))
@@ -141,5 +141,8 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--delay-days", type=float, default=7.0, help="label delay: the gap before the test window")
     p.add_argument("--test-days", type=float, default=7.0)
     p.add_argument("--train-start", default=None, help="YYYY-MM-DD (default: the latest span that fits)")
+    p.add_argument("--audit-share", type=float, default=0.02,
+                   help="share of genuine payments under the review threshold whose label reaches the online "
+                        "learner, as in the worker's label stream (KESTREL_LABEL_AUDIT_SHARE); 1 = every label")
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_eval)

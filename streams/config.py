@@ -38,6 +38,9 @@ class Settings:
     linger_ms: float = 1.0
     fraud_model: str = ""  # artifact directory (or a root of versioned ones: the newest); empty: rules
     fraud_policy: str = ""  # JSON: {"review": 0.5, "block": 0.9} or {"alerts_per_day": 300, "block": 0.9}
+    # Share of genuine payments under the review threshold that get a label anyway (audits): the online learner
+    # corrects for it (models.fraud_online.labelled_share); 1.0 when every payment's outcome is fed back.
+    label_audit_share: float = 0.02
     recs_model: str = ""  # two-tower artifact folder, or a root whose CURRENT names the version; empty: trending
 
     @classmethod
@@ -66,6 +69,7 @@ class Settings:
             linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
             fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
+            label_audit_share=float(_env("KESTREL_LABEL_AUDIT_SHARE", str(d.label_audit_share))),
             recs_model=_env("KESTREL_RECS_MODEL", d.recs_model),
         )
 
@@ -97,5 +101,6 @@ class Settings:
             "KESTREL_LINGER_MS": str(self.linger_ms),
             "KESTREL_FRAUD_MODEL": self.fraud_model,
             "KESTREL_FRAUD_POLICY": self.fraud_policy,
+            "KESTREL_LABEL_AUDIT_SHARE": str(self.label_audit_share),
             "KESTREL_RECS_MODEL": self.recs_model,
         }

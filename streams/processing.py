@@ -34,7 +34,7 @@ from feature_store.sets import (
 )
 from models.fraud_features import model_inputs, payment_features
 from models.fraud_model import FraudModel, ModelScorer, latest_artifact
-from models.fraud_online import DriftEvent, OnlineFraudLearner
+from models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
 from models.policy import Policy
 from models.popularity import PopularityRecommender
 from models.rules import RuleScorer
@@ -380,7 +380,9 @@ class Processor:
                     outcomes["already_learned"] += 1
                     continue
                 outcomes["learned"] += 1
-                drift = learner.learn(e.event_id, xi, e.verdict == "fraud", float(d.get("score", 0.0)), review)
+                score = float(d.get("score", 0.0))
+                share = labelled_share(score, review, self.settings.label_audit_share)
+                drift = learner.learn(e.event_id, xi, e.verdict == "fraud", score, review, share)
                 if drift is not None:
                     drifts.append((e, drift))
             return outcomes, drifts

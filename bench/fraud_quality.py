@@ -1,0 +1,137 @@
+"""The fraud quality bar, reproduced: simulated histories, ``kestrel eval fraud`` on each, one set of tables.
+
+    .venv/bin/python bench/fraud_quality.py --out runs/fraud-quality          # hard negatives, 14 training days
+    .venv/bin/python bench/fraud_quality.py --out runs/easy --easy --train-days 7
+    .venv/bin/python bench/fraud_quality.py --out runs/fraud-quality --report-only   # tables from saved runs
+
+A stationary run simulates the features' warm-up (37 days), the training
+window, 7 days of label delay and 7 test days; a drift run adds account
+takeover, absent from training, from the first test day on, with labels
+back after one day. Each run is ``kestrel produce`` then ``kestrel eval
+fraud --json`` in a subprocess, exactly as the README shows them; two run
+at a time. Runs are independent, so a baseline's gains pool across them:
+the mean of the runs' gains, with an interval from their bootstrap spreads
+(normal approximation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+WARM_UP_DAYS = 37  # offline.fraud_eval.longest_window_days(), rounded up
+MODELS = ("kestrel", "logistic_regression", "gradient_boosted_trees", "river_alone", "torch_alone", "rules")
+EVAL_COLUMNS = ["--merchant-col", "merchant_id", "--card-present-col", "card_present", "--device-col", "device_id",
+                "--segment-col", "region"]
+
+
+def runs_of(args: argparse.Namespace) -> list[dict]:
+    """Each run's name, ``produce`` arguments and ``eval`` window arguments."""
+    hard = [] if args.easy else ["--hard-negatives"]
+    per_day = ["--payments-per-day", str(args.payments_per_day)]
+    runs = []
+    days = WARM_UP_DAYS + args.train_days + 7 + 7 + 1
+    for seed in args.seeds:
+        runs.append({"name": f"seed {seed}", "file": f"s{seed}", "kind": "stationary",
+                     "produce": ["--days", str(days), "--seed", str(seed), *per_day, *hard],
+                     "window": ["--train-days", str(args.train_days), "--delay-days", "7", "--test-days", "7"]})
+    days = WARM_UP_DAYS + args.train_days + 1 + 8 + 1
+    for seed in args.drift_seeds:
+        runs.append({"name": f"drift {seed}", "file": f"d{seed}", "kind": "drift",
+                     "produce": ["--days", str(days), "--seed", str(seed), "--emerging-after-days", str(days - 8),
+                                 *per_day, *hard],
+                     "window": ["--train-days", str(args.train_days), "--delay-days", "1", "--test-days", "8"]})
+    return runs
+
+
+def run_one(run: dict, out: Path) -> dict:
+    kestrel = str(Path(sys.executable).with_name("kestrel"))
+    csv, result = out / f"{run['file']}.csv.gz", out / f"{run['file']}.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    started = time.time()
+    subprocess.run([kestrel, "produce", "--history-csv", str(csv), *run["produce"]], check=True,
+                   stdout=subprocess.DEVNULL)
+    proc = subprocess.run([kestrel, "eval", "fraud", "--csv", str(csv), *EVAL_COLUMNS, *run["window"], "--json"],
+                          check=True, capture_output=True, text=True)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary["run"] = {k: run[k] for k in ("name", "kind", "produce", "window")}
+    result.write_text(json.dumps(summary))
+    print(f"  {run['name']}: done in {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    return summary
+
+
+def pooled(gains: list[dict]) -> tuple[float, float, float]:
+    """Mean gain of independent runs and its 95% interval.
+
+    >>> pooled([{"gain": 0.02, "se": 0.01}, {"gain": 0.04, "se": 0.01}])
+    (0.03, 0.0161, 0.0439)
+    """
+    mean = sum(g["gain"] for g in gains) / len(gains)
+    se = math.sqrt(sum(g["se"] ** 2 for g in gains)) / len(gains)
+    return round(mean, 4), round(mean - 1.96 * se, 4), round(mean + 1.96 * se, 4)
+
+
+def report(summaries: list[dict]) -> str:
+    names = [s["run"]["name"] for s in summaries]
+    lines = ["Average precision:", "", "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for model in MODELS:
+        aps = [(s["kestrel"] if model == "kestrel" else s["baselines"][model])["average_precision"] for s in summaries]
+        lines.append(f"| {model} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
+    lines += ["", "Kestrel's AP gain over each baseline, 95% paired-bootstrap interval (* excludes 0):", "",
+              "| against | " + " | ".join(names) + " | pooled, stationary | pooled, drift |",
+              "|---" * (len(names) + 3) + "|"]
+    for model in MODELS[1:]:
+        cells = []
+        for s in summaries:
+            g = s["kestrel_ap_gain"][model]
+            star = "*" if g["ci95"][0] > 0 or g["ci95"][1] < 0 else ""
+            cells.append(f"{g['gain']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]{star}")
+        for kind in ("stationary", "drift"):
+            gains = [s["kestrel_ap_gain"][model] for s in summaries if s["run"]["kind"] == kind]
+            if gains and all("se" in g for g in gains):
+                mean, lo, hi = pooled(gains)
+                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{'*' if lo > 0 or hi < 0 else ''}")
+            else:
+                cells.append("")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | training payments (frauds) | test payments | test frauds |", "|---|---|---|---|"]
+    lines += [f"| {s['run']['name']} | {s['train_rows']:,} | {s['test_rows']:,} | {s['test_frauds']} |"
+              for s in summaries]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for the histories and each run's eval JSON")
+    p.add_argument("--seeds", type=int, nargs="*", default=[7, 17, 27, 37, 47])
+    p.add_argument("--drift-seeds", type=int, nargs="*", default=[8, 18])
+    p.add_argument("--train-days", type=int, default=14)
+    p.add_argument("--payments-per-day", type=int, default=5000)
+    p.add_argument("--easy", action="store_true", help="the default simulator (no hard negatives)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="tables from the runs already in --out")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = runs_of(args)
+    if args.report_only:
+        summaries = [json.loads((out / f"{r['file']}.json").read_text()) for r in runs
+                     if (out / f"{r['file']}.json").exists()]
+    else:
+        print(f"{len(runs)} runs, {args.jobs} at a time (a few minutes each) -> {out}", file=sys.stderr, flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            summaries = list(pool.map(lambda r: run_one(r, out), runs))
+    (out / "summary.json").write_text(json.dumps(summaries))
+    print(report(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
