@@ -101,7 +101,7 @@ def report(summaries: list[dict]) -> str:
             else:
                 cells.append("")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | training payments (frauds) | test payments | test frauds |", "|---|---|---|---|"]
+    lines += ["", "| run | training payments | test payments | test frauds |", "|---|---|---|---|"]
     lines += [f"| {s['run']['name']} | {s['train_rows']:,} | {s['test_rows']:,} | {s['test_frauds']} |"
               for s in summaries]
     return "\n".join(lines)

@@ -89,7 +89,7 @@ class OnlineFraudLearner:
                                                      intercept_lr=0.0 if stacked else self.lr)
         if stacked:
             self.model._weights[BASE] = float(self.base_weight)  # river has no public initial-weight setter
-        self.adwin = drift.ADWIN(delta=0.002)
+        self.reset_drift()
 
     def predict(self, xs: Sequence[Mapping[str, float]]) -> np.ndarray:
         """Probability of fraud for each input dict."""
@@ -99,6 +99,15 @@ class OnlineFraudLearner:
         """(weights of ``names``, weight of the base log-odds, intercept): for scoring a batch as one matrix."""
         w = self.model.weights  # a fresh dict per access in river: read it once
         return np.array([w.get(n, 0.0) for n in names]), float(w.get(BASE, 0.0)), float(self.model.intercept)
+
+    def reset_drift(self) -> None:
+        """Forget the error rate seen so far: the next labels set ADWIN's reference.
+
+        After the warm start, whose labels are every payment of the training
+        window: the worker's label stream (frauds, alerts, audits) has a far
+        higher error rate, which ADWIN would otherwise report as drift.
+        """
+        self.adwin = drift.ADWIN(delta=0.002)
 
     def seen(self, label_id: str) -> bool:
         return label_id in self._learned_set
