@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 WARM_UP_DAYS = 37  # offline.fraud_eval.longest_window_days(), rounded up
-MODELS = ("kestrel", "logistic_regression", "gradient_boosted_trees", "river_alone", "torch_alone", "rules")
+MODELS = {"kestrel": "Kestrel (torch + river)", "logistic_regression": "logistic regression",
+          "gradient_boosted_trees": "gradient-boosted trees", "river_alone": "river alone",
+          "torch_alone": "torch alone (ablation)", "rules": "rules"}
 EVAL_COLUMNS = ["--merchant-col", "merchant_id", "--card-present-col", "card_present", "--device-col", "device_id",
                 "--segment-col", "region"]
 
@@ -83,11 +85,11 @@ def report(summaries: list[dict]) -> str:
     lines = ["Average precision:", "", "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for model in MODELS:
         aps = [(s["kestrel"] if model == "kestrel" else s["baselines"][model])["average_precision"] for s in summaries]
-        lines.append(f"| {model} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
+        lines.append(f"| {MODELS[model]} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
     lines += ["", "Kestrel's AP gain over each baseline, 95% paired-bootstrap interval (* excludes 0):", "",
               "| against | " + " | ".join(names) + " | pooled, stationary | pooled, drift |",
               "|---" * (len(names) + 3) + "|"]
-    for model in MODELS[1:]:
+    for model in list(MODELS)[1:]:
         cells = []
         for s in summaries:
             g = s["kestrel_ap_gain"][model]
@@ -100,7 +102,7 @@ def report(summaries: list[dict]) -> str:
                 cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{'*' if lo > 0 or hi < 0 else ''}")
             else:
                 cells.append("")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {MODELS[model]} | " + " | ".join(cells) + " |")
     lines += ["", "| run | training payments | test payments | test frauds |", "|---|---|---|---|"]
     lines += [f"| {s['run']['name']} | {s['train_rows']:,} | {s['test_rows']:,} | {s['test_frauds']} |"
               for s in summaries]
