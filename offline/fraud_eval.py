@@ -24,7 +24,7 @@ import pandas as pd
 
 from models.fraud_features import model_inputs
 from models.fraud_model import FraudModel, ModelScorer
-from models.fraud_online import OnlineFraudLearner, labelled_share
+from models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
 from models.policy import Policy
 from offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
 from offline.fraud_train import fit_fraud_model, river_warm_start
@@ -166,13 +166,15 @@ def audited(ids: np.ndarray, share: float) -> np.ndarray:
 def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.ndarray], learner: OnlineFraudLearner,
                    std: Callable[[np.ndarray], Sequence[Mapping[str, float]]], x: np.ndarray, t: np.ndarray,
                    test_idx: np.ndarray, label_idx: np.ndarray, y: np.ndarray, ids: np.ndarray,
-                   delay_s: float, audit_share: float = 1.0, review: float = 0.5) -> np.ndarray:
+                   delay_s: float, audit_share: float = 1.0, review: float = 0.5,
+                   drifts: list[DriftEvent] | None = None) -> np.ndarray:
     """Score ``test_idx`` in time order in micro-batches; labels of ``label_idx`` arrive at t + delay.
 
     The labels that arrive are the ones the worker's label stream carries:
     every fraud (chargebacks), a verdict on every payment scored at or above
     ``review`` (the analysts' queue), and the ``audit_share`` of the rest;
     each is learned with its :func:`~models.fraud_online.labelled_share`.
+    ADWIN's drift events are appended to ``drifts`` when given.
     """
     arrival = t[label_idx] + delay_s
     order = np.argsort(arrival, kind="stable")
@@ -193,7 +195,10 @@ def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.nd
             keep = (y[rows] == 1) | (said >= review) | audit[learned:due]
             rows, said = rows[keep], said[keep]
             for xi, j, s in zip(std(x[rows]), rows, said, strict=True):
-                learner.learn(str(ids[j]), xi, bool(y[j]), float(s), review, labelled_share(s, review, audit_share))
+                event = learner.learn(str(ids[j]), xi, bool(y[j]), float(s), review,
+                                      labelled_share(s, review, audit_share))
+                if event is not None and drifts is not None:
+                    drifts.append(event)
             learned = due
         chunk_scores = model_score(x[chunk], learner)
         scores[start:start + len(chunk)] = chunk_scores
@@ -255,9 +260,11 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     torch.set_num_threads(1)  # as the worker scores (see streams.processing.load_fraud_scorer)
     scorer = ModelScorer(model, Policy(review=0.5))
     say("scoring the test window in time order (labels fed back after the delay)")
-    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, lr)[0], scorer.new_learner(),
+    learner, drifts = scorer.new_learner(), []
+    seen_before = learner.labels_seen
+    kestrel_scores = _replay_online(lambda xb, lr: model.score_arrays(xb, lr)[0], learner,
                                     lambda xb: model.online_inputs(xb, model.base_logits(xb)), x, t, test, label_idx,
-                                    y, ids, delay_s, cfg.audit_share, scorer.thresholds.review)
+                                    y, ids, delay_s, cfg.audit_share, scorer.thresholds.review, drifts)
     latency = _single_latency(lambda i: scorer.score_batch([None], [rows[test[i]]]), 300, len(test))
 
     results: dict[str, dict[str, float]] = {}
@@ -284,6 +291,9 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
         "removed_known_fraud_cards": len(known_fraud_cards),
         "warm_up_days": round(warm_days, 2), "longest_feature_window_days": longest,
         "label_audit_share": cfg.audit_share,
+        # what the river layer went through in the replay: labels learned, and ADWIN's drift events (labels seen)
+        "online": {"labels_learned": learner.labels_seen - seen_before,
+                   "drift_events_at_label": [d.labels_seen - seen_before for d in drifts]},
     }
     if "segment" in frame:
         summary["segments"] = segment_report(y_test, kestrel_scores, frame["segment"].to_numpy()[test])

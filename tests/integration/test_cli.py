@@ -139,8 +139,13 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
     assert set(summary["segments"]) == {"north", "south", "east", "west"}
     assert summary["warm_up_days"] < summary["longest_feature_window_days"] == 37.0  # a 6-day history is cold
     assert "partial windows" in proc.stderr  # and the user is told the comparison is skewed
+    # The river layer learned the labels the worker's stream would carry (frauds, alerts' verdicts, 2% audits)
+    # as they came back: some, and far fewer than the payments.
+    assert summary["label_audit_share"] == 0.02
+    assert 0 < summary["online"]["labels_learned"] < summary["test_rows"] / 4
     for name, gain in summary["kestrel_ap_gain"].items():  # paired bootstrap against every baseline
         lo, hi = gain["ci95"]
+        assert gain["se"] >= 0
         assert lo <= hi and gain["gain"] == pytest.approx(
             summary["kestrel"]["average_precision"] - summary["baselines"][name]["average_precision"], abs=2e-4)
 
