@@ -2,8 +2,11 @@
 
 Between nightly retrains, new fraud patterns would go unseen; this learner
 updates its weights from every ``label`` event within the batch that brings
-it, and watches the decisions' error rate with ADWIN so an operator hears
-about drift. Inputs are the same standardised vector the torch model sees;
+it, and watches the decisions with ADWIN so an operator hears about drift:
+the share of frauds the decisions missed, and the share of alerts that were
+false alarms. Both are measured on labels every one of which comes back (all
+frauds, every alert's verdict), so neither moves when the audit share of
+the other labels changes, as the overall error rate would. Inputs are the same standardised vector the torch model sees;
 stacked (``base_weight``), also the torch model's calibrated log-odds.
 
 Labels are a biased sample: every fraud comes back (chargebacks) and every
@@ -60,16 +63,17 @@ def labelled_share(score: float, review: float, audit_share: float) -> float:
 
 @dataclass
 class DriftEvent:
-    """What an operator is told when the error rate of the online learner shifts."""
+    """What an operator is told when one of the decisions' error rates shifts."""
 
     detector: str
-    error_rate: float
+    metric: str  # "missed_fraud_rate" (frauds scored under the threshold) or "false_alarm_rate" (alerts, genuine)
+    rate: float  # ADWIN's estimate of that rate now
     labels_seen: int
 
 
 @dataclass
 class OnlineFraudLearner:
-    """river logistic regression + ADWIN on its error; picklable as a checkpoint."""
+    """river logistic regression + ADWIN on the decisions' misses and false alarms; picklable as a checkpoint."""
 
     lr: float = 0.01
     l2: float = 1e-4
@@ -78,7 +82,8 @@ class OnlineFraudLearner:
     base_weight: float | None = None
     miss_weight: float = 1.0  # > 1 learns the decisions' mistakes harder (costs AP in replays: kept at 1)
     model: linear_model.LogisticRegression = field(init=False)
-    adwin: drift.ADWIN = field(init=False)
+    missed: drift.ADWIN = field(init=False)  # over fraud labels: 1 if the decision scored it under the threshold
+    false_alarms: drift.ADWIN = field(init=False)  # over alerts' labels: 1 if the payment was genuine
     labels_seen: int = 0
     learned: deque[str] = field(default_factory=lambda: deque(maxlen=LEARNED_IDS_KEPT))
     _learned_set: set[str] = field(default_factory=set, repr=False)
@@ -101,13 +106,9 @@ class OnlineFraudLearner:
         return np.array([w.get(n, 0.0) for n in names]), float(w.get(BASE, 0.0)), float(self.model.intercept)
 
     def reset_drift(self) -> None:
-        """Forget the error rate seen so far: the next labels set ADWIN's reference.
-
-        After the warm start, whose labels are every payment of the training
-        window: the worker's label stream (frauds, alerts, audits) has a far
-        higher error rate, which ADWIN would otherwise report as drift.
-        """
-        self.adwin = drift.ADWIN(delta=0.002)
+        """Forget the rates seen so far: the next labels set ADWIN's reference."""
+        self.missed = drift.ADWIN(delta=0.002)
+        self.false_alarms = drift.ADWIN(delta=0.002)
 
     def seen(self, label_id: str) -> bool:
         return label_id in self._learned_set
@@ -117,9 +118,9 @@ class OnlineFraudLearner:
         """Learn one label (once per ``label_id``); returns a drift event when ADWIN flags one.
 
         ``score`` is what the deployed scorer said at decision time: ADWIN
-        watches the error of the decisions, not of this learner alone, and a
-        label the decision got wrong (a missed fraud, a false alarm) is learned
-        with ``miss_weight``. ``share`` is :func:`labelled_share` of the
+        watches the decisions, not this learner alone, and a label the
+        decision got wrong (a missed fraud, a false alarm) is learned with
+        ``miss_weight``. ``share`` is :func:`labelled_share` of the
         payment: its offset ``-log(share)`` rides on the intercept for this
         one update (river has no per-row offset), then comes off again.
         """
@@ -137,9 +138,15 @@ class OnlineFraudLearner:
         self.learned.append(label_id)
         self._learned_set.add(label_id)
         self.labels_seen += 1
-        self.adwin.update(float(wrong))
-        if self.adwin.drift_detected:
-            return DriftEvent("ADWIN", float(self.adwin.estimation), self.labels_seen)
+        alerted = score >= threshold
+        if is_fraud:
+            self.missed.update(float(not alerted))
+            if self.missed.drift_detected:
+                return DriftEvent("ADWIN", "missed_fraud_rate", float(self.missed.estimation), self.labels_seen)
+        if alerted:
+            self.false_alarms.update(float(not is_fraud))
+            if self.false_alarms.drift_detected:
+                return DriftEvent("ADWIN", "false_alarm_rate", float(self.false_alarms.estimation), self.labels_seen)
         return None
 
     # -- checkpoints -----------------------------------------------------------
@@ -150,6 +157,9 @@ class OnlineFraudLearner:
     def loads(raw: bytes) -> OnlineFraudLearner:
         learner = pickle.loads(raw)  # our own checkpoint, from our own Redis
         learner._learned_set = set(learner.learned)
+        if "missed" not in learner.__dict__:  # a checkpoint from before the two detectors
+            learner.__dict__.pop("adwin", None)
+            learner.reset_drift()
         return learner
 
     def __getstate__(self) -> dict:

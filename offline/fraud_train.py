@@ -64,8 +64,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     scores_val = np.empty(n - cut)
     for k, (label_id, xi, yi) in enumerate(zip(ids[cut:n], val_inputs, y[val], strict=True)):
         scores_val[k] = model.online.predict([xi])[0]  # prequential: scored before its label is learned
-        model.online.learn(str(label_id), xi, bool(yi), scores_val[k])
-    model.online.reset_drift()
+        model.online.learn(str(label_id), xi, bool(yi), scores_val[k])  # also ADWIN's reference rates
     days = max((float(epoch_s[-1]) - float(epoch_s[0])) / 86400.0, 1e-3)
     model.payments_per_day = n / days
     model.reference_scores = np.sort(scores_val)

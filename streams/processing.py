@@ -56,6 +56,12 @@ RECS_PER_DECISION = 10
 FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in FRAUD_VECTOR_SETS)
 
 
+DRIFT_MESSAGES = {
+    "missed_fraud_rate": "more frauds are scored under the review threshold than before: a new pattern? The "
+                         "online learner is learning it; review thresholds and consider a retrain",
+    "false_alarm_rate": "more alerts turn out genuine than before: review thresholds and consider a retrain",
+}
+
 def load_fraud_scorer(settings: Settings) -> FraudScorer:
     """The trained model named by ``KESTREL_FRAUD_MODEL`` (the newest version under it), else the rules."""
     if not settings.fraud_model:
@@ -393,10 +399,10 @@ class Processor:
         outputs = []
         for e, drift in drifts:
             self.metrics.drift_events.inc()
-            doc = {"type": "drift", "detector": drift.detector, "metric": "decision_error_rate",
-                   "error_rate": round(drift.error_rate, 4), "labels_seen": drift.labels_seen,
+            doc = {"type": "drift", "detector": drift.detector, "metric": drift.metric,
+                   "rate": round(drift.rate, 4), "labels_seen": drift.labels_seen,
                    "model_version": self.scorer.version, "label_event_id": e.event_id, "at": iso_of(now),
-                   "message": "the fraud decisions' error rate shifted: review thresholds, consider a retrain"}
+                   "message": DRIFT_MESSAGES.get(drift.metric, "the fraud decisions changed")}
             outputs.append(Output(topics.OPERATOR_EVENTS, self.scorer.version.encode(), orjson.dumps(doc),
                                   self.keys.published("drift", e.event_id)))
         return outputs

@@ -100,14 +100,38 @@ def test_online_learner_learns_each_label_once_across_checkpoints():
     assert restored.labels_seen == 2 and restored.model.weights != before
 
 
-def test_online_learner_flags_drift_when_decisions_start_failing():
+def test_online_learner_flags_drift_when_frauds_start_being_missed():
     learner = OnlineFraudLearner()
-    events = [learner.learn(f"ok{i}", {"x": 0.0}, False, 0.0) for i in range(400)]
+    events = [learner.learn(f"caught{i}", {"x": 0.0}, True, 0.9) for i in range(300)]  # frauds, alerted
+    events += [learner.learn(f"audit{i}", {"x": 0.0}, False, 0.01) for i in range(2000)]  # audits: not watched
     assert not any(events)
-    events = [learner.learn(f"bad{i}", {"x": 1.0}, True, 0.0) for i in range(200)]  # every fraud missed
+    events = [learner.learn(f"missed{i}", {"x": 1.0}, True, 0.1) for i in range(200)]  # a new pattern, missed
     drift = next(e for e in events if e is not None)
-    assert drift.detector == "ADWIN" and drift.error_rate > 0.1
-    assert drift.labels_seen < 450  # flagged within a few dozen failed decisions
+    assert (drift.detector, drift.metric) == ("ADWIN", "missed_fraud_rate") and drift.rate > 0.05
+    assert drift.labels_seen < 2300 + 60  # flagged within a few dozen missed frauds
+
+
+def test_online_learner_flags_drift_when_alerts_turn_into_false_alarms():
+    learner = OnlineFraudLearner()
+    events = [learner.learn(f"a{i}", {"x": 0.0}, i % 4 != 0, 0.8) for i in range(400)]  # 25% false alarms
+    assert not any(events)
+    events = [learner.learn(f"b{i}", {"x": 1.0}, i % 4 == 0, 0.8) for i in range(400)]  # now 75%
+    drift = next(e for e in events if e is not None)
+    assert drift.metric == "false_alarm_rate" and drift.rate > 0.3
+
+
+def test_the_audit_share_does_not_look_like_drift():
+    """Fewer or more audited genuine payments change the overall error rate, not the two watched rates."""
+    learner = OnlineFraudLearner()
+    rng = np.random.default_rng(0)
+    events = []
+    for i in range(6000):
+        audit_heavy = i < 3000  # halfway, audited genuine payments drop from 90% of the labels to 50%
+        if rng.random() < (0.9 if audit_heavy else 0.5):
+            events.append(learner.learn(f"g{i}", {"x": 0.0}, False, 0.01))
+        else:
+            events.append(learner.learn(f"f{i}", {"x": 1.0}, True, 0.9 if rng.random() < 0.8 else 0.1))
+    assert not any(events)
 
 
 def test_artifact_roundtrip_and_model_based_reasons(fraud_model, tmp_path):
