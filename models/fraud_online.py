@@ -4,10 +4,11 @@ Between nightly retrains, new fraud patterns would go unseen; this learner
 updates its weights from every ``label`` event within the batch that brings
 it, and watches the decisions with ADWIN so an operator hears about drift:
 the share of frauds the decisions missed, and the share of alerts that were
-false alarms. Both are measured on labels every one of which comes back (all
-frauds, every alert's verdict), so neither moves when the audit share of
-the other labels changes, as the overall error rate would. Inputs are the same standardised vector the torch model sees;
-stacked (``base_weight``), also the torch model's calibrated log-odds.
+false alarms. Both are measured on labels that always come back (all frauds,
+every alert's verdict), so neither moves when the audit share of the other
+labels changes, as the overall error rate would. Inputs are the same
+standardised vector the torch model sees; stacked (``base_weight``), also
+the torch model's calibrated log-odds.
 
 Labels are a biased sample: every fraud comes back (chargebacks) and every
 alert gets a verdict, but of the genuine payments below the review threshold

@@ -4,9 +4,10 @@ Train on the training window; leave a gap as long as the label delay (those
 labels are not known yet when the test starts); score the test window in
 time order while labels flow back only ``delay`` after each payment (the
 online learner learns them then: the frauds, the verdicts on alerts and an
-audited share of the rest, as the worker's label stream carries them); drop cards whose fraud was already known
-before the test (they would be blocked already). Every baseline is trained
-on the same rows, with the same features, in the same run.
+audited share of the rest, as the worker's label stream carries them); drop
+cards whose fraud was already known before the test (they would be blocked
+already). Every baseline is trained on the same rows, with the same
+features, in the same run.
 """
 
 from __future__ import annotations
