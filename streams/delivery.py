@@ -1,10 +1,16 @@
-"""Delivery ledger: which outputs already reached the broker, kept in Redis.
+"""Delivery ledger: which outputs already reached the broker, and what was sent, kept in Redis.
 
 Each output has a mark key; it is set only after the broker acknowledged the
 record, so a batch replayed after a crash re-sends exactly the outputs that
-were never delivered. One script call per batch keeps this off the hot path
-(a pipeline of one command per record costs more in reply parsing than the
-commands themselves).
+were never delivered. Before an output is first sent its bytes go to an
+outbox key (``mark:out``, or a log key the output is already written to);
+a replay re-sends those bytes, not a recomputation: a recommendation or an
+alert computed again after a crash can differ (other events moved the state
+meanwhile), and a consumer keyed by event id must never see two different
+decisions for one event. The outbox entry is dropped when the mark is set.
+One script call per batch keeps this off the hot path (a pipeline of one
+command per record costs more in reply parsing than the commands
+themselves).
 """
 
 from __future__ import annotations
@@ -19,16 +25,31 @@ for i = 0, n - 1 do
   -- NX: a replayed batch must not rewrite what was logged (and sent) the first time
   redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX')
 end
+local base = 3 + 2 * n
+local outbox_ttl = tonumber(ARGV[base])
 local out = {}
-for i = 3 + 2 * n, #ARGV do out[#out + 1] = redis.call('EXISTS', ARGV[i]) end
+-- then one (mark, outbox key, body) triple per output: 0 if delivered, else the bytes to send
+for i = base + 1, #ARGV, 3 do
+  if redis.call('EXISTS', ARGV[i]) == 1 then
+    out[#out + 1] = 0
+  else
+    if ARGV[i + 2] ~= '' then redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX') end
+    out[#out + 1] = redis.call('GET', ARGV[i + 1])
+  end
+end
 return out
 """
 
 MARK_LUA = r"""
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('SET', ARGV[i], '1', 'EX', ttl) end
-return #ARGV - 1
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, 2 + n do redis.call('SET', ARGV[i], '1', 'EX', ttl) end
+for i = 3 + n, #ARGV do redis.call('DEL', ARGV[i]) end
+return n
 """
+
+
+def outbox_key(mark: str) -> str:
+    return f"{mark}:out"
 
 
 class DeliveryLedger:
@@ -38,16 +59,27 @@ class DeliveryLedger:
         self._write_and_check = client.register_script(WRITE_AND_CHECK_LUA)
         self._mark = client.register_script(MARK_LUA)
 
-    async def delivered(self, marks: Sequence[str], writes: Sequence[tuple[str, bytes]] = ()) -> list[bool]:
-        """Which ``marks`` are set; first stores ``writes`` (key, value) with ``writes_ttl_s``, same round trip."""
-        if not marks and not writes:
+    async def unsent(self, outputs: Sequence[tuple[str, str | None, bytes]],
+                     writes: Sequence[tuple[str, bytes]] = ()) -> list[bytes | None]:
+        """For each (mark, log key or None, body): None if delivered, else the bytes to send.
+
+        The bytes are those stored when the output was first attempted; a
+        log key (written NX by ``writes`` in the same call) serves as the
+        outbox itself, so its body need not travel twice (pass ``b""``).
+        ``writes`` (key, value) are stored first, with ``writes_ttl_s``.
+        """
+        if not outputs and not writes:
             return []
         args: list[object] = [self.writes_ttl_s, len(writes)]
         for key, value in writes:
             args += [key, value]
-        args += list(marks)
-        return [bool(x) for x in await self._write_and_check(args=args)]
+        args.append(self.ttl_s)
+        for mark, log_key, body in outputs:
+            args += [mark, log_key or outbox_key(mark), body]
+        return [None if stored == 0 else stored for stored in await self._write_and_check(args=args)]
 
-    async def mark(self, marks: Sequence[str]) -> None:
-        if marks:
-            await self._mark(args=[self.ttl_s, *marks])
+    async def mark(self, outputs: Sequence[tuple[str, str | None]]) -> None:
+        """Set the marks of delivered (mark, log key or None) outputs; their transient outboxes go."""
+        if outputs:
+            await self._mark(args=[self.ttl_s, len(outputs), *(m for m, _ in outputs),
+                                   *(outbox_key(m) for m, log_key in outputs if log_key is None)])

@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -109,6 +109,7 @@ class Output:
     key: bytes
     value: bytes
     mark: str
+    log_key: str | None = None  # where ``value`` is also logged (NX): the ledger's outbox for it, when set
 
 
 def deadletter_record(rec: RawRecord, rej: Rejection, now: float) -> dict[str, Any]:
@@ -199,18 +200,22 @@ class Processor:
         """Record that these outputs reached the broker (called after the acks)."""
         if not outputs:
             return
-        await self.ledger.mark([out.mark for out in outputs])
+        await self.ledger.mark([(out.mark, out.log_key) for out in outputs if out.mark])
         for out in outputs:
             self.metrics.events_out.labels(out.topic).inc()
 
     async def _not_yet_delivered(self, outputs: list[Output], writes: list[tuple[str, bytes]]) -> list[Output]:
-        """Drop outputs already delivered before a restart; also flushes ``writes`` in the same round trip."""
+        """Drop outputs already delivered before a restart, and re-send exactly the bytes first attempted.
+
+        Also flushes ``writes`` in the same round trip (see :mod:`streams.delivery`).
+        """
         unique: dict[str, Output] = {}
         for out in outputs:
             unique.setdefault(out.mark, out)
-        marks = list(unique)
-        delivered = await self.ledger.delivered(marks, writes)
-        fresh = [unique[m] for m, done in zip(marks, delivered, strict=True) if not done]
+        stored = await self.ledger.unsent([(m, o.log_key, b"" if o.log_key else o.value)  # logged: in writes
+                                           for m, o in unique.items()], writes)
+        fresh = [o if body == o.value else replace(o, value=body)
+                 for o, body in zip(unique.values(), stored, strict=True) if body is not None]
         if len(fresh) < len(outputs):
             self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))
         return fresh
@@ -262,9 +267,10 @@ class Processor:
             }
             body = orjson.dumps(doc)
             docs.append(doc)
-            writes.append((self.keys.decision(e.event_id), body))  # the decision log labels join to
+            log_key = self.keys.decision(e.event_id)
+            writes.append((log_key, body))  # the decision log labels join to, and this output's outbox
             outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
-                                  self.keys.published("fraud", e.event_id)))
+                                  self.keys.published("fraud", e.event_id), log_key))
             self._observe("fraud", rec, started, now)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(outputs)

@@ -136,7 +136,7 @@ def _brute(events: list, i: int) -> dict:
     return {
         "n_10m": float(sum(1 for x in seen if in_window(x, 600, 60))),
         "mean_1h": mean,
-        "std_1h": (sum(a * a for a in hour) / len(hour) - mean * mean) ** 0.5 if hour else 0.0,
+        "std_1h": max(sum(a * a for a in hour) / len(hour) - mean * mean, 0.0) ** 0.5 if hour else 0.0,
         "min_1h": min(hour) if hour else 0.0,
         "max_1h": max(hour) if hour else 0.0,
         "terminals_1h": float(len({x.terminal for x in seen if in_window(x, 3600, 300)})),
