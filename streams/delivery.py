@@ -34,7 +34,7 @@ for i = base + 1, #ARGV, 3 do
     out[#out + 1] = 0
   else
     if ARGV[i + 2] ~= '' then redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX') end
-    out[#out + 1] = redis.call('GET', ARGV[i + 1])
+    out[#out + 1] = redis.call('GET', ARGV[i + 1]) or ''  -- never nil: a nil would end the reply list
   end
 end
 return out
