@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-WARM_UP_DAYS = 37  # offline.fraud_eval.longest_window_days(), rounded up
 MODELS = {"kestrel": "Kestrel (torch + river)", "logistic_regression": "logistic regression",
           "gradient_boosted_trees": "gradient-boosted trees", "river_alone": "river alone",
           "torch_alone": "torch alone (ablation)", "rules": "rules"}
@@ -35,15 +34,18 @@ EVAL_COLUMNS = ["--merchant-col", "merchant_id", "--card-present-col", "card_pre
 
 def runs_of(args: argparse.Namespace) -> list[dict]:
     """Each run's name, ``produce`` arguments and ``eval`` window arguments."""
+    from offline.fraud_eval import longest_window_days
+
+    warm_up = math.ceil(longest_window_days())  # the features' reach back: 37 days
     hard = [] if args.easy else ["--hard-negatives"]
     per_day = ["--payments-per-day", str(args.payments_per_day)]
     runs = []
-    days = WARM_UP_DAYS + args.train_days + 7 + 7 + 1
+    days = warm_up + args.train_days + 7 + 7 + 1
     for seed in args.seeds:
         runs.append({"name": f"seed {seed}", "file": f"s{seed}", "kind": "stationary",
                      "produce": ["--days", str(days), "--seed", str(seed), *per_day, *hard],
                      "window": ["--train-days", str(args.train_days), "--delay-days", "7", "--test-days", "7"]})
-    days = WARM_UP_DAYS + args.train_days + 1 + 8 + 1
+    days = warm_up + args.train_days + 1 + 8 + 1
     for seed in args.drift_seeds:
         runs.append({"name": f"drift {seed}", "file": f"d{seed}", "kind": "drift",
                      "produce": ["--days", str(days), "--seed", str(seed), "--emerging-after-days", str(days - 8),

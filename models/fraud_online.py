@@ -127,7 +127,8 @@ class OnlineFraudLearner:
         """
         if label_id in self._learned_set:
             return None
-        wrong = (score >= threshold) != bool(is_fraud)
+        alerted = score >= threshold
+        wrong = alerted != bool(is_fraud)
         offset = -math.log(share) if share < 1.0 else 0.0
         self.model.intercept += offset
         try:
@@ -139,7 +140,6 @@ class OnlineFraudLearner:
         self.learned.append(label_id)
         self._learned_set.add(label_id)
         self.labels_seen += 1
-        alerted = score >= threshold
         if is_fraud:
             self.missed.update(float(not alerted))
             if self.missed.drift_detected:

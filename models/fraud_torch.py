@@ -69,15 +69,15 @@ def train_fraud_net(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.n
                     progress: Callable[[int, int, float, float], None] | None = None) -> tuple[FraudNet, np.ndarray]:
     """Train ``members`` networks (seeds ``seed``, ``seed + 1`` ...) and average them.
 
-    Returns the ensemble and its honest logits on ``x_val``: those of the
-    members before the refit, which never saw the validation rows (what
-    calibration and the river layer's warm start must be fitted on).
-
     Each member picks its epoch count on the validation rows; with ``refit``
     it is then trained again, from the same seed, on training and validation
     rows together for that many epochs: the validation rows are the latest
     payments, the most like tomorrow's, and frauds are too few to leave a
     fifth of them out.
+
+    Returns the ensemble and its honest logits on ``x_val``: those of the
+    members before the refit, which never saw the validation rows (what
+    calibration and the river layer's warm start must be fitted on).
     ``progress(member, epoch, loss, val_ap)`` after every epoch of every member.
     """
     ensemble = FraudNet(x.shape[1], hidden, members)

@@ -30,10 +30,16 @@ LAYER_LR = 0.003
 
 
 def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, float]], y: np.ndarray,
-                     ids: Sequence[str]) -> None:
-    """Let the online learner learn labelled rows in time order (as it would have, live)."""
-    for label_id, xi, yi in zip(ids, inputs, y, strict=True):
-        learner.learn(str(label_id), xi, bool(yi), float(learner.predict([xi])[0]))
+                     ids: Sequence[str]) -> np.ndarray:
+    """Let the online learner learn labelled rows in time order (as it would have, live).
+
+    Returns its prequential scores: each row scored before its label is learned.
+    """
+    scores = np.empty(len(y))
+    for k, (label_id, xi, yi) in enumerate(zip(ids, inputs, y, strict=True)):
+        scores[k] = learner.predict([xi])[0]
+        learner.learn(str(label_id), xi, bool(yi), float(scores[k]))  # also ADWIN's reference rates
+    return scores
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
@@ -61,10 +67,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     model = FraudModel("pending", net, platt, OnlineFraudLearner(lr=LAYER_LR, base_weight=1.0), np.array([]), 0.0)
     say("river layer: warm start on the validation labels in time order")
     val_inputs = model.online_inputs(x[val], platt[0] * z_val + platt[1])
-    scores_val = np.empty(n - cut)
-    for k, (label_id, xi, yi) in enumerate(zip(ids[cut:n], val_inputs, y[val], strict=True)):
-        scores_val[k] = model.online.predict([xi])[0]  # prequential: scored before its label is learned
-        model.online.learn(str(label_id), xi, bool(yi), scores_val[k])  # also ADWIN's reference rates
+    scores_val = river_warm_start(model.online, val_inputs, y[val], ids[cut:n])
     days = max((float(epoch_s[-1]) - float(epoch_s[0])) / 86400.0, 1e-3)
     model.payments_per_day = n / days
     model.reference_scores = np.sort(scores_val)

@@ -36,8 +36,8 @@ class Metrics:
         self.online_labels = Counter("kestrel_online_labels", "Labels seen by the online fraud learners, by outcome "
                                      "(learned, already_learned, no_decision; parked: arrived before its payment "
                                      "was decided, learned when it is).", ["outcome"], registry=r)
-        self.drift_events = Counter("kestrel_drift_events", "Drift flagged by ADWIN on the fraud decisions' error "
-                                    "rate.", registry=r)
+        self.drift_events = Counter("kestrel_drift_events", "Drift flagged by ADWIN on the fraud decisions' missed-"
+                                    "fraud or false-alarm rate.", registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

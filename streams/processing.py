@@ -62,6 +62,7 @@ DRIFT_MESSAGES = {
     "false_alarm_rate": "more alerts turn out genuine than before: review thresholds and consider a retrain",
 }
 
+
 def load_fraud_scorer(settings: Settings) -> FraudScorer:
     """The trained model named by ``KESTREL_FRAUD_MODEL`` (the newest version under it), else the rules."""
     if not settings.fraud_model:
