@@ -31,7 +31,7 @@ import torch
 from models.device import pick_device
 from models.fraud_features import INPUT_NAMES, INPUTS, input_dict, model_inputs
 from models.fraud_online import BASE, OnlineFraudLearner
-from models.fraud_torch import CLIP, FraudNet, logits, logits_and_attributions
+from models.fraud_torch import CLIP, LINEAR_KEYS, FraudNet, logits, logits_and_attributions
 from models.policy import Policy
 from models.scoring import FraudScore, Reason, Thresholds
 
@@ -107,7 +107,10 @@ class FraudModel:
             raise ValueError(f"{path}: model inputs {meta['inputs']} differ from this code's {list(INPUT_NAMES)}")
         blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         net = FraudNet(len(INPUT_NAMES), tuple(blob["hidden"]), int(blob["members"]))
-        net.load_state_dict(blob["state"])
+        loaded = net.load_state_dict(blob["state"], strict=False)
+        if loaded.unexpected_keys or set(loaded.missing_keys) - LINEAR_KEYS:
+            raise ValueError(f"{path}: model.pt does not match the network (missing {loaded.missing_keys}, "
+                             f"unexpected {loaded.unexpected_keys})")
         net.to(device or pick_device()).eval()
         return FraudModel(meta["version"], net, tuple(meta["platt"]),
                           OnlineFraudLearner.loads((path / "online.pkl").read_bytes()),

@@ -75,7 +75,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                                      for p in net.parameters())).hexdigest()[:8]
     model.version = f"fraud-{datetime.now(UTC):%Y%m%dT%H%M%S}-{digest}"
     model.report = {"train_rows": n, "train_frauds": int(y.sum()), "validation_rows": n - cut,
-                    "platt": list(platt),
+                    "platt": list(platt), "linear_weight": round(float(net.linear_weight), 4),
                     "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
                     "seconds": round(time.time() - started, 1),
                     "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -3,13 +3,15 @@ policy thresholds, the online learner (idempotence, drift, new patterns), the ar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from models.fraud_features import INPUT_INDEX, INPUTS, model_inputs, payment_context
 from models.fraud_model import FraudModel, ModelScorer, latest_artifact
 from models.fraud_online import OnlineFraudLearner, labelled_share
-from models.fraud_torch import fit_platt
+from models.fraud_torch import FraudNet, fit_platt, logits, train_fraud_net
 from models.policy import Policy
 from models.scoring import Thresholds
 from offline.fraud_dataset import Payment, terminal_risk
@@ -156,6 +158,46 @@ def test_artifact_roundtrip_and_model_based_reasons(fraud_model, tmp_path):
     y = frame["label"].to_numpy()
     assert np.mean([s.score for s, yi in zip(scores, y, strict=True) if yi]) > 10 * np.mean(
         [s.score for s, yi in zip(scores, y, strict=True) if not yi])
+
+
+def test_the_linear_member_gets_an_equal_share_of_the_calibrated_log_odds():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 4)).astype(np.float32)
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(3 * x[:, 0] - 4)))).astype(np.int64)
+    net, z_val = train_fraud_net(x[:2400], y[:2400], x[2400:], y[2400:], epochs=4, members=2, refit=False)
+    weight = float(net.linear_weight)
+    assert weight > 0 and net.linear.weight[0, 0] > 0  # risk rises with input 0, and the linear member says so
+    np.testing.assert_allclose(logits(net, x[2400:]), z_val, rtol=1e-4, atol=1e-4)  # no refit: honest = deployed
+    mlps_only = FraudNet(4, net.hidden, 2)  # linear_weight stays 0
+    mlps_only.load_state_dict({k: v for k, v in net.state_dict().items() if k != "linear_weight"}, strict=False)
+    mlp_val = logits(mlps_only, x[2400:])
+    linear_val = (z_val - mlp_val) / weight
+    slope_mlp, slope_linear = fit_platt(mlp_val, y[2400:])[0], fit_platt(linear_val, y[2400:])[0]
+    assert weight * slope_mlp == pytest.approx(slope_linear, rel=1e-3)  # equal shares once calibrated
+    without, _ = train_fraud_net(x[:2400], y[:2400], x[2400:], y[2400:], epochs=4, members=2, refit=False,
+                                 linear_share=0.0)
+    assert float(without.linear_weight) == 0.0
+
+
+def test_an_artifact_from_before_the_linear_member_loads_as_mlps_only(fraud_model, tmp_path):
+    import shutil
+
+    import torch
+
+    _model, path = fraud_model
+    copy = Path(shutil.copytree(path, tmp_path / "old"))
+    blob = torch.load(copy / "model.pt", weights_only=True)
+    old = {k: v for k, v in blob["state"].items() if not k.startswith("linear")}
+    torch.save({**blob, "state": old}, copy / "model.pt")
+    loaded = FraudModel.load(copy)
+    assert float(loaded.net.linear_weight) == 0.0
+    x = np.zeros((1, len(INPUTS)), dtype=np.float32)
+    with torch.no_grad():
+        mlps = torch.stack([m(loaded.net.standardise(torch.from_numpy(x))).squeeze(-1) for m in loaded.net.mlps])
+    assert logits(loaded.net, x)[0] == pytest.approx(float(mlps.mean()), abs=1e-6)
+    torch.save({**blob, "state": {**old, "surplus": torch.zeros(1)}}, copy / "model.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        FraudModel.load(copy)
 
 
 def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path):
