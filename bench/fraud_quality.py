@@ -82,29 +82,28 @@ def pooled(gains: list[dict]) -> tuple[float, float, float]:
     return round(mean, 4), round(mean - 1.96 * se, 4), round(mean + 1.96 * se, 4)
 
 
+def _gain_cell(gain: float, lo: float, hi: float) -> str:
+    return f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}]{'*' if lo > 0 or hi < 0 else ''}"
+
+
 def report(summaries: list[dict]) -> str:
-    names = [s["run"]["name"] for s in summaries]
-    lines = ["Average precision:", "", "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for model in MODELS:
-        aps = [(s["kestrel"] if model == "kestrel" else s["baselines"][model])["average_precision"] for s in summaries]
-        lines.append(f"| {MODELS[model]} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
+    """Markdown tables, one row per run (so many runs stay readable): AP, then gains, then pooled gains."""
+    baselines = list(MODELS)[1:]
+    lines = ["Average precision:", "", "| run | " + " | ".join(MODELS.values()) + " |",
+             "|---" * (len(MODELS) + 1) + "|"]
+    for s in summaries:
+        aps = [(s["kestrel"] if m == "kestrel" else s["baselines"][m])["average_precision"] for m in MODELS]
+        lines.append(f"| {s['run']['name']} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
     lines += ["", "Kestrel's AP gain over each baseline, 95% paired-bootstrap interval (* excludes 0):", "",
-              "| against | " + " | ".join(names) + " | pooled, stationary | pooled, drift |",
-              "|---" * (len(names) + 3) + "|"]
-    for model in list(MODELS)[1:]:
-        cells = []
-        for s in summaries:
-            g = s["kestrel_ap_gain"][model]
-            star = "*" if g["ci95"][0] > 0 or g["ci95"][1] < 0 else ""
-            cells.append(f"{g['gain']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]{star}")
-        for kind in ("stationary", "drift"):
-            gains = [s["kestrel_ap_gain"][model] for s in summaries if s["run"]["kind"] == kind]
-            if gains and all("se" in g for g in gains):
-                mean, lo, hi = pooled(gains)
-                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{'*' if lo > 0 or hi < 0 else ''}")
-            else:
-                cells.append("")
-        lines.append(f"| {MODELS[model]} | " + " | ".join(cells) + " |")
+              "| run | " + " | ".join(MODELS[m] for m in baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
+    for s in summaries:
+        cells = [_gain_cell(g["gain"], *g["ci95"]) for g in (s["kestrel_ap_gain"][m] for m in baselines)]
+        lines.append(f"| {s['run']['name']} | " + " | ".join(cells) + " |")
+    for kind in ("stationary", "drift"):
+        runs = [s for s in summaries if s["run"]["kind"] == kind]
+        if runs and all("se" in g for s in runs for g in s["kestrel_ap_gain"].values()):
+            cells = [_gain_cell(*pooled([s["kestrel_ap_gain"][m] for s in runs])) for m in baselines]
+            lines.append(f"| **pooled, {kind} ({len(runs)} runs)** | " + " | ".join(cells) + " |")
     lines += ["", "| run | training payments | test payments | test frauds |", "|---|---|---|---|"]
     lines += [f"| {s['run']['name']} | {s['train_rows']:,} | {s['test_rows']:,} | {s['test_frauds']} |"
               for s in summaries]
@@ -114,8 +113,8 @@ def report(summaries: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the histories and each run's eval JSON")
-    p.add_argument("--seeds", type=int, nargs="*", default=[7, 17, 27, 37, 47])
-    p.add_argument("--drift-seeds", type=int, nargs="*", default=[8, 18])
+    p.add_argument("--seeds", type=int, nargs="*", default=[7, 17, 27, 37, 47, 57, 67, 77, 87, 97])
+    p.add_argument("--drift-seeds", type=int, nargs="*", default=[8, 18, 28, 38])
     p.add_argument("--train-days", type=int, default=14)
     p.add_argument("--payments-per-day", type=int, default=5000)
     p.add_argument("--easy", action="store_true", help="the default simulator (no hard negatives)")
