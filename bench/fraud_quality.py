@@ -1,8 +1,9 @@
 """The fraud quality bar, reproduced: simulated histories, ``kestrel eval fraud`` on each, one set of tables.
 
-    .venv/bin/python bench/fraud_quality.py --out runs/fraud-quality          # hard negatives, 14 training days
-    .venv/bin/python bench/fraud_quality.py --out runs/easy --easy --train-days 7
-    .venv/bin/python bench/fraud_quality.py --out runs/fraud-quality --report-only   # tables from saved runs
+    .venv/bin/python bench/fraud_quality.py --out runs/hard          # hard negatives: 10 seeds + 4 drift runs, ~30 min
+    .venv/bin/python bench/fraud_quality.py --out runs/easy --easy   # the default simulator
+    .venv/bin/python bench/fraud_quality.py --out runs/hard --report-only   # tables from saved runs
+    .venv/bin/python bench/fraud_quality.py --out runs/quick --seeds 7 --drift-seeds 8 --train-days 7
 
 A stationary run simulates the features' warm-up (37 days), the training
 window, 7 days of label delay and 7 test days; a drift run adds account
