@@ -31,7 +31,7 @@ import torch
 from models.device import pick_device
 from models.fraud_features import INPUT_NAMES, INPUTS, input_dict, model_inputs
 from models.fraud_online import BASE, OnlineFraudLearner
-from models.fraud_torch import CLIP, LINEAR_KEYS, FraudNet, logits, logits_and_attributions
+from models.fraud_torch import LINEAR_KEYS, FraudNet, logits, logits_and_attributions, standardise_rows
 from models.policy import Policy
 from models.scoring import FraudScore, Reason, Thresholds
 
@@ -54,8 +54,7 @@ class FraudModel:
 
     # -- inference -------------------------------------------------------------
     def standardised(self, x: np.ndarray) -> np.ndarray:
-        z = (x - self.net.mean.cpu().numpy()) / self.net.std.cpu().numpy()
-        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+        return standardise_rows(x, self.net.mean.cpu().numpy(), self.net.std.cpu().numpy()).astype(np.float32)
 
     def online_inputs(self, x: np.ndarray, base_logits: np.ndarray | None = None) -> list[dict[str, float]]:
         """River's input dicts: standardised inputs, plus the torch base log-odds when given."""

@@ -1,12 +1,13 @@
 """The offline-trained fraud network: small MLPs plus a linear member over :mod:`models.fraud_features` inputs.
 
 The MLPs are trained with class weighting (fraud is ~1% of payments) and
-early stopping on validation average precision; a logistic-regression member
-beside them extrapolates where the MLPs cannot (a pattern or an amount
-beyond anything in training keeps its linear weight instead of flattening
-out). The two are mixed with equal weight in calibrated log-odds, then
-calibrated (Platt) so the output is a probability. Scoring runs in micro-batches on the GPU when one is
-present; attributions are gradient × input relative to the training mean,
+early stopping on validation average precision. They rank what they were
+trained on best, but learn interactions that say little about inputs beyond
+their training data; a logistic-regression member beside them keeps each
+input's own weight there (a new device on an ordinary payment, an amount far
+above the card's habit). The two are mixed with equal weight in calibrated
+log-odds, then calibrated (Platt) so the output is a probability. Scoring
+runs in micro-batches on the GPU when one is present; attributions are gradient × input relative to the training mean,
 one backward pass per batch, so every decision can say which inputs drove it.
 """
 
@@ -118,15 +119,15 @@ def train_fraud_net(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.n
         ensemble.std.copy_(single.std)
     if linear_share > 0:
         mean, std = _standardisation(x)
-        w, b = _fit_linear(_standardise(x, mean, std), y)
-        linear_val = _standardise(x_val, mean, std) @ w + b
+        w, b = _fit_linear(standardise_rows(x, mean, std), y)
+        linear_val = standardise_rows(x_val, mean, std) @ w + b
         slope_mlp, slope_linear = fit_platt(val_logits, y_val)[0], fit_platt(linear_val, y_val)[0]
         weight = 0.0
         if min(slope_mlp, slope_linear) > 0:  # both rank better than chance on the validation rows
             weight = linear_share * slope_linear / ((1 - linear_share) * slope_mlp)
         if refit:
             both = np.concatenate([x, x_val])
-            w, b = _fit_linear(_standardise(both, ensemble.mean.numpy(), ensemble.std.numpy()),
+            w, b = _fit_linear(standardise_rows(both, ensemble.mean.numpy(), ensemble.std.numpy()),
                                np.concatenate([y, y_val]))
         with torch.no_grad():
             ensemble.linear.weight.copy_(torch.from_numpy(w.astype(np.float32)).view(1, -1))
@@ -141,7 +142,7 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.maximum(x.std(axis=0), MIN_STD)
 
 
-def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def standardise_rows(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """What :meth:`FraudNet.standardise` computes, for numpy rows."""
     return np.clip((x - mean) / std, -CLIP, CLIP)
 
