@@ -64,6 +64,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     net, z_val = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, members=members, seed=seed,
                                  progress=epoch_report)
     platt = fit_platt(z_val, y[val])
+    say(f"linear member: weight {float(net.linear_weight):.3f} on its logit (its share of the calibrated log-odds)")
     model = FraudModel("pending", net, platt, OnlineFraudLearner(lr=LAYER_LR, base_weight=1.0), np.array([]), 0.0)
     say("river layer: warm start on the validation labels in time order")
     val_inputs = model.online_inputs(x[val], platt[0] * z_val + platt[1])
