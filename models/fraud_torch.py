@@ -117,7 +117,7 @@ def train_fraud_net(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.n
         ensemble.mlps[m].load_state_dict(single.mlps[0].state_dict())
         ensemble.mean.copy_(single.mean)
         ensemble.std.copy_(single.std)
-    if linear_share > 0:
+    if linear_share > 0 and 0 < y.sum() < len(y):  # a logistic regression needs both classes to fit
         mean, std = _standardisation(x)
         w, b = _fit_linear(standardise_rows(x, mean, std), y)
         linear_val = standardise_rows(x_val, mean, std) @ w + b

@@ -177,6 +177,9 @@ def test_the_linear_member_gets_an_equal_share_of_the_calibrated_log_odds():
     without, _ = train_fraud_net(x[:2400], y[:2400], x[2400:], y[2400:], epochs=4, members=2, refit=False,
                                  linear_share=0.0)
     assert float(without.linear_weight) == 0.0
+    no_fraud_yet, _ = train_fraud_net(x[:2400], np.zeros(2400, dtype=np.int64), x[2400:], y[2400:], epochs=1,
+                                      members=1, refit=False)  # nothing for the linear member to learn from
+    assert float(no_fraud_yet.linear_weight) == 0.0
 
 
 def test_an_artifact_from_before_the_linear_member_loads_as_mlps_only(fraud_model, tmp_path):
