@@ -7,8 +7,9 @@ their training data; a logistic-regression member beside them keeps each
 input's own weight there (a new device on an ordinary payment, an amount far
 above the card's habit). The two are mixed with equal weight in calibrated
 log-odds, then calibrated (Platt) so the output is a probability. Scoring
-runs in micro-batches on the GPU when one is present; attributions are gradient × input relative to the training mean,
-one backward pass per batch, so every decision can say which inputs drove it.
+runs in micro-batches on the GPU when one is present; attributions are
+gradient × input relative to the training mean, one backward pass per
+batch, so every decision can say which inputs drove it.
 """
 
 from __future__ import annotations

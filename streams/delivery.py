@@ -21,19 +21,23 @@ import redis.asyncio as aioredis
 
 WRITE_AND_CHECK_LUA = r"""
 local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local written = {}  -- keys this call stored: what they hold is the caller's own bytes
 for i = 0, n - 1 do
   -- NX: a replayed batch must not rewrite what was logged (and sent) the first time
-  redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX')
+  if redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX') then written[ARGV[3 + 2 * i]] = true end
 end
 local base = 3 + 2 * n
 local outbox_ttl = tonumber(ARGV[base])
 local out = {}
--- then one (mark, outbox key, body) triple per output: 0 if delivered, else the bytes to send
+-- then one (mark, outbox key, body) triple per output: 0 if delivered, 1 if the outbox now holds the caller's
+-- bytes (the first attempt: nothing travels back), else the bytes stored by an earlier attempt
 for i = base + 1, #ARGV, 3 do
   if redis.call('EXISTS', ARGV[i]) == 1 then
     out[#out + 1] = 0
+  elseif written[ARGV[i + 1]]
+      or (ARGV[i + 2] ~= '' and redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX')) then
+    out[#out + 1] = 1
   else
-    if ARGV[i + 2] ~= '' then redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX') end
     out[#out + 1] = redis.call('GET', ARGV[i + 1]) or ''  -- never nil: a nil would end the reply list
   end
 end
@@ -63,10 +67,11 @@ class DeliveryLedger:
                      writes: Sequence[tuple[str, bytes]] = ()) -> list[bytes | None]:
         """For each (mark, log key or None, body): None if delivered, else the bytes to send.
 
-        The bytes are those stored when the output was first attempted; a
-        log key (written NX by ``writes`` in the same call) serves as the
-        outbox itself, so its body need not travel twice (pass ``b""``).
-        ``writes`` (key, value) are stored first, with ``writes_ttl_s``.
+        The bytes are those stored when the output was first attempted (on
+        the first attempt, ``body`` itself, which then does not travel back);
+        a log key (written NX by ``writes`` in the same call) serves as the
+        outbox itself, so its body is not sent twice. ``writes`` (key, value)
+        are stored first, with ``writes_ttl_s``.
         """
         if not outputs and not writes:
             return []
@@ -75,8 +80,10 @@ class DeliveryLedger:
             args += [key, value]
         args.append(self.ttl_s)
         for mark, log_key, body in outputs:
-            args += [mark, log_key or outbox_key(mark), body]
-        return [None if stored == 0 else stored for stored in await self._write_and_check(args=args)]
+            args += [mark, log_key or outbox_key(mark), b"" if log_key else body]
+        replies = await self._write_and_check(args=args)
+        return [None if reply == 0 else body if reply == 1 else reply
+                for (_, _, body), reply in zip(outputs, replies, strict=True)]
 
     async def mark(self, outputs: Sequence[tuple[str, str | None]]) -> None:
         """Set the marks of delivered (mark, log key or None) outputs; their transient outboxes go."""

@@ -213,9 +213,8 @@ class Processor:
         unique: dict[str, Output] = {}
         for out in outputs:
             unique.setdefault(out.mark, out)
-        stored = await self.ledger.unsent([(m, o.log_key, b"" if o.log_key else o.value)  # logged: in writes
-                                           for m, o in unique.items()], writes)
-        fresh = [o if body == o.value else replace(o, value=body)
+        stored = await self.ledger.unsent([(m, o.log_key, o.value) for m, o in unique.items()], writes)
+        fresh = [o if body is o.value or body == o.value else replace(o, value=body)
                  for o, body in zip(unique.values(), stored, strict=True) if body is not None]
         if len(fresh) < len(outputs):
             self.metrics.replayed.labels(outputs[0].topic).inc(len(outputs) - len(fresh))
