@@ -9,11 +9,17 @@ are rare next to payments, so retries are rare too. The checkpoint carries
 the ids of the labels it learned, so a batch replayed after a crash, or a
 label sent twice, is learned exactly once. Scoring uses a cached copy that
 is refreshed when the revision moved (checked at most every ``refresh_s``).
+
+The checkpoint is plain JSON data (see :mod:`models.fraud_online`): a blob
+that is not one, such as a pickle from an older version or a damaged or
+edited one, is refused without running any of it; the worker logs a warning
+and carries on with a fresh learner, which the next label batch saves over it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from models.fraud_model import ModelScorer
 
 T = TypeVar("T")
+log = logging.getLogger("kestrel.worker")
 
 # KEYS[1] checkpoint hash; ARGV: expected revision ("" = none yet), new blob, ttl. Returns 1 if written.
 CAS_LUA = r"""
@@ -70,7 +77,14 @@ class SharedLearner:
 
     async def _load(self) -> tuple[OnlineFraudLearner, str]:
         blob, rev = await self.client.hmget(self.key, ["blob", "rev"])
-        learner = OnlineFraudLearner.loads(blob) if blob else self.scorer.new_learner()
+        learner = None
+        if blob:
+            try:
+                learner = OnlineFraudLearner.loads(blob)
+            except ValueError as e:
+                log.warning("online learner %s: checkpoint refused, starting from a fresh learner: %s", self.key, e)
+        if learner is None:
+            learner = self.scorer.new_learner()
         self._cached, self._rev = learner, rev.decode() if rev else ""
         return learner, self._rev
 
