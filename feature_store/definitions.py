@@ -17,7 +17,7 @@ Pure: compiling an event touches no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -210,6 +210,11 @@ class FeatureSet:
             plan[storage] = (source, comps, max(f.kept_buckets for f in members))
         return plan
     @cached_property
+    def write_plan(self) -> WritePlan:
+        """:func:`write_plan` of this set."""
+        return write_plan(self)
+
+    @cached_property
     def head(self) -> HeadLayout:
         """:func:`head_layout` of this set."""
         return head_layout(self)
@@ -241,6 +246,34 @@ class EventOps:
     time: float
     reads_of: FeatureSet
     writes: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EventUnit:
+    """One input event's whole effect on the store: one idempotency unit however many sets it feeds.
+
+    A payment feeds five feature sets; guarding each with its own marker and
+    snapshot cost five marker reads, five snapshot writes and five JSON
+    round trips per payment. A unit is applied once, atomically, under one
+    ``applied_key``; its stored snapshot holds one component map per part.
+    """
+
+    applied_key: str
+    parts: tuple[EventOps, ...]
+
+
+def event_unit(event_id: str, parts: Sequence[EventOps], keys: KeySpace, kind: str = "event") -> EventUnit:
+    """The unit of ``parts`` for event ``event_id`` (``kind`` names the marker, e.g. ``payment``).
+
+    >>> from types import SimpleNamespace as E
+    >>> fs = FeatureSet("t", "1", "card", "transaction", lambda e: e.card, lambda e: e.ts,
+    ...                 (Windowed("n_10m", "count", 600, 60),))
+    >>> ks = KeySpace("k"); ops = compile_event(fs, E(event_id="e1", card="c1", ts=1000.0), ks, KeyedHasher(b"x"))
+    >>> u = event_unit("e1", [ops, ops], ks, "payment")
+    >>> u.applied_key, len(u.parts)
+    ('k:applied:payment:e1', 2)
+    """
+    return EventUnit(keys.applied(f"{kind}:{event_id}"), tuple(parts))
 
 
 NO_BUCKET = -(2.0**53)  # a head's newest bucket before anything was stored: every window is empty
@@ -399,48 +432,82 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     token = fs.token_of(event, hasher)
     key = keys.entity(fs.entity, token)
     t = fs.time_of(event)
-    ops = EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs)
+    writes: list[list[Any]] = []
     has_hash = False
-    for storage, (feat, comps, kept) in fs.series_plan.items():
-        if feat.where is not None and not feat.where(event):
+    for storage, where, value_of, bucket_s, kept, comps, late in fs.write_plan.series:
+        if where is not None and not where(event):
             continue
-        x = 1.0 if feat.value_of is None else float(feat.value_of(event))
-        values = [[suffix, mode, {"n": 1.0, "q": x * x}.get(suffix, x)] for suffix, mode in comps]
-        ops.writes.append(["bucket", key, storage, [feat.bucket_s, kept, t, values, feat.late_buckets]])
+        x = 1.0 if value_of is None else float(value_of(event))
+        q = x * x
+        writes.append(["bucket", key, storage, [bucket_s, kept, t,
+                                                [[c, mode, 1.0 if c == "n" else q if c == "q" else x]
+                                                 for c, mode in comps], late]])
         has_hash = True
-    for feat in fs.features:
-        if isinstance(feat, Windowed):
-            if feat.agg == "distinct" and (feat.where is None or feat.where(event)):
-                horizon = t - feat.window_s - feat.lateness_s
-                member = str(feat.value_of(event))  # type: ignore[misc]
+    for kind, feat in fs.write_plan.others:
+        if kind == "distinct":
+            if feat.where is None or feat.where(event):
+                member = str(feat.value_of(event))
                 if feat.hash_as:
                     member = hasher.token(feat.hash_as, member)
-                ops.writes.append(["zdistinct", distinct_key(key, feat.name), member,
-                                    [t, repr(horizon), fs.ttl_s, feat.name]])
-        elif isinstance(feat, TimeSince):
-            ops.writes.append(["last", key, "@", [t, "", repr(t)]])
+                writes.append(["zdistinct", distinct_key(key, feat.name), member,
+                               [t, repr(t - feat.window_s - feat.lateness_s), fs.ttl_s, feat.name]])
+        elif kind == "since":
+            writes.append(["last", key, "@", [t, "", repr(t)]])
             has_hash = True
-        elif isinstance(feat, LastValue):
-            ops.writes.append(["last", key, feat.name, [t, str(feat.value_of(event)), repr(t)]])
+        elif kind == "last":
+            writes.append(["last", key, feat.name, [t, str(feat.value_of(event)), repr(t)]])
             has_hash = True
-        elif isinstance(feat, LastN):
+        elif kind == "lastn":
             zkey = keys.entity_part(fs.entity, token, feat.name)
-            ops.writes.append(["zlast", zkey, str(feat.value_of(event)), [t, feat.n, fs.ttl_s]])
-        elif isinstance(feat, SeenSet):
+            writes.append(["zlast", zkey, str(feat.value_of(event)), [t, feat.n, fs.ttl_s]])
+        elif kind == "seen":
             skey = keys.entity_part(fs.entity, token, feat.name)
-            ops.writes.append(["sadd", skey, str(feat.value_of(event)), [fs.ttl_s]])
-        elif isinstance(feat, GlobalScore):
+            writes.append(["sadd", skey, str(feat.value_of(event)), [fs.ttl_s]])
+        else:  # global score
             weight = float(feat.weight_of(event))
             if feat.bucket_s is None:
-                ops.writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [weight]])
+                writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [weight]])
             else:
                 index = math.floor(t / feat.bucket_s)
                 keep_s = (feat.buckets + 1) * feat.bucket_s
-                ops.writes.append(["zincr", feat.bucket_key(keys, index), feat.member_of(event),
-                                   [weight, keep_s, index, feat.bucket_key(keys, "latest")]])
+                writes.append(["zincr", feat.bucket_key(keys, index), feat.member_of(event),
+                               [weight, keep_s, index, feat.bucket_key(keys, "latest")]])
     if has_hash:
-        ops.writes.append(["expire", key, "", [fs.ttl_s]])
-    return ops
+        writes.append(["expire", key, "", [fs.ttl_s]])
+    return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What :func:`compile_event` walks per event, worked out once per feature set.
+
+    ``series``: (storage, filter, value, bucket size, buckets kept, components,
+    late buckets) per stored series; ``others``: (kind, feature) for the rest.
+    """
+
+    series: tuple[tuple[Any, ...], ...]
+    others: tuple[tuple[str, Any], ...]
+
+
+def write_plan(fs: FeatureSet) -> WritePlan:
+    series = tuple((storage, feat.where, feat.value_of, feat.bucket_s, kept, tuple(comps), feat.late_buckets)
+                   for storage, (feat, comps, kept) in fs.series_plan.items())
+    others: list[tuple[str, Any]] = []
+    for feat in fs.features:
+        if isinstance(feat, Windowed):
+            if feat.agg == "distinct":
+                others.append(("distinct", feat))
+        elif isinstance(feat, TimeSince):
+            others.append(("since", feat))
+        elif isinstance(feat, LastValue):
+            others.append(("last", feat))
+        elif isinstance(feat, LastN):
+            others.append(("lastn", feat))
+        elif isinstance(feat, SeenSet):
+            others.append(("seen", feat))
+        elif isinstance(feat, GlobalScore):
+            others.append(("global", feat))
+    return WritePlan(series, tuple(others))
 
 
 def combine(mode: str, values: list[float]) -> float | None:

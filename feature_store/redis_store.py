@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from feature_store.definitions import (
     COMPONENTS,
     EventOps,
+    EventUnit,
     FeatureSet,
     GlobalScore,
     TimeSince,
@@ -432,26 +433,39 @@ for _, tpl in ipairs(templates) do
   hs.Vi = {}
   for i, name in ipairs(hs.V) do hs.Vi[name] = i end
 end
-local out = {}
+-- One part of a unit: one feature set's writes and reads for one entity; its component map.
+local function apply_part(p)
+  event_fields = nil
+  local vals, tpl = {}, templates[p.r + 1]
+  HS = tpl.hd
+  H, V = load_head(p.k, HS)
+  reads(plan_reads(tpl.f, p.k, p.t, 'pre', vals, H), vals)
+  for _, op in ipairs(p.w) do write(op) end
+  if #p.w > 0 then save_head(p.k, HS) end
+  reads(plan_reads(tpl.f, p.k, p.t, 'post', vals, H), vals)
+  return vals
+end
+
+-- One unit per ARGV entry {d = applied key, m = 1 if multi-part, p = parts}: applied once, under one marker.
+-- A part whose data subject was erased (tombstone x) changes nothing and reads {"erased": true}.
+local out, erased = {}, {}
 for i = 3, #ARGV do
   local ev = cjson.decode(ARGV[i])
-  event_fields = nil
   local prior = redis.call('GET', ev.d)
   if prior then
     out[#out + 1] = {0, prior}
-  elseif redis.call('EXISTS', ev.x) == 1 then
-    out[#out + 1] = {0, '{"erased":true}'}  -- the subject was erased: never recreate its data
   else
-    local vals, tpl = {}, templates[ev.r + 1]
-    HS = tpl.hd
-    H, V = load_head(ev.k, HS)
-    reads(plan_reads(tpl.f, ev.k, ev.t, 'pre', vals, H), vals)
-    for _, op in ipairs(ev.w) do write(op) end
-    if #ev.w > 0 then save_head(ev.k, HS) end
-    reads(plan_reads(tpl.f, ev.k, ev.t, 'post', vals, H), vals)
-    local snap = cjson.encode(vals)
-    redis.call('SET', ev.d, snap, 'EX', ttl)
-    out[#out + 1] = {1, snap}
+    local snaps, applied = {}, 0
+    for j, p in ipairs(ev.p) do
+      local gone = erased[p.x]
+      if gone == nil then gone = redis.call('EXISTS', p.x) == 1; erased[p.x] = gone end
+      if gone then snaps[j] = {erased = true} else snaps[j] = apply_part(p); applied = 1 end
+    end
+    local snap
+    if ev.m == 1 then snap = cjson.encode(snaps) else snap = cjson.encode(snaps[1]) end
+    -- a unit with nothing applied (every part erased) leaves no marker: a replay is refused again
+    if applied == 1 then redis.call('SET', ev.d, snap, 'EX', ttl) end
+    out[#out + 1] = {applied, snap}
   end
 end
 return out
@@ -586,19 +600,37 @@ def _decode(rows: Sequence[Any]) -> list[tuple[bool, Snapshot]]:
     return [(bool(applied), orjson.loads(snap)) for applied, snap in rows]
 
 
-def _apply_args(batch: Sequence[EventOps], keys: KeySpace, ttl_s: int) -> list[Any]:
-    """Script arguments: TTL, the read templates used in this batch, then one JSON document per event."""
+def _decode_units(rows: Sequence[Any], units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
+    out = []
+    for (applied, snap), unit in zip(rows, units, strict=True):
+        parts = orjson.loads(snap)
+        if isinstance(parts, dict):  # a unit erased as a whole before it was applied, or a single-part one
+            parts = [parts] * len(unit.parts)
+        out.append((bool(applied), parts))
+    return out
+
+
+def _apply_args(batch: Sequence[EventUnit], keys: KeySpace, ttl_s: int) -> list[Any]:
+    """Script arguments: TTL, the templates used in this batch, then one JSON document per unit."""
     sets: dict[int, int] = {}
     templates: list[bytes] = []
     events: list[bytes] = []
-    for ops in batch:
-        index = sets.get(id(ops.reads_of))  # ops keep their feature set alive for this call
-        if index is None:
-            index = sets[id(ops.reads_of)] = len(templates)
-            templates.append(_write_template(ops.reads_of))
-        events.append(orjson.dumps({"d": ops.applied_key, "x": keys.tombstone_of(ops.entity_key), "k": ops.entity_key,
-                                    "t": ops.time, "r": index, "w": ops.writes}))
+    for unit in batch:
+        parts = []
+        for ops in unit.parts:
+            index = sets.get(id(ops.reads_of))  # ops keep their feature set alive for this call
+            if index is None:
+                index = sets[id(ops.reads_of)] = len(templates)
+                templates.append(_write_template(ops.reads_of))
+            parts.append({"x": keys.tombstone_of(ops.entity_key), "k": ops.entity_key, "t": ops.time, "r": index,
+                          "w": ops.writes})
+        events.append(orjson.dumps({"d": unit.applied_key, "m": int(len(parts) > 1), "p": parts}))
     return [ttl_s, b"[" + b",".join(templates) + b"]", *events]
+
+
+def _single(batch: Sequence[EventOps]) -> list[EventUnit]:
+    """Each operation as a unit of its own, under its own marker (interactions, labels, tests)."""
+    return [EventUnit(ops.applied_key, (ops,)) for ops in batch]
 
 
 def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
@@ -691,7 +723,7 @@ class _StoreBase:
         self._script = client.register_script(APPLY_BATCH_LUA)
         self._read = client.register_script(READ_LUA)
 
-    def _apply_args(self, batch: Sequence[EventOps]) -> list[Any]:
+    def _apply_args(self, batch: Sequence[EventUnit]) -> list[Any]:
         return _apply_args(batch, self.keys, self.dedup_ttl_s)
 
 
@@ -711,7 +743,13 @@ class RedisOnlineStore(_StoreBase):
         """Apply each event once; returns (newly_applied, stored components) per event."""
         if not batch:
             return []
-        return _decode(self._script(args=self._apply_args(batch)))
+        return _decode(self._script(args=self._apply_args(_single(batch))))
+
+    def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
+        """Apply each unit once; returns (newly_applied, stored components of each part) per unit."""
+        if not units:
+            return []
+        return _decode_units(self._script(args=self._apply_args(units)), units)
 
     def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         """One entity's feature vector at ``at`` (default now); a missing entity gives the defaults."""
@@ -796,7 +834,12 @@ class AsyncRedisOnlineStore(_StoreBase):
     async def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         if not batch:
             return []
-        return _decode(await self._script(args=self._apply_args(batch)))
+        return _decode(await self._script(args=self._apply_args(_single(batch))))
+
+    async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
+        if not units:
+            return []
+        return _decode_units(await self._script(args=self._apply_args(units)), units)
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiokafka
@@ -62,6 +63,7 @@ class Runtime:
         self._processor: Processor | None = None
         self.warm = False  # set once the models answered a first call (see warm_up); /ready waits for it
         self._topics: dict[str, Any] = {}
+        self._delivering: set[str] = set()  # marks of outputs sent and not yet acknowledged
 
     @property
     def processor(self) -> Processor:
@@ -83,26 +85,51 @@ class Runtime:
         if futures:
             await asyncio.gather(*futures)
 
-    async def handle(self, topic: str, events: list[Any]) -> None:
-        """Process one batch; infrastructure errors are retried, never skipped.
+    async def prepare(self, topic: str, events: list[Any]) -> list[Output]:
+        """Process one batch (features, decisions, outboxes); infrastructure errors are retried, never skipped.
 
-        Faust acks a batch as soon as this returns (or raises), so returning
-        only after delivery is what makes the pipeline lose nothing.
+        Outputs that the batch still being delivered will send (a producer
+        duplicate in two consecutive batches) are left to it.
         """
         records = [_raw(topic, e) for e in events]
         delay = 0.1
         while True:
             try:
                 outputs = await self.processor.process(topic, records)
-                await self.send(outputs)
-                await self.processor.mark_delivered(outputs)
-                return
+                return [o for o in outputs if o.mark not in self._delivering]
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("batch of %d from %s failed; retrying in %.1fs", len(records), topic, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def deliver(self, outputs: list[Output], events: list[Any], stream: Any) -> None:
+        """Send, wait for the broker's acks, mark delivered, and only then ack the input events.
+
+        Faust commits an offset once every event before it is acked, so an
+        event whose outputs were not delivered is consumed again after a
+        crash (at-least-once; the outboxes make the replay send the same bytes).
+        """
+        marks = [o.mark for o in outputs]
+        self._delivering.update(marks)
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    await self.send(outputs)
+                    await self.processor.mark_delivered(outputs)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("delivery of %d outputs failed; retrying in %.1fs", len(outputs), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            self._delivering.difference_update(marks)
+        for event in events:
+            await stream.ack(event)
 
 
 def _raw(topic: str, event: Any) -> RawRecord:
@@ -161,20 +188,85 @@ def create_app(settings: Settings | None = None) -> faust.App:
     return app
 
 
+async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+    """Batches of up to ``max_`` events (or what came within ``within`` s), NOT acked: the caller acks them.
+
+    Faust's ``take_events`` acks a batch as soon as the loop body ends, so the
+    next batch cannot be taken before this one is delivered, and Redis, the
+    worker and the broker take turns. This is the same buffering, without
+    the acks, so that batch N+1 is processed while batch N is in flight.
+    """
+    buffer: list[Any] = []
+    buffer_full = asyncio.Event()
+    buffer_consumed = asyncio.Event()
+    consuming: asyncio.Future | None = None
+    channel_it = aiter(stream.channel)
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal consuming
+        try:
+            if consuming is not None:
+                try:
+                    await consuming
+                finally:
+                    consuming = None
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take buffer found current_event None")
+            buffer.append(event)
+            if len(buffer) >= max_:
+                buffer_full.set()
+                buffer_consumed.clear()
+                await stream.wait(buffer_consumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("error adding to the take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    stream.enable_acks = False
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(channel_it)
+    try:
+        while not stream.should_stop:
+            await stream.wait_for_stopped(buffer_full, timeout=within)
+            if buffer:
+                consuming = asyncio.get_running_loop().create_future()
+                batch = list(buffer)
+                buffer.clear()
+                try:
+                    yield batch
+                finally:
+                    if not consuming.done():
+                        consuming.set_result(None)
+                    buffer_full.clear()
+                    buffer_consumed.set()
+    finally:
+        stream._processors.remove(add_to_buffer)
+
+
 def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
     source = runtime.topic(topic_name)
     size, within = runtime.settings.batch_size, runtime.settings.batch_within_s
 
     async def consume(stream: Any) -> None:
-        async for events in stream.take_events(size, within=within):
-            # Faust acks the batch as soon as this body exits, even when cancelled (shutdown):
-            # let a batch in flight finish its delivery first.
-            task = asyncio.ensure_future(runtime.handle(topic_name, list(events)))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await task
-                raise
+        # Two batches in flight: batch N is sent, acknowledged and marked while batch N+1 is processed; N+1's
+        # sends start only after N's acks (per-partition order), and each batch's events are acked only after
+        # its outputs were delivered.
+        delivering: asyncio.Future | None = None
+        try:
+            async for events in take_batches(stream, size, within):
+                outputs = await runtime.prepare(topic_name, events)
+                if delivering is not None:
+                    await asyncio.shield(delivering)  # a cancel here must not cancel the delivery itself
+                delivering = asyncio.ensure_future(runtime.deliver(outputs, events, stream))
+            if delivering is not None:
+                await asyncio.shield(delivering)
+        except asyncio.CancelledError:
+            if delivering is not None:  # shutdown: let a batch in flight finish its delivery first
+                await asyncio.shield(delivering)
+            raise
 
     consume.__name__ = consume.__qualname__ = "consume_" + topic_name.replace(".", "_")
     app.agent(source, name=f"kestrel.{topic_name}")(consume)

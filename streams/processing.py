@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from feature_store.definitions import compile_event, compile_lookup, finalize
+from feature_store.definitions import compile_event, compile_lookup, event_unit, finalize
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore
 from feature_store.sets import (
@@ -231,18 +231,19 @@ class Processor:
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
-        ops = [compile_event(CARD_PROFILE, e, self.keys, self.hasher) for e in events]
-        ops += [compile_event(TERMINAL_ACTIVITY, e, self.keys, self.hasher) for e in events]
-        ops += [compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, self.keys,
-                               self.hasher) for e in events]
-        ops += [compile_event(fs, e, self.keys, self.hasher) for fs in (CARD_TERMINAL, CARD_DEVICE) for e in events]
-        snaps = [snap for _, snap in await self.store.apply_batch(ops)]
-        n = len(events)
+        keys, hasher = self.keys, self.hasher
+        # One idempotency unit per payment (FRAUD_VECTOR_SETS order): one marker, one snapshot.
+        units = [event_unit(e.event_id, (
+            compile_event(CARD_PROFILE, e, keys, hasher),
+            compile_event(TERMINAL_ACTIVITY, e, keys, hasher),
+            compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, keys, hasher),
+            compile_event(CARD_TERMINAL, e, keys, hasher),
+            compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment") for e in events]
         feats = []
-        for i, e in enumerate(events):
+        for e, (_, parts) in zip(events, await self.store.apply_units(units), strict=True):
             vector: dict[str, Any] = {}
-            for j, fs in enumerate(FRAUD_VECTOR_SETS):
-                vector.update(finalize(fs, snaps[j * n + i], e.epoch_s))
+            for fs, raw in zip(FRAUD_VECTOR_SETS, parts, strict=True):
+                vector.update(finalize(fs, raw, e.epoch_s))
             feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
         if self.learner is not None:
             learner = await self.learner.current()
