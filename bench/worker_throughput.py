@@ -22,13 +22,13 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from streams import topics
+from feature_store import topics
+from offline.simulator import SimConfig, Simulator
 from streams.config import Settings
 from streams.demo import erase_prefix, start_worker, stop_worker
 from streams.producer import EventProducer
 from streams.services import EmbeddedBroker, free_port
 from streams.simulate_cli import send
-from streams.simulator import SimConfig, Simulator
 
 BARE_DONE = "BARE-DONE"
 

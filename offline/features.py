@@ -260,14 +260,3 @@ def _replay_exactly(fs: FeatureSet, events: list[Any]) -> pd.DataFrame:
                     raw[f"{feat.name}|{suffix}"] = combine(mode, vals)
         rows.append(finalize(fs, raw, t))
     return _keep_defaults(fs, pd.DataFrame(rows, columns=list(fs.feature_names)))
-
-
-def fraud_features(transactions: Sequence[Any]) -> list[dict[str, Any]]:
-    """For each transaction (log order), the feature dict its online fraud decision carries.
-
-    Terminal risk comes from labels, which the online path applies as they
-    arrive; without a label log here it is taken as empty (no label known yet).
-    """
-    from offline.fraud_dataset import feature_rows
-
-    return feature_rows(transactions, np.full(len(transactions), np.nan))

@@ -13,6 +13,7 @@ import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from offline.features import compute_features
 
 @dataclass(frozen=True, slots=True)
 class Payment:
-    """The fields of a transaction the fraud features read (duck-types streams.schemas.Transaction)."""
+    """The fields of a transaction the fraud features read (duck-types feature_store.schemas.Transaction)."""
 
     event_id: str
     card_id: str
@@ -53,7 +54,7 @@ class Columns:
     segment: str | None = None
 
 
-# The columns of `kestrel produce --history-csv` (streams.simulator.write_history).
+# The columns of `kestrel produce --history-csv` (offline.simulator.write_history).
 SIMULATED_COLUMNS = Columns(merchant="merchant_id", card_present="card_present", device="device_id")
 
 
@@ -148,3 +149,12 @@ def feature_rows(payments: Sequence[Payment], is_fraud: np.ndarray) -> list[dict
     risk = terminal_risk(payments, is_fraud).to_dict("records")
     return [payment_features(p.amount, p.epoch_s, p.card_present, p.device_id, {**c, **t, **pt, **pd_, **r})
             for p, c, t, pt, pd_, r in zip(payments, card, terminal, pair_terminal, pair_device, risk, strict=True)]
+
+
+def fraud_features(transactions: Sequence[Any]) -> list[dict[str, Any]]:
+    """For each transaction (log order), the feature dict its online fraud decision carries.
+
+    Terminal risk comes from labels, which the online path applies as they
+    arrive; without a label log here it is taken as empty (no label known yet).
+    """
+    return feature_rows(transactions, np.full(len(transactions), np.nan))

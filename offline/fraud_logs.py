@@ -19,8 +19,8 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from streams import topics
-from streams.schemas import epoch_of
+from feature_store import topics
+from feature_store.schemas import epoch_of
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int, idle_s: float = 3.0,

@@ -96,7 +96,7 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
     import tempfile
 
     from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
-    from streams.simulator import write_history
+    from offline.simulator import write_history
 
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "history.csv"

@@ -44,7 +44,7 @@ def load_interactions(path: str | Path, user_col: str, item_col: str, time_col: 
 def simulated_interactions(events: int, seed: int = 7, n_users: int = 1000, n_items: int = 2000,
                            n_categories: int = 20) -> pd.DataFrame:
     """Interactions from the project's simulator (latent category tastes), as a CSV-shaped frame."""
-    from streams.simulator import SimConfig, Simulator
+    from offline.simulator import SimConfig, Simulator
 
     sim = Simulator(SimConfig(seed=seed, transaction_share=0.0, fraud_incidents_per_sim_hour=0.0,
                               n_users=n_users, n_items=n_items, n_categories=n_categories))

@@ -1,7 +1,7 @@
 """Checks against the simulator's ground truth: session awareness and expected click-through.
 
 The simulator knows every user's latent taste and its click model
-(:meth:`streams.simulator.Simulator.click_probability`), so two things can be
+(:meth:`offline.simulator.Simulator.click_probability`), so two things can be
 measured without an A/B test:
 
 * **session shift**: take a user, pick a category they rarely visit, and add
@@ -24,7 +24,7 @@ from models.two_tower import RecsArtifact
 from offline.recs_data import recent_distinct
 
 if TYPE_CHECKING:
-    from streams.simulator import SimConfig
+    from offline.simulator import SimConfig
 
 
 def _top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str], k: int) -> list[str]:
@@ -40,7 +40,7 @@ def _top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str], k: 
 def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfig, users: int = 200,
                     steps: Sequence[int] = (0, 1, 2, 3, 5), k: int = 10, seed: int = 0) -> dict[str, Any]:
     """Session shift (category share in the top ``k`` after n in-category interactions) and expected CTR."""
-    from streams.simulator import Simulator  # the ground truth lives with the simulator
+    from offline.simulator import Simulator  # the ground truth lives with the simulator
 
     sim = Simulator(sim_config)
     rng = np.random.default_rng(seed)

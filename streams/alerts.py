@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import orjson
 
-from streams.schemas import epoch_of
+from feature_store.schemas import epoch_of
 
 SEVERITIES = ("low", "medium", "high", "critical")
 FLAGGED_ACTIONS = ("review", "block")

@@ -29,7 +29,7 @@ from streams.alerts import SEVERITIES, Problem, parse_verdict
 from streams.producer import EVENT_ID_HEADER
 
 if TYPE_CHECKING:
-    from streams.app import Runtime
+    from streams.runtime import Runtime
 
 CASE_ID = re.compile(r"^[0-9a-f]{20}$")
 MAX_BODY = 16 * 1024

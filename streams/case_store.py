@@ -24,13 +24,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
+from feature_store import topics
 from feature_store.keys import KeySpace, escape_glob
-from streams import topics
+from feature_store.schemas import epoch_of, iso_of
 from streams.alerts import (
     HISTORY_IN_ALERT,
     Case,
@@ -47,10 +48,7 @@ from streams.alerts import (
 )
 from streams.config import Settings
 from streams.metrics import Metrics
-from streams.schemas import epoch_of, iso_of
-
-if TYPE_CHECKING:
-    from streams.processing import Output
+from streams.records import Output
 
 HISTORY_KEEP = 50  # decisions kept per card for the case page
 HISTORY_SHOWN = 20
@@ -298,8 +296,6 @@ class AlertDesk:
 
     async def _plan(self, prep: Prepared, hits: Sequence[Hit], by_id: Mapping[str, dict[str, Any]]) -> _Plan:
         """Apply the batch's new hits in order; at most one alert per card per batch (its latest state)."""
-        from streams.processing import Output
-
         now_iso = iso_of(time.time())
         state = dict(prep.cases)
         new_hits: dict[str, list[Hit]] = {}

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from feature_store.topics import ensure_topics
     from streams.app import create_app, run_worker
-    from streams.topics import ensure_topics
 
     settings = Settings.from_env()
     if settings.hash_key == Settings().hash_key:
@@ -35,8 +35,8 @@ def cmd_services(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from feature_store.topics import ensure_topics
     from streams.services import EmbeddedBroker, LocalRedis
-    from streams.topics import ensure_topics
 
     settings = Settings.from_env()
     stop = threading.Event()
@@ -145,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from streams.schemas import json_schema
+    from feature_store.schemas import json_schema
 
     doc = json_schema()
     if args.type:

@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.simulate:
         from offline.recs_data import temporal_split
         from offline.recs_simcheck import simulator_check
-        from streams.simulator import SimConfig
+        from offline.simulator import SimConfig
 
         train, _ = temporal_split(df)
         result["simulator"] = simulator_check(art, train, SimConfig(seed=args.seed))
@@ -142,7 +142,7 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from offline.recs_bench import run_bench
+    from streams.recs_bench import run_bench
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = run_bench(sizes, requests=args.requests, dim=args.dim, index_kind=args.index, redis_url=args.redis_url,

@@ -34,13 +34,13 @@ import orjson
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from feature_store import topics
 from feature_store.erase import delete_matching
-from streams import topics
+from offline.simulator import SimConfig, SimRecord, Simulator
 from streams.config import Settings
 from streams.producer import EventProducer
 from streams.services import EmbeddedBroker, LocalRedis, free_port
 from streams.simulate_cli import paced, send
-from streams.simulator import SimConfig, SimRecord, Simulator
 
 OUTPUT_KINDS = {topics.FRAUD_DECISIONS: "fraud", topics.RECOMMENDATION_DECISIONS: "recs",
                 topics.TRAINING_EXAMPLES: "labels", topics.DEADLETTER: "deadletter"}

@@ -10,13 +10,13 @@ import faust
 import orjson
 from faust.web import Request, Response, View
 
+from feature_store.topics import EVENT_TYPE_TOPIC
 from streams.producer import EVENT_ID_HEADER, partition_key
 from streams.recommend import parse_request
-from streams.topics import EVENT_TYPE_TOPIC
 from streams.validation import Rejection, check_time, validate_document
 
 if TYPE_CHECKING:
-    from streams.app import Runtime
+    from streams.runtime import Runtime
 
 MAX_BATCH = 1000
 

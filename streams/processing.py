@@ -14,15 +14,17 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
+from feature_store import topics
 from feature_store.definitions import compile_event, compile_lookup, event_unit, finalize
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore
+from feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
 from feature_store.sets import (
     CARD_DEVICE,
     CARD_PROFILE,
@@ -39,7 +41,6 @@ from models.policy import Policy
 from models.popularity import PopularityRecommender
 from models.rules import RuleScorer
 from models.scoring import FraudScorer
-from streams import topics
 from streams.case_store import AlertDesk
 from streams.config import Settings
 from streams.delivery import DeliveryLedger
@@ -47,7 +48,7 @@ from streams.fraud_online import SharedLearner
 from streams.metrics import Metrics
 from streams.producer import EVENT_ID_HEADER
 from streams.recommend import RecommendationService, RecOptions, RecResult
-from streams.schemas import Interaction, Label, Transaction, epoch_of, iso_of
+from streams.records import Output, RawRecord
 from streams.validation import Rejection, check_time, parse_event
 
 log = logging.getLogger("kestrel.worker")
@@ -91,26 +92,6 @@ class LabelledTransaction:
 
 def _terminal_of(decision: dict[str, Any]) -> str:
     return decision.get("terminal_id") or f"merchant:{decision['merchant_id']}"
-
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes] = field(default_factory=dict)
-    timestamp_ms: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    topic: str
-    key: bytes
-    value: bytes
-    mark: str
-    log_key: str | None = None  # where ``value`` is also logged (NX): the ledger's outbox for it, when set
 
 
 def deadletter_record(rec: RawRecord, rej: Rejection, now: float) -> dict[str, Any]:

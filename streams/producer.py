@@ -14,8 +14,8 @@ import orjson
 from confluent_kafka import Producer
 
 from feature_store.keys import KeyedHasher
-from streams.schemas import Event, Interaction, Label, Transaction
-from streams.topics import EVENT_TYPE_TOPIC
+from feature_store.schemas import Event, Interaction, Label, Transaction
+from feature_store.topics import EVENT_TYPE_TOPIC
 
 EVENT_ID_HEADER = "kestrel-event-id"
 

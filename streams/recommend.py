@@ -42,10 +42,7 @@ from models.popularity import PopularityRecommender
 from models.retrieval import IndexHolder, IndexSnapshot
 
 if TYPE_CHECKING:
-    import faust
-
     from models.two_tower import RecsArtifact
-    from streams.app import Runtime
 
 log = logging.getLogger("kestrel.recs")
 
@@ -302,38 +299,3 @@ def parse_request(value: bytes | None) -> tuple[dict[str, Any], RecOptions] | st
     if path not in (None, FALLBACK):
         return f"path may only be {FALLBACK!r} (to ask for the trending baseline)"
     return doc, RecOptions(k, tuple(exclude), float(lam), per_cat, path == FALLBACK)
-
-
-def install_request_agent(app: faust.App, runtime: Runtime) -> None:
-    """Answer ``recs.requests`` on ``recs.responses`` (key: the request's key), in micro-batches."""
-    from streams import topics
-    from streams.processing import Output
-
-    source = runtime.topic(topics.RECS_REQUESTS)
-    settings = runtime.settings
-
-    async def answer_requests(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            started = time.time()
-            parsed = [(e.message.key or b"", parse_request(e.message.value)) for e in events]
-            good = [(key, p) for key, p in parsed if not isinstance(p, str)]
-            results = await runtime.processor.recs.recommend([doc["user_id"] for _, (doc, _) in good],
-                                                             [opt for _, (_, opt) in good]) if good else []
-            answers = iter(results)
-            outputs = []
-            for key, p in parsed:
-                if isinstance(p, str):
-                    doc: dict[str, Any] = {"type": "recommendation_response", "error": p}
-                else:
-                    req, _ = p
-                    res = next(answers)
-                    doc = {"type": "recommendation_response", "request_id": req.get("request_id"),
-                           "user_id": req["user_id"], "items": res.items, "path": res.path,
-                           "model_version": res.model_version,
-                           "processing_ms": round((time.time() - started) * 1000, 3)}
-                outputs.append(Output(topics.RECS_RESPONSES, key, orjson.dumps(doc), ""))
-            await runtime.send(outputs)  # acked before Faust acks the requests: at-least-once answers
-
-    answer_requests.__name__ = answer_requests.__qualname__ = "answer_recs_requests"
-    app.agent(source, name="kestrel.recs.requests")(answer_requests)
-

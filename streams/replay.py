@@ -15,9 +15,9 @@ import orjson
 import pandas as pd
 
 from feature_store.keys import KeyedHasher
+from feature_store.topics import EVENT_TYPE_TOPIC
+from offline.simulator import SimRecord
 from streams.producer import partition_key
-from streams.simulator import SimRecord
-from streams.topics import EVENT_TYPE_TOPIC
 from streams.validation import Rejection, validate_document
 
 

@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterator
 
 from feature_store.keys import KeyedHasher
+from feature_store.topics import ensure_topics
+from offline.simulator import SimConfig, SimRecord, Simulator
 from streams.config import Settings
 from streams.producer import EventProducer, partition_key
 from streams.replay import csv_records, parse_mapping
-from streams.simulator import SimConfig, SimRecord, Simulator
-from streams.topics import ensure_topics
 
 
 def add_produce_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def send(producer: EventProducer, rec: SimRecord) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     if args.history_csv:
-        from streams.simulator import write_history
+        from offline.simulator import write_history
 
         counts = write_history(args.history_csv, args.days, args.payments_per_day, seed=args.seed,
                                emerging_after_days=args.emerging_after_days, hard_negatives=args.hard_negatives)

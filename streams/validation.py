@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
-from streams.schemas import EVENT_MODELS, SCHEMA_VERSION, Event
+from feature_store.schemas import EVENT_MODELS, SCHEMA_VERSION, Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,7 @@ def _field_path(doc: object, loc: tuple, missing: bool) -> str | None:
 def check_time(event: Event, now: float, max_future_s: float) -> Rejection | None:
     """Refuse events dated too far in the future: one would pull every window of its entity forward.
 
-    >>> from streams.schemas import Label
+    >>> from feature_store.schemas import Label
     >>> e = Label(event_id="l", transaction_id="t", verdict="fraud", source="analyst", timestamp=10_000)
     >>> check_time(e, now=0.0, max_future_s=3600).field, check_time(e, now=9_000.0, max_future_s=3600)
     ('timestamp', None)

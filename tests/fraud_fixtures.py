@@ -10,7 +10,7 @@ import numpy as np
 from models.fraud_model import FraudModel
 from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
 from offline.fraud_train import train_on_simulated_history
-from streams.simulator import write_history
+from offline.simulator import write_history
 
 HISTORY_COLUMNS = dataclasses.replace(SIMULATED_COLUMNS, segment="scenario")
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from streams import topics
+from feature_store import topics
 from streams.config import Settings
 from streams.demo import _wait_ready, erase_prefix, start_worker, stop_worker
 from streams.services import EmbeddedBroker, LocalRedis, free_port

@@ -13,14 +13,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from feature_store import topics
 from feature_store.erase import delete_matching
+from feature_store.schemas import Label
 from models.rules import RuleScorer
-from streams import topics
 from streams.alerts import Hit, VerdictRequest
 from streams.config import Settings
 from streams.metrics import Metrics
-from streams.processing import Output, Processor, RawRecord
-from streams.schemas import Label
+from streams.processing import Processor
+from streams.records import Output, RawRecord
 
 pytestmark = pytest.mark.integration
 

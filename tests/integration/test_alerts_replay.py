@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from streams import topics
+from feature_store import topics
+from offline.simulator import SimConfig, Simulator
 from streams.producer import EventProducer
-from streams.simulator import SimConfig, Simulator
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from streams import topics
+from feature_store import topics
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +90,8 @@ def test_erase_command_removes_a_subject(settings, redis_client):
     from feature_store.definitions import compile_event
     from feature_store.keys import KeyedHasher, KeySpace
     from feature_store.redis_store import RedisOnlineStore
+    from feature_store.schemas import Transaction
     from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL
-    from streams.schemas import Transaction
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     txn = Transaction(event_id="er-1", card_id="4000123412341234", merchant_id="m", terminal_id="t",
@@ -155,8 +155,8 @@ def test_rebuild_heads_command_restores_read_heads(settings, redis_client):
     from feature_store.definitions import compile_event
     from feature_store.keys import KeyedHasher, KeySpace
     from feature_store.redis_store import RedisOnlineStore
+    from feature_store.schemas import Transaction
     from feature_store.sets import CARD_PROFILE
-    from streams.schemas import Transaction
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     store = RedisOnlineStore(redis_client, 3600, keys, hasher)

@@ -17,13 +17,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from feature_store import topics
 from feature_store.erase import delete_matching
 from models.rules import RuleScorer
-from streams import topics
 from streams.config import Settings
 from streams.delivery import DeliveryLedger, outbox_key
 from streams.metrics import Metrics
-from streams.processing import Processor, RawRecord
+from streams.processing import Processor
+from streams.records import RawRecord
 
 pytestmark = pytest.mark.integration
 

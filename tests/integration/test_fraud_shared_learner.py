@@ -56,11 +56,12 @@ def test_a_label_that_arrives_before_its_payment_is_learned_when_the_payment_is_
     """The labels topic may run ahead of the transactions topic: the label waits, then counts once."""
     import redis
 
+    from feature_store import topics
     from feature_store.erase import delete_matching
-    from streams import topics
     from streams.config import Settings
     from streams.metrics import Metrics
-    from streams.processing import Processor, RawRecord
+    from streams.processing import Processor
+    from streams.records import RawRecord
 
     model, _ = fraud_model
     prefix = f"kestrel-test-early-{secrets.token_hex(4)}"

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from feature_store import topics
+from feature_store.schemas import Label, Transaction
 from models.fraud_online import OnlineFraudLearner
-from streams import topics
+from offline.simulator import EXTRA_SCENARIOS, Simulator, payments_config
 from streams.producer import EventProducer
-from streams.schemas import Label, Transaction
-from streams.simulator import EXTRA_SCENARIOS, Simulator, payments_config
 
 pytestmark = pytest.mark.integration
 DAY = 86400.0

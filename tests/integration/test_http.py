@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from streams import topics
+from feature_store import topics
 
 pytestmark = pytest.mark.integration
 

@@ -8,11 +8,11 @@ import secrets
 import numpy as np
 import pytest
 
-from offline.features import fraud_features
-from streams import topics
+from feature_store import topics
+from offline.fraud_dataset import fraud_features
+from offline.simulator import SimConfig, Simulator
 from streams.producer import EventProducer
 from streams.simulate_cli import send
-from streams.simulator import SimConfig, Simulator
 
 pytestmark = pytest.mark.integration
 

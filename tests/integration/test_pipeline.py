@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 
+from feature_store import topics
 from feature_store.keys import KeyedHasher, KeySpace
-from streams import topics
+from offline.simulator import SimConfig, Simulator
 from streams.producer import EventProducer
 from streams.simulate_cli import send
-from streams.simulator import SimConfig, Simulator
 
 pytestmark = pytest.mark.integration
 

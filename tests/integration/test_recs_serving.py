@@ -14,11 +14,11 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from feature_store import topics
+from feature_store.schemas import Interaction
 from offline.recs_data import load_interactions, simulated_interactions
 from offline.recs_train import train_two_tower
-from streams import topics
 from streams.producer import EventProducer
-from streams.schemas import Interaction
 
 pytestmark = pytest.mark.integration
 

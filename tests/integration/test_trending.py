@@ -11,8 +11,8 @@ from feature_store.definitions import compile_event
 from feature_store.erase import delete_matching
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import WINDOWED_TOP_LUA, RedisOnlineStore, windowed_top_args
+from feature_store.schemas import Interaction
 from feature_store.sets import TRENDING, USER_ACTIVITY
-from streams.schemas import Interaction
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_225_600.0

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from feature_store.schemas import Label
 from streams.alerts import (
     REPEAT_ESCALATION,
     SEVERITIES,
@@ -26,7 +27,6 @@ from streams.alerts import (
     risk_rank,
 )
 from streams.alerts_web import render_case, render_queue
-from streams.schemas import Label
 
 
 def _hit(event_id: str, score: float, action: str, at: str = "2026-03-01T12:00:00.000Z", card: str = "tok",

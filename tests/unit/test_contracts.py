@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from streams.schemas import Interaction, Label, Transaction, json_schema
+from feature_store.schemas import Interaction, Label, Transaction, json_schema
 from streams.validation import Rejection, parse_event
 
 TXN = {"event_id": "t1", "card_id": "c1", "merchant_id": "m1", "amount": 12.5, "currency": "EUR",

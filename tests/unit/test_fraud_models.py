@@ -15,7 +15,7 @@ from models.fraud_torch import FraudNet, fit_platt, logits, train_fraud_net
 from models.policy import Policy
 from models.scoring import Thresholds
 from offline.fraud_dataset import Payment, terminal_risk
-from streams.simulator import EXTRA_SCENARIOS
+from offline.simulator import EXTRA_SCENARIOS
 from tests.fraud_fixtures import rows_and_inputs, simulated_frame
 
 DAY = 86400.0

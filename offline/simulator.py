@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 import numpy as np
 import orjson
 
-from streams.schemas import Interaction, Label, Transaction
-from streams.topics import INTERACTIONS, LABELS, TRANSACTIONS
+from feature_store.schemas import Interaction, Label, Transaction
+from feature_store.topics import INTERACTIONS, LABELS, TRANSACTIONS
 
 FRAUD_SCENARIOS = ("card_spree", "terminal_compromise", "card_testing", "large_amount")
 # Not in the default mix: a pattern a model trained on the default mix has never seen (new device, card
