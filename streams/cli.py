@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_fraud.register(train, evaluate, bench)
     cli_recs.register(train, evaluate, bench)
 
+    from streams import bench_e2e
+
+    bench_e2e.register(bench)
+
     p = sub.add_parser("schema", help="print the JSON Schema of the event contracts")
     p.add_argument("--type", choices=["transaction", "interaction", "label"])
     p.set_defaults(func=cmd_schema)
