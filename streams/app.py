@@ -117,10 +117,10 @@ def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
         delivering: asyncio.Future | None = None
         try:
             async for events in take_batches(stream, size, within):
-                outputs = await runtime.prepare(topic_name, events)
+                batch = await runtime.prepare(topic_name, events)
                 if delivering is not None:
                     await asyncio.shield(delivering)  # a cancel here must not cancel the delivery itself
-                delivering = asyncio.ensure_future(runtime.deliver(outputs, events, stream))
+                delivering = asyncio.ensure_future(runtime.deliver(batch, stream))
             if delivering is not None:
                 await asyncio.shield(delivering)
         except asyncio.CancelledError:

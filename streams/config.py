@@ -41,6 +41,10 @@ class Settings:
     # Share of genuine payments under the review threshold that get a label anyway (audits): the online learner
     # corrects for it (models.fraud_online.labelled_share); 1.0 when every payment's outcome is fed back.
     label_audit_share: float = 0.02
+    # "rules": while Redis is unreachable, payments are decided by the rules on the event alone (degraded: true)
+    degraded_mode: str = ""
+    redis_timeout_s: float = 5.0  # socket timeout of the worker's Redis calls
+    poison_retries: int = 3  # attempts of a batch that fails for a non-transient reason before it is split
     recs_model: str = ""  # two-tower artifact folder, or a root whose CURRENT names the version; empty: trending
 
     @classmethod
@@ -70,6 +74,9 @@ class Settings:
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
             fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
             label_audit_share=float(_env("KESTREL_LABEL_AUDIT_SHARE", str(d.label_audit_share))),
+            degraded_mode=_env("KESTREL_DEGRADED_MODE", d.degraded_mode),
+            redis_timeout_s=float(_env("KESTREL_REDIS_TIMEOUT_S", str(d.redis_timeout_s))),
+            poison_retries=int(_env("KESTREL_POISON_RETRIES", str(d.poison_retries))),
             recs_model=_env("KESTREL_RECS_MODEL", d.recs_model),
         )
 
@@ -102,5 +109,8 @@ class Settings:
             "KESTREL_FRAUD_MODEL": self.fraud_model,
             "KESTREL_FRAUD_POLICY": self.fraud_policy,
             "KESTREL_LABEL_AUDIT_SHARE": str(self.label_audit_share),
+            "KESTREL_DEGRADED_MODE": self.degraded_mode,
+            "KESTREL_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
+            "KESTREL_POISON_RETRIES": str(self.poison_retries),
             "KESTREL_RECS_MODEL": self.recs_model,
         }

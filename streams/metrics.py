@@ -38,6 +38,12 @@ class Metrics:
                                      "was decided, learned when it is).", ["outcome"], registry=r)
         self.drift_events = Counter("kestrel_drift_events", "Drift flagged by ADWIN on the fraud decisions' missed-"
                                     "fraud or false-alarm rate.", registry=r)
+        self.degraded = Counter("kestrel_degraded_decisions", "Fraud decisions made by the rules on the payment "
+                                "alone while Redis was unreachable (KESTREL_DEGRADED_MODE=rules).", registry=r)
+        self.batch_failures = Counter("kestrel_batch_failures", "Batches that raised, by kind (transient: Redis "
+                                      "or network, retried until they pass; poison: retried a bounded number of "
+                                      "times, then split and the failing records dead-lettered).", ["topic", "kind"],
+                                      registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

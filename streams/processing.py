@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from feature_store import topics
-from feature_store.definitions import compile_event, compile_lookup, event_unit, finalize
+from feature_store.definitions import EventUnit, compile_event, compile_lookup, event_unit, finalize
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore
 from feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
@@ -40,7 +40,7 @@ from models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
 from models.policy import Policy
 from models.popularity import PopularityRecommender
 from models.rules import RuleScorer
-from models.scoring import FraudScorer
+from models.scoring import FraudScore, FraudScorer
 from streams.case_store import AlertDesk
 from streams.config import Settings
 from streams.delivery import DeliveryLedger
@@ -126,6 +126,7 @@ class Processor:
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or load_fraud_scorer(settings)
+        self._rules = RuleScorer()  # degraded mode's scorer: the rules on the payment alone
         # the online learner shared by all workers, when the scorer is a trained model (rules do not learn)
         self.learner = SharedLearner(client, self.keys, self.scorer, settings.decision_log_ttl_s) \
             if isinstance(self.scorer, ModelScorer) else None
@@ -137,11 +138,21 @@ class Processor:
     async def process(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
         """Every record yields exactly one output (decision or dead letter), minus those already delivered."""
         started = time.time()
-        event_type = topics.TOPIC_EVENT_TYPE[topic]
         self.metrics.events_in.labels(topic).inc(len(records))
         self.metrics.batch_size.labels(topic).observe(len(records))
-        outputs: list[Output] = []
+        outputs, valid = self._validate(topic, records, started)
         writes: list[tuple[str, bytes]] = []
+        if valid:
+            handler = {"transaction": self._transactions, "interaction": self._interactions,
+                       "label": self._labels}[topics.TOPIC_EVENT_TYPE[topic]]
+            outputs.extend(await handler(valid, started, writes))
+        return await self._not_yet_delivered(outputs, writes)
+
+    def _validate(self, topic: str, records: Sequence[RawRecord],
+                  started: float) -> tuple[list[Output], list[tuple[RawRecord, Any]]]:
+        """Dead letters for the records that fail validation, and the parsed events of the others."""
+        event_type = topics.TOPIC_EVENT_TYPE[topic]
+        rejected: list[Output] = []
         valid: list[tuple[RawRecord, Any]] = []
         for rec in records:
             try:
@@ -151,17 +162,54 @@ class Processor:
             except Exception as exc:
                 parsed = Rejection("invalid", f"could not be validated: {exc!r}")
             if isinstance(parsed, Rejection):
-                self.metrics.deadletters.labels(topic, parsed.reason).inc()
-                doc = deadletter_record(rec, parsed, started)
-                outputs.append(Output(topics.DEADLETTER, rec.key or b"", orjson.dumps(doc),
-                                      self.keys.published("dl", f"{rec.topic}:{rec.partition}:{rec.offset}")))
+                rejected.append(self._deadletter(rec, parsed, started))
             else:
                 valid.append((rec, parsed))
-        if valid:
-            handler = {"transaction": self._transactions, "interaction": self._interactions,
-                       "label": self._labels}[event_type]
-            outputs.extend(await handler(valid, started, writes))
-        return await self._not_yet_delivered(outputs, writes)
+        return rejected, valid
+
+    def _deadletter(self, rec: RawRecord, rej: Rejection, now: float) -> Output:
+        self.metrics.deadletters.labels(rec.topic, rej.reason).inc()
+        return Output(topics.DEADLETTER, rec.key or b"", orjson.dumps(deadletter_record(rec, rej, now)),
+                      self.keys.published("dl", f"{rec.topic}:{rec.partition}:{rec.offset}"))
+
+    async def reject(self, records: Sequence[RawRecord], reason: str, message: str) -> list[Output]:
+        """Dead letters for records that cannot be processed (a poison record), through the outbox like any output."""
+        now = time.time()
+        return await self._not_yet_delivered([self._deadletter(rec, Rejection(reason, message), now)
+                                              for rec in records], [])
+
+    # -- degraded mode: decisions while Redis is unreachable ----------------
+    def degraded(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
+        """Decisions from the rules on each payment alone (no stored features), flagged ``degraded``; no I/O.
+
+        For ``KESTREL_DEGRADED_MODE=rules``: a payment gateway gets an answer
+        while Redis is down. The feature updates are applied, and the decisions
+        logged and marked delivered, once Redis is back (:meth:`recover`).
+        """
+        started = time.time()
+        self.metrics.events_in.labels(topic).inc(len(records))
+        outputs, valid = self._validate(topic, records, started)
+        events = [e for _, e in valid]
+        feats = [payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, {}) for e in events]
+        scores = self._rules.score_batch(events, feats)
+        now = time.time()
+        for (rec, e), f, sc in zip(valid, feats, scores, strict=True):
+            body = orjson.dumps(self._decision_doc(e, f, sc, self._rules.version, started, now, degraded=True))
+            outputs.append(Output(topics.FRAUD_DECISIONS, self.token("card", e.card_id).encode(), body,
+                                  self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
+            self._observe("fraud", rec, started, now)
+        self.metrics.degraded.inc(len(valid))
+        return outputs
+
+    async def recover(self, topic: str, records: Sequence[RawRecord], sent: Sequence[Output]) -> None:
+        """After a degraded batch: apply its feature updates, log its decisions as sent, mark them delivered.
+
+        Idempotent (the units' markers, NX logs, marks), so it is simply retried until Redis answers.
+        """
+        _, valid = self._validate(topic, records, time.time())
+        await self.store.apply_units([self._payment_unit(e) for _, e in valid])
+        await self.ledger.unsent([], [(o.log_key, o.value) for o in sent if o.log_key])
+        await self.mark_delivered(sent)
 
     async def warm_up(self) -> None:
         """First calls pay one-time costs (model files, torch and FAISS first calls): pay them before ready.
@@ -212,16 +260,9 @@ class Processor:
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
-        keys, hasher = self.keys, self.hasher
-        # One idempotency unit per payment (FRAUD_VECTOR_SETS order): one marker, one snapshot.
-        units = [event_unit(e.event_id, (
-            compile_event(CARD_PROFILE, e, keys, hasher),
-            compile_event(TERMINAL_ACTIVITY, e, keys, hasher),
-            compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, keys, hasher),
-            compile_event(CARD_TERMINAL, e, keys, hasher),
-            compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment") for e in events]
         feats = []
-        for e, (_, parts) in zip(events, await self.store.apply_units(units), strict=True):
+        for e, (_, parts) in zip(events, await self.store.apply_units([self._payment_unit(e) for e in events]),
+                                 strict=True):
             vector: dict[str, Any] = {}
             for fs, raw in zip(FRAUD_VECTOR_SETS, parts, strict=True):
                 vector.update(finalize(fs, raw, e.epoch_s))
@@ -235,18 +276,7 @@ class Processor:
         outputs, docs = [], []
         for (rec, e), f, s in zip(valid, feats, scores, strict=True):
             card = self.token("card", e.card_id)
-            doc = {
-                "type": "fraud_decision", "event_id": e.event_id, "card": card, "merchant_id": e.merchant_id,
-                "terminal_id": e.terminal_id,
-                "amount": e.amount, "currency": e.currency, "score": s.score, "action": s.action,
-                "reasons": [{"code": r.code, "message": r.message, "value": r.value,
-                             **({"contribution": r.contribution} if r.contribution is not None else {})}
-                            for r in s.reasons],
-                "model_version": self.scorer.version,
-                "feature_set": FEATURE_SET_VERSION, "features": f,
-                "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
-                "processing_ms": round((now - started) * 1000, 3),
-            }
+            doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card)
             body = orjson.dumps(doc)
             docs.append(doc)
             log_key = self.keys.decision(e.event_id)
@@ -256,6 +286,34 @@ class Processor:
             self._observe("fraud", rec, started, now)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(outputs)
+
+    def _payment_unit(self, e: Transaction) -> EventUnit:
+        """A payment's one idempotency unit: its parts in FRAUD_VECTOR_SETS order."""
+        keys, hasher = self.keys, self.hasher
+        return event_unit(e.event_id, (
+            compile_event(CARD_PROFILE, e, keys, hasher),
+            compile_event(TERMINAL_ACTIVITY, e, keys, hasher),
+            compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, keys, hasher),
+            compile_event(CARD_TERMINAL, e, keys, hasher),
+            compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment")
+
+    def _decision_doc(self, e: Transaction, f: dict[str, Any], s: FraudScore, version: str, started: float,
+                      now: float, card: str | None = None, degraded: bool = False) -> dict[str, Any]:
+        doc = {
+            "type": "fraud_decision", "event_id": e.event_id, "card": card or self.token("card", e.card_id),
+            "merchant_id": e.merchant_id, "terminal_id": e.terminal_id,
+            "amount": e.amount, "currency": e.currency, "score": s.score, "action": s.action,
+            "reasons": [{"code": r.code, "message": r.message, "value": r.value,
+                         **({"contribution": r.contribution} if r.contribution is not None else {})}
+                        for r in s.reasons],
+            "model_version": version,
+            "feature_set": FEATURE_SET_VERSION, "features": f,
+            "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
+            "processing_ms": round((now - started) * 1000, 3),
+        }
+        if degraded:
+            doc["degraded"] = True
+        return doc
 
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:

@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import faust
+import redis
 import redis.asyncio as aioredis
 
+from feature_store import topics
 from streams.config import Settings
 from streams.metrics import Metrics
 from streams.processing import Processor
 from streams.records import Output, RawRecord
 
 log = logging.getLogger("kestrel.worker")
+# Failures that go away by themselves: retried without limit, never dead-lettered.
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+             OSError, asyncio.TimeoutError)
+
+
+@dataclass
+class Batch:
+    """One batch between its two stages: the outputs to deliver and the events to ack once they are."""
+
+    outputs: list[Output]
+    events: list[Any]
+    records: list[RawRecord]
+    degraded: bool = False
 
 
 class Runtime:
@@ -33,11 +50,18 @@ class Runtime:
         self.warm = False  # set once the models answered a first call (see warm_up); /ready waits for it
         self._topics: dict[str, Any] = {}
         self._delivering: set[str] = set()  # marks of outputs sent and not yet acknowledged
+        self._outage = False  # Redis was found unreachable and degraded decisions are being made
+        self._recovery: deque[tuple[Batch, Any]] = deque()  # degraded batches waiting for their feature updates
+        self._recoverer: asyncio.Future | None = None
+        self._recovered = asyncio.Event()  # set when no degraded batch waits
+        self._recovered.set()
 
     @property
     def processor(self) -> Processor:
         if self._processor is None:
-            client = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5.0)
+            timeout = self.settings.redis_timeout_s
+            client = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=timeout,
+                                             socket_connect_timeout=timeout)
             self._processor = Processor(self.settings, client, self.metrics)
         return self._processor
 
@@ -54,32 +78,74 @@ class Runtime:
         if futures:
             await asyncio.gather(*futures)
 
-    async def prepare(self, topic: str, events: list[Any]) -> list[Output]:
-        """Process one batch (features, decisions, outboxes); infrastructure errors are retried, never skipped.
+    async def prepare(self, topic: str, events: list[Any]) -> Batch:
+        """Process one batch (features, decisions, outboxes).
 
-        Outputs that the batch still being delivered will send (a producer
-        duplicate in two consecutive batches) are left to it.
+        Transient failures (Redis or the network) are retried until they pass,
+        nothing skipped; with ``KESTREL_DEGRADED_MODE=rules`` a payment batch
+        is decided by the rules meanwhile (:meth:`Processor.degraded`). Any
+        other failure is retried ``poison_retries`` times, then the batch is
+        split record by record and the records that still fail go to the
+        dead-letter topic with the error, so one poison record cannot stall
+        its partition. Outputs that the batch still being delivered will send
+        (a producer duplicate in two consecutive batches) are left to it.
         """
         records = [_raw(topic, e) for e in events]
-        delay = 0.1
+        degradable = self.settings.degraded_mode == "rules" and topic == topics.TRANSACTIONS
+        delay, failures = 0.1, 0
         while True:
+            if degradable and self._outage:
+                return Batch(self.processor.degraded(topic, records), events, records, degraded=True)
             try:
+                await self._recovered.wait()  # degraded batches get their feature updates first, in order
                 outputs = await self.processor.process(topic, records)
-                return [o for o in outputs if o.mark not in self._delivering]
+                return Batch([o for o in outputs if o.mark not in self._delivering], events, records)
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT as exc:
+                self.metrics.batch_failures.labels(topic, "transient").inc()
+                if degradable:
+                    log.warning("Redis unreachable (%r): deciding payments by the rules until it is back", exc)
+                    self._outage = True
+                    continue
+                log.warning("batch of %d from %s: %r; retrying in %.1fs", len(records), topic, exc, delay)
             except Exception:
-                log.exception("batch of %d from %s failed; retrying in %.1fs", len(records), topic, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                self.metrics.batch_failures.labels(topic, "poison").inc()
+                failures += 1
+                if failures >= self.settings.poison_retries:
+                    return Batch(await self._split(topic, records), events, records)
+                log.exception("batch of %d from %s failed (%d of %d attempts); retrying in %.1fs", len(records),
+                              topic, failures, self.settings.poison_retries, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
-    async def deliver(self, outputs: list[Output], events: list[Any], stream: Any) -> None:
+    async def _split(self, topic: str, records: list[RawRecord]) -> list[Output]:
+        """A batch that keeps failing, processed record by record: the records that fail alone are dead-lettered.
+
+        A transient error meanwhile propagates, and the whole batch is retried.
+        """
+        outputs: list[Output] = []
+        for rec in records:
+            try:
+                outputs += await self.processor.process(topic, [rec])
+            except TRANSIENT:
+                raise
+            except Exception as exc:
+                log.exception("record %s:%d:%d fails on its own: dead-lettered", rec.topic, rec.partition,
+                              rec.offset)
+                outputs += await self.processor.reject([rec], "processing_failed", f"processing raised {exc!r}")
+        return outputs
+
+    async def deliver(self, batch: Batch, stream: Any) -> None:
         """Send, wait for the broker's acks, mark delivered, and only then ack the input events.
 
         Faust commits an offset once every event before it is acked, so an
         event whose outputs were not delivered is consumed again after a
         crash (at-least-once; the outboxes make the replay send the same bytes).
+        A degraded batch cannot be marked yet: it joins the recovery queue,
+        its events un-acked until Redis has its feature updates.
         """
+        outputs = batch.outputs
         marks = [o.mark for o in outputs]
         self._delivering.update(marks)
         delay = 0.1
@@ -87,7 +153,8 @@ class Runtime:
             while True:
                 try:
                     await self.send(outputs)
-                    await self.processor.mark_delivered(outputs)
+                    if not batch.degraded:
+                        await self.processor.mark_delivered(outputs)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -97,8 +164,35 @@ class Runtime:
                     delay = min(delay * 2, 5.0)
         finally:
             self._delivering.difference_update(marks)
-        for event in events:
+        if batch.degraded:
+            self._recovered.clear()
+            self._recovery.append((batch, stream))
+            if self._recoverer is None or self._recoverer.done():
+                self._recoverer = asyncio.ensure_future(self._recover())
+            return
+        for event in batch.events:
             await stream.ack(event)
+
+    async def _recover(self) -> None:
+        """Apply the degraded batches' feature updates in order once Redis answers, then ack their events."""
+        delay = 0.1
+        while self._recovery:
+            batch, stream = self._recovery[0]
+            try:
+                await self.processor.recover(batch.records[0].topic, batch.records, batch.outputs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("degraded batch not recovered yet (%r); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._outage = False  # Redis answers again: new batches take the normal path (after this queue)
+            delay = 0.1
+            self._recovery.popleft()
+            for event in batch.events:
+                await stream.ack(event)
+        self._recovered.set()
 
 
 def _raw(topic: str, event: Any) -> RawRecord:
