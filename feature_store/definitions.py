@@ -171,6 +171,10 @@ class FeatureSet:
     # Pair entities (card x terminal): the data subject they belong to. Their token starts with the
     # owner's token, so erasing the owner finds them by prefix without any raw id in the key.
     owner: tuple[str, Callable[[Any], str]] | None = None
+    # False: the entity's head (HeadLayout) is its whole state; no bucket fields or last values are stored
+    # beside it. A write is then a few head updates instead of a command per bucket component, and a read
+    # before the entity's newest bucket sees it as of that bucket (nothing older is kept to answer it).
+    buckets: bool = True
 
     def token_of(self, event: Any, hasher: KeyedHasher) -> str:
         """The entity's keyed-hash token (owner token + pair token for pair entities)."""
@@ -188,6 +192,12 @@ class FeatureSet:
             values = {id(f.value_of) for f in members if f.value_of is not None}
             if len({id(f.where) for f in members}) > 1 or len(values) > 1 or len({f.lateness_s for f in members}) > 1:
                 raise ValueError(f"{self.name}: features sharing {storage} must share filter, value and lateness")
+        if not self.buckets:
+            if any(isinstance(f, Windowed) and f.delay_s for f in self.features):
+                raise ValueError(f"{self.name}: a delayed window needs its buckets (buckets=True)")
+            if any(isinstance(f, LastValue) for f in self.features) and \
+                    not any(isinstance(f, TimeSince) for f in self.features):
+                raise ValueError(f"{self.name}: without buckets a LastValue is ordered by the set's TimeSince")
 
     def series_members(self) -> dict[str, list[Windowed]]:
         out: dict[str, list[Windowed]] = {}
@@ -260,6 +270,9 @@ class EventUnit:
 
     applied_key: str
     parts: tuple[EventOps, ...]
+    # True: the store answers each head-only part with its heads before and after the event, decoded in
+    # Python (no reads or JSON inside Redis); the unit's answer is then feature vectors, not component maps
+    framed: bool = True
 
 
 def event_unit(event_id: str, parts: Sequence[EventOps], keys: KeySpace, kind: str = "event") -> EventUnit:
@@ -472,7 +485,7 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
                 keep_s = (feat.buckets + 1) * feat.bucket_s
                 writes.append(["zincr", feat.bucket_key(keys, index), feat.member_of(event),
                                [weight, keep_s, index, feat.bucket_key(keys, "latest")]])
-    if has_hash:
+    if has_hash and fs.buckets:  # a head-only set's head carries its own TTL
         writes.append(["expire", key, "", [fs.ttl_s]])
     return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
 

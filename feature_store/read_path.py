@@ -13,6 +13,9 @@ the Python per entity is most of the cost.
 It cannot answer a read before the entity's newest bucket (the past), a
 delayed window, or an entity without a head; those go to the bucket script,
 and the values are the same either way (tests check both against brute force).
+A head-only set (``FeatureSet.buckets=False``) keeps no buckets: its head is
+its state, and a read before an entity's newest bucket sees it as of that
+bucket.
 """
 
 from __future__ import annotations
@@ -53,6 +56,30 @@ class HeadReader:
         exec(compile(self.source, f"<head decoder {fs.qualified_version}>", "exec"), scope)
         self.decode: Decoder = scope["decode"]
 
+    def previous(self, blob: bytes | None, at: float) -> dict[str, Any]:
+        """The features an event reads from before itself (time since the previous event, previous values),
+        from the head as it was before the event (None: no earlier event)."""
+        out: dict[str, Any] = {}
+        lay = self.layout
+        numbers = struct.unpack_from(self.layout.fmt, blob) if blob is not None else None
+        strings: list[str | None] = []
+        if blob is not None and lay.strings:
+            pos = struct.calcsize(lay.fmt)
+            for _ in lay.strings:
+                (n,) = struct.unpack_from("<I", blob, pos)
+                pos += 4
+                strings.append(None if n == 0xFFFFFFFF else blob[pos:pos + n].decode())
+                if n != 0xFFFFFFFF:
+                    pos += n
+        for feat in self.fs.vector:
+            if isinstance(feat, TimeSince):
+                t = numbers[lay.last_time] if numbers is not None and lay.last_time is not None else math.nan
+                out[feat.name] = max(at - t, 0.0) if t == t else feat.default
+            elif isinstance(feat, LastValue):
+                value = strings[lay.strings.index(feat.name)] if strings else None
+                out[feat.name] = value if value is not None else feat.default
+        return out
+
     def lasts(self, at: float) -> list[int]:
         """The newest bucket of a window read at ``at``, per bucket size (undelayed: the bucket of ``at``)."""
         return [math.floor(at / b) for b in self._bucket_sizes]
@@ -61,6 +88,8 @@ class HeadReader:
         """Python source of ``decode(blob, at, lasts)``: the vector, or PAST."""
         lay = self.layout
         lines = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
+        # before the newest bucket: the buckets answer, or for a head-only set the head as of that bucket
+        past = "return PAST" if self.fs.buckets else "{} = 0"
         slot = {b: i for i, b in enumerate(self._bucket_sizes)}
         names = {storage: i for i, (storage, *_rest) in enumerate(lay.series)}
         used = {f.storage for f in self.fs.vector if isinstance(f, Windowed) and f.agg != "distinct"}
@@ -68,10 +97,9 @@ class HeadReader:
             if storage in used:
                 bucket_s = int(storage.rsplit("@", 1)[1])
                 i = names[storage]
-                lines += [f"    k{i} = lasts[{slot[bucket_s]}] - v[{top}]",
-                          f"    if k{i} < 0: return PAST"]
+                lines += [f"    k{i} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if k{i} < 0: {past.format(f'k{i}')}"]
         for j, (_name, top, bucket_s, _) in enumerate(lay.distinct):
-            lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: return PAST"]
+            lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: {past.format(f'd{j}')}"]
         if lay.strings:
             lines.append("    o = OFFSET")
             for j, _ in enumerate(lay.strings):

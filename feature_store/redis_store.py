@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -135,6 +136,11 @@ end
 """
 
 LUA_PLAN = r"""
+-- The entity's head for the current event's feature set (see definitions.HeadLayout): doubles `H`,
+-- strings `V` (false: none), its spec `HS` (`HS.ho`: a head-only set, whose head is its whole state);
+-- nil when no event is being applied.
+local H, V, HS = nil, nil, nil
+
 -- The reads of one entity's vector at time `at`, from a feature set's template:
 -- phase 'pre' (previous event's time and values) or 'post' (windows, distinct counts).
 -- With the entity's head `H` (write script), an undelayed window or a distinct count read at or
@@ -143,7 +149,11 @@ local NO_BUCKET = -9007199254740992
 
 local function from_head(vals, name, modes, H, top_at, starts, buckets, last)
   local top = H[top_at]
-  if top ~= NO_BUCKET and last < top then return false end
+  if top ~= NO_BUCKET and last < top then
+    -- a head-only set keeps no buckets: a read before its newest bucket sees the entity as of that bucket
+    if not (HS and HS.ho) then return false end
+    last = top
+  end
   local k = last - top
   for i, m in ipairs(modes) do
     local v = nil
@@ -162,7 +172,18 @@ local function plan_reads(tpl, key, at, phase, vals, H)
   local list = {}
   for _, f in ipairs(tpl) do
     if f[1] == 'h' then
-      if phase == 'pre' then list[#list + 1] = {f[2], 'hget', key, f[3]} end
+      if phase == 'pre' then
+        if H and HS and HS.ho then  -- the head holds the previous event's time and last values
+          if f[3] == '@|t' then
+            local x = H[HS.T]
+            if x == x then vals[f[2]] = string.format('%.17g', x) else vals[f[2]] = cjson.null end
+          else
+            vals[f[2]] = V[HS.Vi[f[2]]] or cjson.null
+          end
+        else
+          list[#list + 1] = {f[2], 'hget', key, f[3]}
+        end
+      end
     elseif phase == 'post' then
       if f[1] == 'w' then
         local last = floor((at - f[6]) / f[4])
@@ -187,10 +208,6 @@ end
 """
 
 LUA_HEAD = r"""
--- The entity's head for the current event's feature set (see definitions.HeadLayout): doubles `H`,
--- strings `V` (false: none), its spec `HS`; nil when the event has no writes.
-local H, V, HS = nil, nil, nil
-
 -- Combine a value into an aggregate; NaN is "none" (an empty min / max).
 local function combine(mode, acc, v)
   if mode == 'add' then return acc + v end
@@ -205,7 +222,8 @@ local function build_head(key, hs)
   local h, v = {}, {}
   for i = 1, hs.n do h[i] = 0 end
   for name, s in pairs(hs.S) do
-    local lo = tonumber(redis.call('HGET', key, name .. '|lo'))
+    local lo = nil
+    if not hs.ho then lo = tonumber(redis.call('HGET', key, name .. '|lo')) end
     local top = NO_BUCKET
     if lo then top = lo + s[2] - 1 end
     h[s[1]] = top
@@ -241,6 +259,11 @@ local function build_head(key, hs)
       h[at] = NO_BUCKET
     end
   end
+  if hs.ho then  -- a head-only set keeps nothing else: a missing head is an entity with nothing stored
+    if hs.T > 0 then h[hs.T] = 0 / 0 end
+    for i = 1, #hs.V do v[i] = false end
+    return h, v
+  end
   if hs.T > 0 then h[hs.T] = tonumber(redis.call('HGET', key, '@|t')) or 0 / 0 end
   for i, name in ipairs(hs.V) do v[i] = redis.call('HGET', key, name .. '|v') end
   return h, v
@@ -248,7 +271,10 @@ end
 
 local function load_head(key, hs)
   local blob = redis.call('GET', key .. hs.sfx)
-  if not blob then return build_head(key, hs) end
+  if not blob then
+    local h, v = build_head(key, hs)
+    return h, v, false
+  end
   local h = {struct.unpack(hs.fmt, blob)}
   local pos, v = h[hs.n + 1], {}
   h[hs.n + 1] = nil
@@ -257,7 +283,7 @@ local function load_head(key, hs)
     len, pos = struct.unpack('<I4', blob, pos)
     if len == 4294967295 then v[i] = false else v[i] = string.sub(blob, pos, pos + len - 1); pos = pos + len end
   end
-  return h, v
+  return h, v, blob
 end
 
 local function save_head(key, hs)
@@ -269,7 +295,9 @@ local function save_head(key, hs)
       parts[#parts + 1] = struct.pack('<I4', 4294967295)  -- none
     end
   end
-  redis.call('SET', key .. hs.sfx, table.concat(parts), 'EX', hs.ttl)
+  local blob = table.concat(parts)
+  redis.call('SET', key .. hs.sfx, blob, 'EX', hs.ttl)
+  return blob
 end
 
 -- This event's values `vals` (component -> value) reached bucket `b` of series `s`: update its
@@ -327,6 +355,15 @@ end
 local function bucket(key, name, a)
   local bucket_s, keep, t, comps, late = a[1], a[2], a[3], a[4], a[5]
   local b = floor(t / bucket_s)
+  if HS.ho then  -- the head is the whole state: no bucket fields, no `lo` (the head's newest bucket is it)
+    local s = HS.S[name]
+    local top = H[s[1]]
+    if top ~= NO_BUCKET and b < top - late then return end
+    local vals = {}
+    for _, c in ipairs(comps) do vals[c[1]] = c[3] end
+    head_series(s, b, vals)
+    return
+  end
   local lo_field = name .. '|lo'
   local lo = tonumber(redis.call('HGET', key, lo_field))
   -- the newest bucket is lo + keep - 1; an event more than `late` buckets older is not counted
@@ -380,6 +417,12 @@ local function write(op)
   local kind, key, name, a = op[1], op[2], op[3], op[4]
   if kind == 'bucket' then
     bucket(key, name, a)
+  elseif kind == 'last' and HS.ho then
+    -- the head's previous-event time orders every last value of the set (all are written by every event)
+    local cur = H[HS.T]
+    if cur ~= cur or a[1] >= cur then
+      if name == '@' then H[HS.T] = a[1] else V[HS.Vi[name]] = a[2] end
+    end
   elseif kind == 'last' then
     -- a[3] is the time as text: Lua would print the number with 14 digits only
     local cur = tonumber(redis.call('HGET', key, name .. '|t'))
@@ -433,12 +476,21 @@ for _, tpl in ipairs(templates) do
   hs.Vi = {}
   for i, name in ipairs(hs.V) do hs.Vi[name] = i end
 end
--- One part of a unit: one feature set's writes and reads for one entity; its component map.
-local function apply_part(p)
+-- One part of a unit: one feature set's writes and reads for one entity; its component map, or with
+-- `heads` for a head-only set the head before and after the event (the caller decodes them: no reads,
+-- no number formatting, no JSON here).
+local function apply_part(p, heads)
   event_fields = nil
   local vals, tpl = {}, templates[p.r + 1]
   HS = tpl.hd
-  H, V = load_head(p.k, HS)
+  local before
+  H, V, before = load_head(p.k, HS)
+  if heads and HS.ho then
+    for _, op in ipairs(p.w) do write(op) end
+    local after = before
+    if #p.w > 0 then after = save_head(p.k, HS) end
+    return {before, after}
+  end
   reads(plan_reads(tpl.f, p.k, p.t, 'pre', vals, H), vals)
   for _, op in ipairs(p.w) do write(op) end
   if #p.w > 0 then save_head(p.k, HS) end
@@ -446,8 +498,23 @@ local function apply_part(p)
   return vals
 end
 
--- One unit per ARGV entry {d = applied key, m = 1 if multi-part, p = parts}: applied once, under one marker.
--- A part whose data subject was erased (tombstone x) changes nothing and reads {"erased": true}.
+-- A unit's snapshot as frames, one per part: 'H' + the two heads, or 'J' + the component map's JSON.
+local function frame(x)
+  if x == false then return struct.pack('<I4', 4294967295) end
+  return struct.pack('<I4', #x) .. x
+end
+local function framed(snaps)
+  local out = {}
+  for j, sn in ipairs(snaps) do
+    if sn[1] ~= nil then out[j] = 'H' .. frame(sn[1]) .. frame(sn[2])
+    else out[j] = 'J' .. frame(cjson.encode(sn)) end
+  end
+  return table.concat(out)
+end
+
+-- One unit per ARGV entry {d = applied key, m = 1 if multi-part, h = 1 for heads (framed snapshot),
+-- p = parts}: applied once, under one marker. A part whose data subject was erased (tombstone x)
+-- changes nothing and reads {"erased": true}.
 local out, erased = {}, {}
 for i = 3, #ARGV do
   local ev = cjson.decode(ARGV[i])
@@ -459,10 +526,11 @@ for i = 3, #ARGV do
     for j, p in ipairs(ev.p) do
       local gone = erased[p.x]
       if gone == nil then gone = redis.call('EXISTS', p.x) == 1; erased[p.x] = gone end
-      if gone then snaps[j] = {erased = true} else snaps[j] = apply_part(p); applied = 1 end
+      if gone then snaps[j] = {erased = true} else snaps[j] = apply_part(p, ev.h == 1); applied = 1 end
     end
     local snap
-    if ev.m == 1 then snap = cjson.encode(snaps) else snap = cjson.encode(snaps[1]) end
+    if ev.h == 1 then snap = framed(snaps)
+    elseif ev.m == 1 then snap = cjson.encode(snaps) else snap = cjson.encode(snaps[1]) end
     -- a unit with nothing applied (every part erased) leaves no marker: a replay is refused again
     if applied == 1 then redis.call('SET', ev.d, snap, 'EX', ttl) end
     out[#out + 1] = {applied, snap}
@@ -592,7 +660,7 @@ def write_template(fs: FeatureSet) -> bytes:
               for storage, top, kept, windows in lay.series}
     distinct = {name: [top + 1, bucket_s, buckets] for name, top, bucket_s, buckets in lay.distinct}
     head = {"sfx": head_suffix(fs), "n": lay.size, "fmt": lay.lua_fmt, "ttl": lay.ttl_s, "S": series, "D": distinct,
-            "T": 0 if lay.last_time is None else lay.last_time + 1, "V": list(lay.strings)}
+            "T": 0 if lay.last_time is None else lay.last_time + 1, "V": list(lay.strings), "ho": not fs.buckets}
     return orjson.dumps({"f": entries, "hd": head})
 
 
@@ -600,13 +668,40 @@ def _decode(rows: Sequence[Any]) -> list[tuple[bool, Snapshot]]:
     return [(bool(applied), orjson.loads(snap)) for applied, snap in rows]
 
 
-def _decode_units(rows: Sequence[Any], units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
+_FRAME = struct.Struct("<I")
+_NONE = 0xFFFFFFFF
+
+
+def _frames(snap: bytes) -> list[tuple[bytes, bytes | None, bytes | None]]:
+    """A framed unit snapshot: per part ('H', head before, head after) or ('J', component JSON, None)."""
+    out = []
+    pos, end = 0, len(snap)
+    while pos < end:
+        kind = snap[pos:pos + 1]
+        pos += 1
+        blobs: list[bytes | None] = []
+        for _ in range(2 if kind == b"H" else 1):
+            (n,) = _FRAME.unpack_from(snap, pos)
+            pos += 4
+            if n == _NONE:
+                blobs.append(None)
+            else:
+                blobs.append(snap[pos:pos + n])
+                pos += n
+        out.append((kind, blobs[0], blobs[1] if kind == b"H" else None))
+    return out
+
+
+def _decode_units(rows: Sequence[Any], units: Sequence[EventUnit]) -> list[tuple[bool, list[dict[str, Any]]]]:
+    """Each unit's feature vectors, one per part, as of the part's time (its event's)."""
     out = []
     for (applied, snap), unit in zip(rows, units, strict=True):
-        parts = orjson.loads(snap)
-        if isinstance(parts, dict):  # a unit erased as a whole before it was applied, or a single-part one
-            parts = [parts] * len(unit.parts)
-        out.append((bool(applied), parts))
+        if snap.startswith(b"{"):  # a unit whose every part was erased: nothing applied, nothing framed
+            vectors = [finalize(ops.reads_of, {}, ops.time) for ops in unit.parts]
+        else:
+            vectors = [_read_plan(ops.reads_of).vector_after(kind, a, b, ops.time)
+                       for ops, (kind, a, b) in zip(unit.parts, _frames(snap), strict=True)]
+        out.append((bool(applied), vectors))
     return out
 
 
@@ -624,13 +719,14 @@ def _apply_args(batch: Sequence[EventUnit], keys: KeySpace, ttl_s: int) -> list[
                 templates.append(_write_template(ops.reads_of))
             parts.append({"x": keys.tombstone_of(ops.entity_key), "k": ops.entity_key, "t": ops.time, "r": index,
                           "w": ops.writes})
-        events.append(orjson.dumps({"d": unit.applied_key, "m": int(len(parts) > 1), "p": parts}))
+        events.append(orjson.dumps({"d": unit.applied_key, "m": int(len(parts) > 1), "h": int(unit.framed),
+                                    "p": parts}))
     return [ttl_s, b"[" + b",".join(templates) + b"]", *events]
 
 
 def _single(batch: Sequence[EventOps]) -> list[EventUnit]:
-    """Each operation as a unit of its own, under its own marker (interactions, labels, tests)."""
-    return [EventUnit(ops.applied_key, (ops,)) for ops in batch]
+    """Each operation as a unit of its own, under its own marker, answering component maps (the old contract)."""
+    return [EventUnit(ops.applied_key, (ops,), framed=False) for ops in batch]
 
 
 def entity_keys(fs: FeatureSet, entity_ids: Sequence[str], keys: KeySpace, hasher: KeyedHasher) -> list[str]:
@@ -681,6 +777,15 @@ class _ReadPlan:
                 later.append(i)
             out.append(vector)
         return out, later
+
+    def vector_after(self, kind: bytes, first: bytes | None, second: bytes | None, at: float) -> dict[str, Any]:
+        """A part of a framed unit snapshot as the feature vector at ``at``: the component map ('J'), or
+        ('H') the windows from the head after the event and the previous time / values from the head before."""
+        if kind == b"J":
+            return finalize(self.fs, orjson.loads(first or b"{}"), at)
+        vector = self.missing(at) if second is None else self.reader.decode(second, at, self.reader.lasts(at))
+        vector.update(self.reader.previous(first, at))
+        return vector
 
     def missing(self, at: float) -> dict[str, Any]:
         """An entity without a head: the values the bucket script gives one with nothing stored."""
@@ -804,6 +909,8 @@ class RedisOnlineStore(_StoreBase):
         while events are applied (each head is built atomically, or left
         alone if an event built it first).
         """
+        if not fs.buckets:
+            return 0  # a head-only set has nothing to rebuild its heads from: they are its state
         script = self.client.register_script(REBUILD_LUA)
         template = _write_template(fs)
         prefix = self.keys.entity(fs.entity, "")

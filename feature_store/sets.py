@@ -50,6 +50,7 @@ CARD_PROFILE = FeatureSet(
         TimeSince("seconds_since_prev"),
         LastValue("prev_terminal", value_of=lambda e: e.terminal_id or ""),
     ),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 
 TERMINAL_ACTIVITY = FeatureSet(
@@ -64,6 +65,7 @@ TERMINAL_ACTIVITY = FeatureSet(
         Windowed("terminal_txn_count_7d", "count", 7 * DAY, DAY),
         Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
     ),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 
 TERMINAL_RISK = FeatureSet(
@@ -95,6 +97,7 @@ CARD_TERMINAL = FeatureSet(
     ),
     ttl_s=60 * DAY,
     owner=("card", lambda e: e.card_id),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 
 CARD_DEVICE = FeatureSet(
@@ -110,6 +113,7 @@ CARD_DEVICE = FeatureSet(
     ),
     ttl_s=60 * DAY,
     owner=("card", lambda e: e.card_id),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 
 INTERACTION_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
@@ -134,6 +138,7 @@ USER_ACTIVITY = FeatureSet(
                     bucket_s=HOUR, buckets=24),
     ),
     ttl_s=30 * DAY,
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 
 FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)

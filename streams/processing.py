@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from feature_store import topics
-from feature_store.definitions import EventUnit, compile_event, compile_lookup, event_unit, finalize
+from feature_store.definitions import EventUnit, compile_event, compile_lookup, event_unit
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore
 from feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
@@ -264,8 +264,8 @@ class Processor:
         for e, (_, parts) in zip(events, await self.store.apply_units([self._payment_unit(e) for e in events]),
                                  strict=True):
             vector: dict[str, Any] = {}
-            for fs, raw in zip(FRAUD_VECTOR_SETS, parts, strict=True):
-                vector.update(finalize(fs, raw, e.epoch_s))
+            for part in parts:  # FRAUD_VECTOR_SETS order
+                vector.update(part)
             feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
         if self.learner is not None:
             learner = await self.learner.current()

@@ -88,7 +88,7 @@ def test_bench_features_reports_every_measure(redis_url):
 
 def test_erase_command_removes_a_subject(settings, redis_client):
     from feature_store.definitions import compile_event
-    from feature_store.keys import KeyedHasher, KeySpace
+    from feature_store.keys import KeyedHasher, KeySpace, escape_glob
     from feature_store.redis_store import RedisOnlineStore
     from feature_store.schemas import Transaction
     from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL
@@ -100,16 +100,20 @@ def test_erase_command_removes_a_subject(settings, redis_client):
     sets = (CARD_PROFILE, CARD_TERMINAL, CARD_DEVICE)
     store.apply_batch([compile_event(fs, txn, keys, hasher) for fs in sets])
     pair_keys = [compile_event(fs, txn, keys, hasher).entity_key for fs in (CARD_TERMINAL, CARD_DEVICE)]
-    assert all(redis_client.exists(k) for k in pair_keys)  # card x terminal / device state exists ...
+
+    def stored(entity_key: str) -> bool:  # the entity's hash, head or parts (a head-only set keeps only a head)
+        return bool(list(redis_client.scan_iter(match=escape_glob(entity_key) + "*")))
+
+    assert all(stored(k) for k in pair_keys)  # card x terminal / device state exists ...
     proc = _kestrel("erase", "--entity", "card:4000123412341234", env=settings.to_env())
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["keys_deleted"] >= 4 and "4000" not in proc.stdout
     assert not list(redis_client.scan_iter(match=f"{keys.entity('card', report['token'])}*"))
-    assert not any(redis_client.exists(k) for k in pair_keys)  # ... and goes with the card
+    assert not any(stored(k) for k in pair_keys)  # ... and goes with the card
     replay = Transaction(**{**txn.model_dump(), "event_id": "er-2"})
     store.apply_batch([compile_event(fs, replay, keys, hasher) for fs in sets])  # a replay after erasure
-    assert not any(redis_client.exists(k) for k in pair_keys)  # is refused by the card's tombstone
+    assert not any(stored(k) for k in pair_keys)  # is refused by the card's tombstone
 
 
 def test_fraud_history_train_and_eval_commands(tmp_path):
@@ -151,26 +155,33 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
 
 
 def test_rebuild_heads_command_restores_read_heads(settings, redis_client):
-    """Data stored without read heads (an older version) gets them back from `kestrel rebuild-heads`."""
+    """Data stored without read heads (an older version) gets them back from `kestrel rebuild-heads`; a head-only
+    set's heads are its state, so there is nothing to rebuild them from and they are left alone."""
     from feature_store.definitions import compile_event
     from feature_store.keys import KeyedHasher, KeySpace
     from feature_store.redis_store import RedisOnlineStore
     from feature_store.schemas import Transaction
-    from feature_store.sets import CARD_PROFILE
+    from feature_store.sets import CARD_PROFILE, TERMINAL_RISK
+    from streams.processing import LabelledTransaction
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     store = RedisOnlineStore(redis_client, 3600, keys, hasher)
-    txns = [Transaction(event_id=f"rh-{i}", card_id=f"card-{i % 3}", merchant_id="m", terminal_id="t",
-                        amount=10.0 + i, currency="EUR", timestamp=1_767_225_600 + 60 * i) for i in range(9)]
-    store.apply_batch([compile_event(CARD_PROFILE, t, keys, hasher) for t in txns])
-    heads = list(redis_client.scan_iter(match=f"{settings.redis_prefix}:e:card:*|@*"))
+    labels = [LabelledTransaction(f"rh-{i}", f"t-{i % 3}", 1_767_225_600 + 86_400 * i, i % 2 == 0) for i in range(9)]
+    store.apply_batch([compile_event(TERMINAL_RISK, e, keys, hasher) for e in labels])
+    heads = list(redis_client.scan_iter(match=f"{settings.redis_prefix}:e:terminal:*|@*"))
     assert len(heads) == 3
     expected = {h: redis_client.get(h) for h in heads}
     redis_client.delete(*heads)
-    proc = _kestrel("rebuild-heads", "--set", "card_profile", env=settings.to_env())
+    txns = [Transaction(event_id=f"rh-{i}", card_id=f"card-{i % 3}", merchant_id="m", terminal_id="t",
+                        amount=10.0 + i, currency="EUR", timestamp=1_767_225_600 + 60 * i) for i in range(9)]
+    store.apply_batch([compile_event(CARD_PROFILE, t, keys, hasher) for t in txns])
+    card_heads = {h: redis_client.get(h) for h in redis_client.scan_iter(match=f"{settings.redis_prefix}:e:card:*|@*")}
+    assert len(card_heads) == 3
+    proc = _kestrel("rebuild-heads", "--set", "terminal_risk", "--set", "card_profile", env=settings.to_env())
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"card_profile": 3}
+    assert json.loads(proc.stdout) == {"terminal_risk": 3, "card_profile": 0}
     assert {h: redis_client.get(h) for h in heads} == expected  # bit for bit what the writes had built
+    assert {h: redis_client.get(h) for h in card_heads} == card_heads
 
 
 def test_exclude_command_manages_the_items_never_recommended(settings):

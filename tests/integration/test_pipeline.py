@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from feature_store import topics
-from feature_store.keys import KeyedHasher, KeySpace
+from feature_store.keys import KeyedHasher, KeySpace, escape_glob
 from offline.simulator import SimConfig, Simulator
 from streams.producer import EventProducer
 from streams.simulate_cli import send
@@ -100,7 +100,7 @@ def test_velocity_counters_are_exact_per_card(settings, worker, outputs, redis_c
         assert f["txn_count_24h"] == expected, (i, f["txn_count_24h"], expected, len(window))
     token = KeyedHasher(settings.hash_key.encode()).token("card", card)
     key = KeySpace(settings.redis_prefix).entity("card", token)
-    assert redis_client.exists(key)
+    assert list(redis_client.scan_iter(match=escape_glob(key) + "*"))  # the card's state (its head) is stored
     assert not any(card.encode() in k for k in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"))
 
 

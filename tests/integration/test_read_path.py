@@ -10,6 +10,7 @@ written by a version without heads) is rebuilt from the buckets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from types import SimpleNamespace
 
@@ -20,7 +21,16 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_store.definitions import FeatureSet, LastValue, TimeSince, Windowed, compile_event, finalize, window_bounds
+from feature_store.definitions import (
+    FeatureSet,
+    LastValue,
+    TimeSince,
+    Windowed,
+    compile_event,
+    event_unit,
+    finalize,
+    window_bounds,
+)
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import (
     READ_LUA,
@@ -286,3 +296,32 @@ def test_a_changed_definition_never_misreads_an_old_head(space):
     got = store.read(changed, "d", at=at)
     assert got["n_10m"] == 7 and got["n_5m"] == 3 and got["terminals_1h"] == 3  # t0+200, t0+250, t0+300
     _assert_same(got, _from_buckets(client, keys, changed, ["d"], at)[0], at)
+
+
+HEAD_ONLY = dataclasses.replace(HEADED, name="headonly", buckets=False)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events_strategy, st.lists(st.integers(0, 3 * 3600 + 40 * 86400), min_size=1, max_size=4), st.integers(1, 7))
+def test_a_head_only_set_reads_what_the_bucketed_set_reads(space, raw, offsets, batch):
+    """Without buckets the head is the whole state: any arrival order (late, too late, redelivered), read at
+    or after the newest event, gives what the same set with buckets gives; each event's unit vector too."""
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    only_keys = KeySpace(f"{keys.prefix}:ho")  # the same entities, stored apart (under the fixture's prefix)
+    only = RedisOnlineStore(client, dedup_ttl_s=3600, keys=only_keys, hasher=HASHER)
+    card = f"o{secrets.token_hex(4)}"
+    events = [_ev(card, i, 7_500_000.0 + t + late, a / 100, term) for i, (t, a, term, late) in enumerate(raw)]
+    for i in range(0, len(events), batch):
+        chunk = events[i:i + batch]
+        bucketed = store.apply_batch([compile_event(HEADED, e, keys, HASHER) for e in chunk])
+        units = [event_unit(e.event_id, [compile_event(HEAD_ONLY, e, only_keys, HASHER)], only_keys) for e in chunk]
+        for e, (_, snap), (_, (vector,)) in zip(chunk, bucketed, only.apply_units(units), strict=True):
+            newest_so_far = max(x.ts for x in events[: events.index(e) + 1])
+            if int(e.ts // 60) == int(newest_so_far // 60):  # not late: both answer as of the event
+                _assert_same(vector, finalize(HEADED, snap, e.ts), e.ts)
+    assert not client.exists(only_keys.entity("card", HASHER.token("card", card)))  # no hash: only the head
+    newest = max(e.ts for e in events)
+    for off in offsets:
+        at = newest + off
+        _assert_same(only.read(HEAD_ONLY, card, at=at), store.read(HEADED, card, at=at), at)
