@@ -175,6 +175,9 @@ class FeatureSet:
     # beside it. A write is then a few head updates instead of a command per bucket component, and a read
     # before the entity's newest bucket sees it as of that bucket (nothing older is kept to answer it).
     buckets: bool = True
+    # True: every write bumps the entity's version (KeySpace.version_of), so that a reader may keep its vectors
+    # and read again only when the version moved (a set that labels feed and every payment reads)
+    cached_reads: bool = False
 
     def token_of(self, event: Any, hasher: KeyedHasher) -> str:
         """The entity's keyed-hash token (owner token + pair token for pair entities)."""
@@ -446,6 +449,9 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     key = keys.entity(fs.entity, token)
     t = fs.time_of(event)
     writes: list[list[Any]] = []
+    if not fs.buckets:
+        _compact_head_writes(fs, event, key, token, t, keys, hasher, writes)
+        return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
     has_hash = False
     for storage, where, value_of, bucket_s, kept, comps, late in fs.write_plan.series:
         if where is not None and not where(event):
@@ -477,17 +483,51 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
             skey = keys.entity_part(fs.entity, token, feat.name)
             writes.append(["sadd", skey, str(feat.value_of(event)), [fs.ttl_s]])
         else:  # global score
-            weight = float(feat.weight_of(event))
-            if feat.bucket_s is None:
-                writes.append(["zincr", keys.global_(feat.name), feat.member_of(event), [weight]])
-            else:
-                index = math.floor(t / feat.bucket_s)
-                keep_s = (feat.buckets + 1) * feat.bucket_s
-                writes.append(["zincr", feat.bucket_key(keys, index), feat.member_of(event),
-                               [weight, keep_s, index, feat.bucket_key(keys, "latest")]])
+            writes.append(_global_write(feat, event, t, keys))
     if has_hash and fs.buckets:  # a head-only set's head carries its own TTL
         writes.append(["expire", key, "", [fs.ttl_s]])
+    if fs.cached_reads and writes:
+        writes.append(["version", keys.version_of(key), "", [fs.ttl_s]])
     return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
+
+
+def _compact_head_writes(fs: FeatureSet, event: Any, key: str, token: str, t: float, keys: KeySpace,
+                         hasher: KeyedHasher, writes: list[list[Any]]) -> None:
+    """A head-only set's writes: only what changes per event (the store's template has the rest; the
+    entity key and time are the part's), a third of the bytes Redis would otherwise decode per payment."""
+    for storage, where, value_of, _, _, comps, _ in fs.write_plan.series:
+        if where is not None and not where(event):
+            continue
+        x = 1.0 if value_of is None else float(value_of(event))
+        q = x * x
+        writes.append(["b", storage, [1.0 if c == "n" else q if c == "q" else x for c, _ in comps]])
+    for kind, feat in fs.write_plan.others:
+        if kind == "distinct":
+            if feat.where is None or feat.where(event):
+                member = str(feat.value_of(event))
+                writes.append(["z", feat.name, hasher.token(feat.hash_as, member) if feat.hash_as else member])
+        elif kind == "since":
+            writes.append(["l", "@", ""])
+        elif kind == "last":
+            writes.append(["l", feat.name, str(feat.value_of(event))])
+        elif kind == "lastn":
+            zkey = keys.entity_part(fs.entity, token, feat.name)
+            writes.append(["zlast", zkey, str(feat.value_of(event)), [t, feat.n, fs.ttl_s]])
+        elif kind == "seen":
+            writes.append(["sadd", keys.entity_part(fs.entity, token, feat.name), str(feat.value_of(event)),
+                           [fs.ttl_s]])
+        else:
+            writes.append(_global_write(feat, event, t, keys))
+
+
+def _global_write(feat: GlobalScore, event: Any, t: float, keys: KeySpace) -> list[Any]:
+    weight = float(feat.weight_of(event))
+    if feat.bucket_s is None:
+        return ["zincr", keys.global_(feat.name), feat.member_of(event), [weight]]
+    index = math.floor(t / feat.bucket_s)
+    keep_s = (feat.buckets + 1) * feat.bucket_s
+    return ["zincr", feat.bucket_key(keys, index), feat.member_of(event),
+            [weight, keep_s, index, feat.bucket_key(keys, "latest")]]
 
 
 @dataclass(frozen=True)

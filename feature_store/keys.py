@@ -96,6 +96,11 @@ class KeySpace:
     def decision(self, event_id: str) -> str:
         return f"{self.prefix}:decision:{event_id}"
 
+    @staticmethod
+    def version_of(entity_key: str) -> str:
+        """A counter bumped by every write of a cached-read set's entity (see FeatureSet.cached_reads)."""
+        return f"{entity_key}|ver"
+
     def early_labels(self, transaction_id: str) -> str:
         """Labels that arrived before their transaction was decided (a hash: label id -> label), joined later."""
         return f"{self.prefix}:early-labels:{transaction_id}"

@@ -467,6 +467,9 @@ local function write(op)
     end
   elseif kind == 'expire' then
     redis.call('EXPIRE', key, a[1])
+  elseif kind == 'version' then  -- the entity changed: readers that cache its vectors must read again
+    redis.call('INCR', key)
+    redis.call('EXPIRE', key, a[1])
   end
 end
 
@@ -476,6 +479,47 @@ for _, tpl in ipairs(templates) do
   hs.Vi = {}
   for i, name in ipairs(hs.V) do hs.Vi[name] = i end
 end
+-- A head-only set's writes, compact (see definitions.compile_event): the part `p` gives the entity key
+-- and the time, the set's template (`HS.C`, `HS.Z`) what is the same for every event.
+local function write_head(op, p)
+  local kind = op[1]
+  if kind == 'b' then  -- {b, series, values in the series' component order}
+    local name, xs = op[2], op[3]
+    local spec, s = HS.C[name], HS.S[name]  -- spec: {components, late buckets, bucket size}
+    local b = floor(p.t / spec[3])
+    local top = H[s[1]]
+    if top ~= NO_BUCKET and b < top - spec[2] then return end  -- too late to count
+    local vals = {}
+    for i, c in ipairs(spec[1]) do vals[c] = xs[i] end
+    head_series(s, b, vals)
+  elseif kind == 'l' then  -- {l, '@' or a LastValue's name, value}: ordered by the head's previous-event time
+    local cur = H[HS.T]
+    if cur ~= cur or p.t >= cur then
+      if op[2] == '@' then H[HS.T] = p.t else V[HS.Vi[op[2]]] = op[3] end
+    end
+  elseif kind == 'z' then  -- {z, feature, member}: value -> latest time, in the entity's sorted set
+    local name, member, t = op[2], op[3], p.t
+    local key, d = p.k .. '|' .. name, HS.D[name]
+    local old = tonumber(redis.call('ZSCORE', key, member))
+    local xo, newest = nil, t
+    if old then
+      xo = floor(old / d[2])
+      if old > newest then newest = old end
+    end
+    local top = H[d[1]]
+    head_distinct(d, floor(t / d[2]), xo, floor(newest / d[2]))
+    redis.call('ZADD', key, 'GT', t, member)
+    -- values older than the window and lateness only bound memory (a stale one counts as unseen): trim
+    -- them when a new bucket begins, not on every event
+    if H[d[1]] ~= top then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%.17g', t - HS.Z[name]))
+    end
+    redis.call('EXPIRE', key, HS.ttl)
+  else
+    write(op)
+  end
+end
+
 -- One part of a unit: one feature set's writes and reads for one entity; its component map, or with
 -- `heads` for a head-only set the head before and after the event (the caller decodes them: no reads,
 -- no number formatting, no JSON here).
@@ -486,13 +530,17 @@ local function apply_part(p, heads)
   local before
   H, V, before = load_head(p.k, HS)
   if heads and HS.ho then
-    for _, op in ipairs(p.w) do write(op) end
+    for _, op in ipairs(p.w) do write_head(op, p) end
     local after = before
     if #p.w > 0 then after = save_head(p.k, HS) end
     return {before, after}
   end
   reads(plan_reads(tpl.f, p.k, p.t, 'pre', vals, H), vals)
-  for _, op in ipairs(p.w) do write(op) end
+  if HS.ho then
+    for _, op in ipairs(p.w) do write_head(op, p) end
+  else
+    for _, op in ipairs(p.w) do write(op) end
+  end
   if #p.w > 0 then save_head(p.k, HS) end
   reads(plan_reads(tpl.f, p.k, p.t, 'post', vals, H), vals)
   return vals
@@ -661,6 +709,11 @@ def write_template(fs: FeatureSet) -> bytes:
     distinct = {name: [top + 1, bucket_s, buckets] for name, top, bucket_s, buckets in lay.distinct}
     head = {"sfx": head_suffix(fs), "n": lay.size, "fmt": lay.lua_fmt, "ttl": lay.ttl_s, "S": series, "D": distinct,
             "T": 0 if lay.last_time is None else lay.last_time + 1, "V": list(lay.strings), "ho": not fs.buckets}
+    if not fs.buckets:  # what a compact write leaves out (the same for every event)
+        head["C"] = {storage: [[c for c, _ in comps], feat.late_buckets, feat.bucket_s]
+                     for storage, (feat, comps, _) in fs.series_plan.items()}
+        head["Z"] = {f.name: f.window_s + f.lateness_s for f in fs.vector if isinstance(f, Windowed)
+                     and f.agg == "distinct"}
     return orjson.dumps({"f": entries, "hd": head})
 
 

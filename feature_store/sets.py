@@ -81,6 +81,7 @@ TERMINAL_RISK = FeatureSet(
         Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=30 * DAY,
                  series="labels"),
     ),
+    cached_reads=True,  # every payment reads it, only labels change it: workers keep it by version
 )
 
 # Pairs: has this card paid at this terminal / from this device before? (-1 = never: a new terminal/device)

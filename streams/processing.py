@@ -8,6 +8,7 @@ so a batch replayed after a crash re-sends only what was never delivered.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -21,7 +22,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from feature_store import topics
-from feature_store.definitions import EventUnit, compile_event, compile_lookup, event_unit
+from feature_store.cached_reads import VersionedReads
+from feature_store.definitions import EventUnit, compile_event, event_unit
 from feature_store.keys import KeyedHasher, KeySpace
 from feature_store.redis_store import AsyncRedisOnlineStore
 from feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
@@ -124,6 +126,7 @@ class Processor:
         self.keys = KeySpace(settings.redis_prefix)
         self.hasher = KeyedHasher(settings.hash_key.encode())
         self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
+        self.terminal_risk = VersionedReads(self.store, TERMINAL_RISK)  # read by every payment, changed by labels
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or load_fraud_scorer(settings)
         self._rules = RuleScorer()  # degraded mode's scorer: the rules on the payment alone
@@ -260,12 +263,13 @@ class Processor:
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
+        applied, risks = await asyncio.gather(
+            self.store.apply_units([self._payment_unit(e) for e in events]),
+            self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
+                                       [e.epoch_s for e in events]))
         feats = []
-        for e, (_, parts) in zip(events, await self.store.apply_units([self._payment_unit(e) for e in events]),
-                                 strict=True):
-            vector: dict[str, Any] = {}
-            for part in parts:  # FRAUD_VECTOR_SETS order
-                vector.update(part)
+        for e, (_, (card, terminal, card_terminal, card_device)), risk in zip(events, applied, risks, strict=True):
+            vector = {**card, **terminal, **risk, **card_terminal, **card_device}  # FRAUD_VECTOR_SETS order
             feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
         if self.learner is not None:
             learner = await self.learner.current()
@@ -288,12 +292,11 @@ class Processor:
         return outputs + await self.alerts.on_decisions(outputs)
 
     def _payment_unit(self, e: Transaction) -> EventUnit:
-        """A payment's one idempotency unit: its parts in FRAUD_VECTOR_SETS order."""
+        """A payment's one idempotency unit: the sets it feeds (terminal risk, which labels feed, is read apart)."""
         keys, hasher = self.keys, self.hasher
         return event_unit(e.event_id, (
             compile_event(CARD_PROFILE, e, keys, hasher),
             compile_event(TERMINAL_ACTIVITY, e, keys, hasher),
-            compile_lookup(TERMINAL_RISK, TERMINAL_ACTIVITY.entity_id_of(e), e.epoch_s, e.event_id, keys, hasher),
             compile_event(CARD_TERMINAL, e, keys, hasher),
             compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment")
 
