@@ -101,9 +101,43 @@ class KeySpace:
         """A counter bumped by every write of a cached-read set's entity (see FeatureSet.cached_reads)."""
         return f"{entity_key}|ver"
 
+    @property
+    def alerts(self) -> AlertKeys:
+        return AlertKeys(self.prefix)
+
     def early_labels(self, transaction_id: str) -> str:
         """Labels that arrived before their transaction was decided (a hash: label id -> label), joined later."""
         return f"{self.prefix}:early-labels:{transaction_id}"
+
+
+@dataclass(frozen=True)
+class AlertKeys:
+    """The analyst desk's keys (cases, their hits, per-card pointers and histories, hit markers)."""
+
+    prefix: str
+
+    @property
+    def open(self) -> str:
+        return f"{self.prefix}:alerts:open"
+
+    @property
+    def case_prefix(self) -> str:
+        return f"{self.prefix}:alerts:case:"
+
+    def case(self, case_id: str) -> str:
+        return self.case_prefix + case_id
+
+    def hits(self, case_id: str) -> str:
+        return f"{self.prefix}:alerts:case:{case_id}:hits"
+
+    def card(self, card: str) -> str:
+        return f"{self.prefix}:alerts:card:{card}"
+
+    def history(self, card: str) -> str:
+        return f"{self.prefix}:alerts:hist:{card}"
+
+    def applied(self, event_id: str) -> str:
+        return f"{self.prefix}:alerts:applied:{event_id}"
 
 
 def escape_glob(pattern: str) -> str:

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from feature_store import topics
 from feature_store.keys import KeySpace, escape_glob
 from feature_store.schemas import epoch_of, iso_of
+from feature_store.scripts import load_lua
 from streams.alerts import (
     HISTORY_IN_ALERT,
     Case,
@@ -61,88 +62,11 @@ Sender = Callable[[Sequence[tuple[str, bytes, bytes, str]]], Awaitable[None]]
 
 # Batch contents travel as one JSON argument (cjson inside Redis): packing thousands of separate
 # arguments costs more client CPU than the script itself.
-PREPARE_LUA = r"""
-local hist_ttl, keep, nread, case_prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local req = cjson.decode(ARGV[5])
-for _, g in ipairs(req.h) do
-  redis.call('ZADD', g[1], unpack(g[2]))
-  redis.call('ZREMRANGEBYRANK', g[1], 0, -(keep + 1))
-  redis.call('EXPIRE', g[1], hist_ttl)
-end
-local markers = {}
-for m, key in ipairs(req.m) do markers[m] = redis.call('GET', key) end
-local cards = {}
-for c, pair in ipairs(req.c) do
-  local ptr = redis.call('GET', pair[1])
-  local doc = false
-  if ptr then doc = redis.call('HGET', case_prefix .. ptr, 'doc') end
-  cards[c] = {ptr, doc, redis.call('ZREVRANGE', pair[2], 0, nread - 1, 'WITHSCORES')}
-end
-return {markers, cards}
-"""
+PREPARE_LUA = load_lua(__file__, "case_prepare")
 
-COMMIT_LUA = r"""
-local ttl, marker_ttl, max_hits, open_key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local req = cjson.decode(ARGV[5])
--- check every case first: nothing is written unless all still are as they were read
-for _, w in ipairs(req.w) do
-  -- w: card pointer key, expected pointer, case key, expected rev, doc, new rev, case id, rank, hits key, hits
-  local cur = redis.call('GET', w[1]) or ''
-  local rev = redis.call('HGET', w[3], 'rev') or '0'
-  if cur ~= w[2] or rev ~= w[4] then return 0 end
-end
-for _, w in ipairs(req.w) do
-  redis.call('HSET', w[3], 'doc', w[5], 'rev', w[6], 'status', 'open')
-  redis.call('EXPIRE', w[3], ttl)
-  redis.call('SET', w[1], w[7], 'EX', ttl)
-  redis.call('ZADD', open_key, w[8], w[7])
-  local hits = w[10]
-  for j = 1, #hits, 2 do
-    if redis.call('ZCARD', w[9]) < max_hits then redis.call('ZADD', w[9], hits[j], hits[j + 1]) end
-  end
-  redis.call('EXPIRE', w[9], ttl)
-end
-for _, m in ipairs(req.m) do redis.call('SET', m[1], m[2], 'EX', marker_ttl, 'NX') end
-return 1
-"""
+COMMIT_LUA = load_lua(__file__, "case_commit")
 
-CLOSE_LUA = r"""
--- ARGV: case key, expected rev, doc, new rev, open key, case id, card pointer key, ttl
-if (redis.call('HGET', ARGV[1], 'rev') or '0') ~= ARGV[2] then return 0 end
-redis.call('HSET', ARGV[1], 'doc', ARGV[3], 'rev', ARGV[4], 'status', 'closed')
-redis.call('EXPIRE', ARGV[1], tonumber(ARGV[8]))
-redis.call('ZREM', ARGV[5], ARGV[6])
-if redis.call('GET', ARGV[7]) == ARGV[6] then redis.call('DEL', ARGV[7]) end
-return 1
-"""
-
-
-@dataclass(frozen=True)
-class AlertKeys:
-    prefix: str
-
-    @property
-    def open(self) -> str:
-        return f"{self.prefix}:alerts:open"
-
-    @property
-    def case_prefix(self) -> str:
-        return f"{self.prefix}:alerts:case:"
-
-    def case(self, case_id: str) -> str:
-        return self.case_prefix + case_id
-
-    def hits(self, case_id: str) -> str:
-        return f"{self.prefix}:alerts:case:{case_id}:hits"
-
-    def card(self, card: str) -> str:
-        return f"{self.prefix}:alerts:card:{card}"
-
-    def history(self, card: str) -> str:
-        return f"{self.prefix}:alerts:hist:{card}"
-
-    def applied(self, event_id: str) -> str:
-        return f"{self.prefix}:alerts:applied:{event_id}"
+CLOSE_LUA = load_lua(__file__, "case_close")
 
 
 @dataclass
@@ -167,7 +91,7 @@ class CaseStore:
     def __init__(self, client: aioredis.Redis, keys: KeySpace, case_ttl_s: int, marker_ttl_s: int) -> None:
         self.client = client
         self.keys = keys
-        self.k = AlertKeys(keys.prefix)
+        self.k = keys.alerts
         self.case_ttl_s = case_ttl_s
         self.marker_ttl_s = marker_ttl_s
         self._prepare = client.register_script(PREPARE_LUA)

@@ -19,37 +19,11 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-WRITE_AND_CHECK_LUA = r"""
-local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local written = {}  -- keys this call stored: what they hold is the caller's own bytes
-for i = 0, n - 1 do
-  -- NX: a replayed batch must not rewrite what was logged (and sent) the first time
-  if redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX') then written[ARGV[3 + 2 * i]] = true end
-end
-local base = 3 + 2 * n
-local outbox_ttl = tonumber(ARGV[base])
-local out = {}
--- then one (mark, outbox key, body) triple per output: 0 if delivered, 1 if the outbox now holds the caller's
--- bytes (the first attempt: nothing travels back), else the bytes stored by an earlier attempt
-for i = base + 1, #ARGV, 3 do
-  if redis.call('EXISTS', ARGV[i]) == 1 then
-    out[#out + 1] = 0
-  elseif written[ARGV[i + 1]]
-      or (ARGV[i + 2] ~= '' and redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX')) then
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = redis.call('GET', ARGV[i + 1]) or ''  -- never nil: a nil would end the reply list
-  end
-end
-return out
-"""
+from feature_store.scripts import load_lua
 
-MARK_LUA = r"""
-local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, 2 + n do redis.call('SET', ARGV[i], '1', 'EX', ttl) end
-for i = 3 + n, #ARGV do redis.call('DEL', ARGV[i]) end
-return n
-"""
+WRITE_AND_CHECK_LUA = load_lua(__file__, "delivery_write_and_check")
+
+MARK_LUA = load_lua(__file__, "delivery_mark")
 
 
 def outbox_key(mark: str) -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 import redis.asyncio as aioredis
 
 from feature_store.keys import KeySpace
+from feature_store.scripts import load_lua
 from models.fraud_online import OnlineFraudLearner
 
 if TYPE_CHECKING:
@@ -37,14 +38,7 @@ T = TypeVar("T")
 log = logging.getLogger("kestrel.worker")
 
 # KEYS[1] checkpoint hash; ARGV: expected revision ("" = none yet), new blob, ttl. Returns 1 if written.
-CAS_LUA = r"""
-local rev = redis.call('HGET', KEYS[1], 'rev') or ''
-if rev ~= ARGV[1] then return 0 end
-local next_rev = (tonumber(rev) or 0) + 1
-redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'rev', tostring(next_rev))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-"""
+CAS_LUA = load_lua(__file__, "learner_cas")
 
 
 class SharedLearner:
