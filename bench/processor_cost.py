@@ -1,0 +1,85 @@
+"""Cost of the processing stage alone: worker CPU and Redis CPU per event, no broker, no Faust.
+
+    .venv/bin/python bench/processor_cost.py [--kind transaction|interaction] [--events 10000] [--json]
+
+Feeds simulated events in batches of 500 straight into ``Processor.process``
+(validation, features, scoring, decisions, outboxes) and marks the outputs
+delivered, as a worker does between taking a batch and producing it. Worker
+CPU is this process's (``time.process_time``, after ``gc.freeze`` as the
+worker does); Redis CPU is the server's ``used_cpu_*`` delta, so run it on a
+quiet server. ``--commands`` lists the Redis commands per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import secrets
+import sys
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from feature_store import topics
+from feature_store.erase import delete_matching
+from offline.simulator import SimConfig, Simulator
+from streams.config import Settings
+from streams.metrics import Metrics
+from streams.processing import Processor
+from streams.records import RawRecord
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_sys"] + info["used_cpu_user"]
+
+
+async def run(kind: str, n: int, commands: bool) -> dict[str, object]:
+    settings = Settings.from_env().with_(redis_prefix=f"bench-proc-{secrets.token_hex(4)}")
+    client = aioredis.Redis.from_url(settings.redis_url)
+    sync = redis.Redis.from_url(settings.redis_url)
+    proc = Processor(settings, client, Metrics())
+    topic = {"transaction": topics.TRANSACTIONS, "interaction": topics.INTERACTIONS}[kind]
+    sims = itertools.islice((r for r in Simulator(SimConfig(invalid_share=0.0)).records() if r.kind == kind), n)
+    records = [RawRecord(topic, 0, i, r.key or b"", r.value, {}, None) for i, r in enumerate(sims)]
+    await proc.warm_up()
+    gc.collect()
+    gc.freeze()
+    stats0, redis0, cpu0, wall0 = sync.info("commandstats"), _redis_cpu(sync), time.process_time(), time.perf_counter()
+    for i in range(0, len(records), 500):
+        await proc.mark_delivered(await proc.process(topic, records[i:i + 500]))
+        print(f"\r{min(i + 500, len(records)):,} / {len(records):,}", end="", file=sys.stderr)
+    wall, cpu, redis_cpu = time.perf_counter() - wall0, time.process_time() - cpu0, _redis_cpu(sync) - redis0
+    print(file=sys.stderr)
+    per_command = {}
+    if commands:
+        for name, v in sync.info("commandstats").items():
+            calls = v["calls"] - stats0.get(name, {"calls": 0})["calls"]
+            if calls and name != "cmdstat_info":
+                per_command[name.removeprefix("cmdstat_")] = round(calls / len(records), 2)
+    delete_matching(sync, f"{settings.redis_prefix}:*")
+    await client.aclose()
+    return {"kind": kind, "events": len(records), "events_per_s_sequential": round(len(records) / wall, 1),
+            "worker_cpu_us_per_event": round(1e6 * cpu / len(records), 1),
+            "redis_cpu_us_per_event": round(1e6 * redis_cpu / len(records), 1),
+            **({"redis_commands_per_event": per_command} if commands else {})}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=["transaction", "interaction"], default="transaction")
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--commands", action="store_true", help="Redis commands per event, by command")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.kind, args.events, args.commands))
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>28}  {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
