@@ -194,11 +194,11 @@ class AlertDesk:
         self.metrics = metrics
 
     # -- stream side --------------------------------------------------------
-    async def on_decisions(self, outputs: Sequence[Output]) -> list[Output]:
-        """Alert records for the fraud decisions among ``outputs`` (the batch's); idempotent per decision."""
+    async def on_decisions(self, decisions: Sequence[Mapping[str, Any]]) -> list[Output]:
+        """Alert records for a batch's fraud decisions (the documents, as built: never parsed again);
+        idempotent per decision."""
         # one doc per event_id: a payment sent twice within one batch is one hit, not two
-        by_id = {d["event_id"]: d for d in (orjson.loads(o.value) for o in outputs
-                                            if o.topic == topics.FRAUD_DECISIONS)}
+        by_id = {d["event_id"]: d for d in decisions}
         docs = list(by_id.values())
         if not docs:
             return []

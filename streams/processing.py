@@ -291,7 +291,7 @@ class Processor:
                                   self.keys.published("fraud", e.event_id), log_key))
             self._observe("fraud", rec, started, now)
         outputs += await self._join_early_labels(docs)
-        return outputs + await self.alerts.on_decisions(outputs)
+        return outputs + await self.alerts.on_decisions(docs)
 
     def _payment_unit(self, e: Transaction) -> EventUnit:
         """A payment's one idempotency unit: the sets it feeds (terminal risk, which labels feed, is read apart)."""

@@ -186,7 +186,7 @@ async def test_a_verdict_between_read_and_write_makes_the_batch_recompute(proc: 
     old = await desk.store.get(first["case_id"])
     assert old is not None and old.status == "closed" and old.hits == 1
     out = Output(topics.FRAUD_DECISIONS, hit.card.encode(), orjson.dumps(decision), "mark-r2")
-    (fresh,) = _alerts(await desk.on_decisions([out]))
+    (fresh,) = _alerts(await desk.on_decisions([orjson.loads(out.value)]))
     assert fresh["alert"] == "opened" and fresh["case_id"] != first["case_id"] and fresh["hits"] == 1
     assert await desk.store.hit_ids(first["case_id"]) == ["r1"]
 
@@ -216,6 +216,6 @@ async def test_the_same_decision_twice_in_one_batch_is_one_hit(proc: Processor) 
     again = {"type": "fraud_decision", **orjson.loads(decision.value), "event_id": "d2", "score": 0.97,
              "action": "block", "event_time": "2026-05-28T20:27:40.000Z"}
     twice = Output(topics.FRAUD_DECISIONS, decision.key, orjson.dumps(again), "mark-d2")
-    (escalated,) = _alerts(await proc.alerts.on_decisions([twice, twice]))
+    (escalated,) = _alerts(await proc.alerts.on_decisions([orjson.loads(twice.value)] * 2))
     assert escalated["case_id"] == alert["case_id"] and escalated["hits"] == 2 and escalated["severity"] == "critical"
     assert sorted(await proc.alerts.store.hit_ids(alert["case_id"])) == ["d1", "d2"]
