@@ -207,54 +207,53 @@ async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[l
 
     Faust's ``take_events`` acks a batch as soon as the loop body ends, so the
     next batch cannot be taken before this one is delivered, and Redis, the
-    worker and the broker take turns. This is the same buffering, without
-    the acks, so that batch N+1 is processed while batch N is in flight.
+    worker and the broker take turns; and its stream yields one record at a
+    time (a loop turn, processors and context per record: ~120 µs here). This
+    takes the events in bulk from the channel queue the consumer fills,
+    doing per event only what the stream does for bookkeeping: skip (and ack)
+    events of an older consumer generation or while flow control is off, and
+    track each message as unacked so that commits wait for its ack.
+    Faust stays the application: agents, partition assignment, commits.
     """
-    buffer: list[Any] = []
-    buffer_full = asyncio.Event()
-    buffer_consumed = asyncio.Event()
-    consuming: asyncio.Future | None = None
-    channel_it = aiter(stream.channel)
-
-    async def add_to_buffer(value: Any) -> Any:
-        nonlocal consuming
-        try:
-            if consuming is not None:
-                try:
-                    await consuming
-                finally:
-                    consuming = None
-            event = stream.current_event
-            if event is None:
-                raise RuntimeError("take buffer found current_event None")
-            buffer.append(event)
-            if len(buffer) >= max_:
-                buffer_full.set()
-                buffer_consumed.clear()
-                await stream.wait(buffer_consumed)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("error adding to the take buffer: %r", exc)
-            await stream.crash(exc)
-        return value
-
-    stream.enable_acks = False
-    stream.add_processor(add_to_buffer)
-    stream._enable_passive(channel_it)
+    app = stream.app
+    consumer = app.consumer
+    queue = stream.channel.queue
+    acking_topics = app.topics.acking_topics
+    track = consumer.unacked.add
+    on_message_in = stream._on_message_in
+    loop = asyncio.get_running_loop()
+    started_here = await stream.maybe_start()
     try:
         while not stream.should_stop:
-            await stream.wait_for_stopped(buffer_full, timeout=within)
-            if buffer:
-                consuming = asyncio.get_running_loop().create_future()
-                batch = list(buffer)
-                buffer.clear()
+            batch = [await queue.get()]
+            deadline = loop.time() + within
+            while len(batch) < max_:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
                 try:
-                    yield batch
-                finally:
-                    if not consuming.done():
-                        consuming.set_result(None)
-                    buffer_full.clear()
-                    buffer_consumed.set()
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            events = []
+            active, generation = app.flow_control.is_active(), app.consumer_generation_id
+            for event in batch:
+                message = event.message
+                if not active or message.generation_id != generation:
+                    await stream.ack(event)  # as Faust's stream does: a skipped record must not hold the lag
+                    continue
+                if message.topic in acking_topics and not message.tracked:
+                    message.tracked = True
+                    track(message)
+                    on_message_in(message.tp, message.offset, message)
+                events.append(event)
+            if events:
+                yield events
+    except StopAsyncIteration:  # the channel was closed (shutdown): the end of the stream, as in Faust's
+        return
     finally:
-        stream._processors.remove(add_to_buffer)
+        if started_here:
+            await stream.stop()
