@@ -20,6 +20,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import create_app, run_worker
 
     settings = Settings.from_env()
+    if args.processes != 1:  # a supervisor of N plain `kestrel worker` children (streams.supervisor)
+        from streams.supervisor import run_supervised
+
+        return run_supervised(args.processes, args.web_port if args.web_port is not None else settings.web_port,
+                              ["--loglevel", args.loglevel])
     if settings.hash_key == Settings().hash_key:
         logging.getLogger("kestrel").warning(
             "KESTREL_HASH_KEY is not set: identifiers are hashed with the public development key")
@@ -28,6 +33,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ensure_topics(settings.broker, settings.partitions)
     run_worker(create_app(settings), args.loglevel)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -173,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a stream worker (Faust) against KESTREL_BROKER and REDIS_URL")
     p.add_argument("--web-port", type=int, default=None, help="HTTP port (default KESTREL_WEB_PORT or 6066)")
     p.add_argument("--loglevel", default="warning")
+    p.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                   help="run N worker processes of one consumer group (web ports WEB_PORT, WEB_PORT+1, ...), "
+                        "supervised: signals are forwarded, a child that dies is restarted (default 1: no supervisor)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("services", help="run the embedded broker (and Redis if none answers) until Ctrl-C")
