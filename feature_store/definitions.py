@@ -639,15 +639,3 @@ def finalize(fs: FeatureSet, raw: Mapping[str, Any], t: float) -> dict[str, Any]
             value = raw.get(name)
             out[name] = value if value is not None else feat.default
     return out
-
-
-def compile_lookup(fs: FeatureSet, entity_id: str, t: float, event_id: str, keys: KeySpace,
-                   hasher: KeyedHasher) -> EventOps:
-    """Read-only operations: ``fs``'s vector for ``entity_id`` at ``t``, remembered under ``event_id``.
-
-    Used where an event reads features it does not feed (a payment reads its
-    terminal's fraud rate, which labels feed); the stored snapshot makes the
-    read repeatable when the event is redelivered.
-    """
-    key = keys.entity(fs.entity, hasher.token(fs.entity, entity_id))
-    return EventOps(keys.applied(f"{fs.name}@{event_id}"), key, t, fs)
