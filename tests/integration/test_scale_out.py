@@ -154,7 +154,7 @@ def test_group_of_three_survives_a_sigkill_and_a_new_member_exactly_once(group_s
         valid = [r for r in records if r.valid]
         invalid = {r.event_id for r in records if not r.valid}
         expected = {r.event_id for r in valid}
-        outputs.wait_for(topics.FRAUD_DECISIONS, expected, timeout_s=120)
+        outputs.wait_for(topics.FRAUD_DECISIONS, expected, timeout_s=60)
         outputs.wait_for(topics.DEADLETTER, invalid, timeout_s=30)
         drained = time.monotonic()
         outputs.poll(3.0)  # a late duplicate would arrive now
@@ -169,7 +169,12 @@ def test_group_of_three_survives_a_sigkill_and_a_new_member_exactly_once(group_s
         redelivered = sum(_metric(h, "kestrel_redelivered_total") for h in (first, third, late))
         print(f"decisions: {len(seen)} event ids, {sum(seen.values())} records, missing {len(missing)}, "
               f"more than once {len(twice)}; redelivered (recognised, not re-sent) {redelivered:g}")
-        assert not missing, f"lost {len(missing)} payments, e.g. {sorted(missing)[:5]}"
+        # A loss here has so far always been Faust (faust-streaming 0.15.3) committing past records it never gave
+        # the agent during a rebalance: records it fetched while flow was stopped are dropped and rewound by a
+        # seek to the committed offset, which does nothing for a partition the group never committed (the
+        # victim dies before its first commit); or records it skipped as of the old generation are acked.
+        assert not missing, (f"lost {len(missing)} payments (never processed, yet their offsets were committed), "
+                             f"e.g. {sorted(missing)[:5]}")
         assert set(seen) == expected, f"unexpected decisions {sorted(set(seen) - expected)[:5]}"
         dl = outputs.ids(topics.DEADLETTER)
         assert set(dl) == invalid and max(dl.values()) == 1, dl.most_common(3)
@@ -178,7 +183,7 @@ def test_group_of_three_survives_a_sigkill_and_a_new_member_exactly_once(group_s
         # victim's batch in flight that the broker had already stored when it died but whose delivery marks
         # were not yet set in Redis (Runtime.deliver: send, broker acks, then mark_delivered). Its new owner
         # finds no mark and re-sends the outbox, the same bytes. Measured by killing a saturated worker: 0, 23
-        # and 44 payments twice, contiguous, byte-identical; here (paced, the victim mostly idle) 0 in 8 runs.
+        # and 44 payments twice, contiguous, byte-identical; here (paced, the victim mostly idle) none in 10 runs.
         # So a duplicate must be byte-identical, one of the payments sent before the kill, at most one batch.
         copies: dict[str, set[bytes]] = {}
         for doc, raw in zip(outputs.docs[topics.FRAUD_DECISIONS], outputs.raw[topics.FRAUD_DECISIONS], strict=True):
