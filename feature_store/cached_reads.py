@@ -61,9 +61,10 @@ class VersionedReads:
         for last, positions in missing.items():
             # one read per window position; read at the last second of it, where every read in it answers alike
             at = (last + 1) * self._bucket_s + self._delay_s - 1e-3
-            ids = list(dict.fromkeys(entity_ids[i] for i in positions))
+            key_of = {entity_ids[i]: keys[i] for i in positions}  # hashed once, above
+            ids = list(key_of)
             for eid, vector in zip(ids, await store.read_batch(self.fs, ids, at), strict=True):
-                key = entity_keys(self.fs, [eid], store.keys, store.hasher)[0]
+                key = key_of[eid]
                 self._cache[key] = (versions[key], last, vector)
             for i in positions:
                 out[i] = self._cache[keys[i]][2]
