@@ -35,7 +35,7 @@ EVAL_COLUMNS = ["--merchant-col", "merchant_id", "--card-present-col", "card_pre
 
 def runs_of(args: argparse.Namespace) -> list[dict]:
     """Each run's name, ``produce`` arguments and ``eval`` window arguments."""
-    from offline.fraud_eval import longest_window_days
+    from kestrel.offline.fraud_eval import longest_window_days
 
     warm_up = math.ceil(longest_window_days())  # the features' reach back: 37 days
     hard = [] if args.easy else ["--hard-negatives"]

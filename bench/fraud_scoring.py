@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fraud_model import FraudModel, ModelScorer, latest_artifact
-from models.rules import RuleScorer
-from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
-from offline.fraud_train import train_on_simulated_history
-from offline.simulator import write_history
+from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
+from kestrel.models.rules import RuleScorer
+from kestrel.offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
+from kestrel.offline.fraud_train import train_on_simulated_history
+from kestrel.offline.simulator import write_history
 
 
 def _time(score, rounds: int) -> np.ndarray:

@@ -24,13 +24,13 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from feature_store import topics
-from feature_store.erase import delete_matching
-from offline.simulator import SimConfig, Simulator
-from streams.config import Settings
-from streams.metrics import Metrics
-from streams.processing import Processor
-from streams.records import RawRecord
+from kestrel.feature_store import topics
+from kestrel.feature_store.erase import delete_matching
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.config import Settings
+from kestrel.streams.metrics import Metrics
+from kestrel.streams.records import RawRecord
+from kestrel.streams.worker.processing import Processor
 
 
 def _redis_cpu(client: redis.Redis) -> float:

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition as AioTP
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from feature_store.topics import ensure_topics
-from streams.services import EmbeddedBroker
+from kestrel.feature_store.topics import ensure_topics
+from kestrel.streams.services import EmbeddedBroker
 
 TOPIC, PARTITIONS, RECORDS, SECONDS = "fetch-wait", 4, 50, 4.0
 

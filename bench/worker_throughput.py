@@ -22,13 +22,13 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from feature_store import topics
-from offline.simulator import SimConfig, Simulator
-from streams.config import Settings
-from streams.demo import erase_prefix, start_worker, stop_worker
-from streams.producer import EventProducer
-from streams.services import EmbeddedBroker, free_port
-from streams.simulate_cli import send
+from kestrel.feature_store import topics
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.cli.demo import erase_prefix, start_worker, stop_worker
+from kestrel.streams.cli.produce import send
+from kestrel.streams.config import Settings
+from kestrel.streams.ingest.producer import EventProducer
+from kestrel.streams.services import EmbeddedBroker, free_port
 
 BARE_DONE = "BARE-DONE"
 
@@ -37,7 +37,7 @@ def bare_worker(broker: str, n: int) -> None:
     """A Faust app whose agent only takes batches: prints when it has seen ``n`` events."""
     import faust
 
-    from streams.app import _set_fetch_wait, run_worker
+    from kestrel.streams.worker.app import _set_fetch_wait, run_worker
 
     _set_fetch_wait(10)
     app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{broker}", store="memory://",

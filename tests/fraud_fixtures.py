@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.fraud_model import FraudModel
-from offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
-from offline.fraud_train import train_on_simulated_history
-from offline.simulator import write_history
+from kestrel.models.fraud_model import FraudModel
+from kestrel.offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
+from kestrel.offline.fraud_train import train_on_simulated_history
+from kestrel.offline.simulator import write_history
 
 HISTORY_COLUMNS = dataclasses.replace(SIMULATED_COLUMNS, segment="scenario")
 
@@ -27,7 +27,7 @@ def train_small_model(directory: Path) -> tuple[FraudModel, Path]:
 
 
 def rows_and_inputs(frame) -> tuple[list[dict], np.ndarray]:
-    from models.fraud_features import model_inputs
+    from kestrel.models.fraud_features import model_inputs
 
     rows = feature_rows(payments_of(frame), np.full(len(frame), np.nan))
     return rows, model_inputs(rows)

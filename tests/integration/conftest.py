@@ -16,10 +16,10 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from feature_store import topics
-from streams.config import Settings
-from streams.demo import _wait_ready, erase_prefix, start_worker, stop_worker
-from streams.services import EmbeddedBroker, LocalRedis, free_port
+from kestrel.feature_store import topics
+from kestrel.streams.cli.demo import _wait_ready, erase_prefix, start_worker, stop_worker
+from kestrel.streams.config import Settings
+from kestrel.streams.services import EmbeddedBroker, LocalRedis, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Analyst cases from fraud decisions against the real Redis: one case per card, idempotent replays, verdicts.
 
-These drive :class:`~streams.processing.Processor` directly (no broker needed for the case logic);
+These drive :class:`~kestrel.streams.worker.processing.Processor` directly (no broker needed for the case logic);
 the worker, the broker and the browser are in ``test_alerts_web.py``.
 """
 
@@ -13,15 +13,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from feature_store import topics
-from feature_store.erase import delete_matching
-from feature_store.schemas import Label
-from models.rules import RuleScorer
-from streams.alerts import Hit, VerdictRequest
-from streams.config import Settings
-from streams.metrics import Metrics
-from streams.processing import Processor
-from streams.records import Output, RawRecord
+from kestrel.feature_store import topics
+from kestrel.feature_store.erase import delete_matching
+from kestrel.feature_store.schemas import Label
+from kestrel.models.rules import RuleScorer
+from kestrel.streams.alerts.cases import Hit, VerdictRequest
+from kestrel.streams.config import Settings
+from kestrel.streams.metrics import Metrics
+from kestrel.streams.records import Output, RawRecord
+from kestrel.streams.worker.processing import Processor
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from feature_store import topics
-from offline.simulator import SimConfig, Simulator
-from streams.producer import EventProducer
+from kestrel.feature_store import topics
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 

@@ -25,10 +25,10 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from feature_store import topics
-from feature_store.keys import KeyedHasher
-from feature_store.schemas import Transaction
-from streams.producer import EventProducer
+from kestrel.feature_store import topics
+from kestrel.feature_store.keys import KeyedHasher
+from kestrel.feature_store.schemas import Transaction
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from streams.bench_e2e import JSON_KEYS
-from streams.cli import build_parser
+from kestrel.streams.cli.bench_e2e import JSON_KEYS
+from kestrel.streams.cli.main import build_parser
 
 pytestmark = pytest.mark.integration
 

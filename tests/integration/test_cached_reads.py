@@ -9,13 +9,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from feature_store.cached_reads import VersionedReads
-from feature_store.definitions import compile_event
-from feature_store.erase import delete_matching
-from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import AsyncRedisOnlineStore
-from feature_store.sets import DAY, TERMINAL_RISK
-from streams.processing import LabelledTransaction
+from kestrel.feature_store.cached_reads import VersionedReads
+from kestrel.feature_store.definitions import compile_event
+from kestrel.feature_store.erase import delete_matching
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.feature_store.redis_store import AsyncRedisOnlineStore
+from kestrel.feature_store.sets import DAY, TERMINAL_RISK
+from kestrel.streams.worker.processing import LabelledTransaction
 
 pytestmark = pytest.mark.integration
 T0 = 1_780_000_000.0
@@ -62,7 +62,7 @@ async def test_vectors_equal_direct_reads_and_are_read_again_only_when_they_chan
 
 
 def test_only_sets_that_keep_versions_can_be_cached(store) -> None:
-    from feature_store.sets import CARD_PROFILE
+    from kestrel.feature_store.sets import CARD_PROFILE
 
     with pytest.raises(ValueError, match="cached_reads"):
         VersionedReads(store, CARD_PROFILE)

@@ -9,20 +9,20 @@ import sys
 
 import pytest
 
-from feature_store import topics
+from kestrel.feature_store import topics
 
 pytestmark = pytest.mark.integration
 
 
 def _kestrel(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kestrel", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_demo_reconciles_every_event(redis_url):
     env = {k: v for k, v in os.environ.items() if k != "KESTREL_BROKER"}
     env["REDIS_URL"] = redis_url
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--events", "2500", "--rate", "800",
+    proc = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--events", "2500", "--rate", "800",
                            "--invalid-share", "0.03", "--label-delay", "60", "--json"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,11 +87,11 @@ def test_bench_features_reports_every_measure(redis_url):
 
 
 def test_erase_command_removes_a_subject(settings, redis_client):
-    from feature_store.definitions import compile_event
-    from feature_store.keys import KeyedHasher, KeySpace, escape_glob
-    from feature_store.redis_store import RedisOnlineStore
-    from feature_store.schemas import Transaction
-    from feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL
+    from kestrel.feature_store.definitions import compile_event
+    from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
+    from kestrel.feature_store.redis_store import RedisOnlineStore
+    from kestrel.feature_store.schemas import Transaction
+    from kestrel.feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     txn = Transaction(event_id="er-1", card_id="4000123412341234", merchant_id="m", terminal_id="t",
@@ -157,12 +157,12 @@ def test_fraud_history_train_and_eval_commands(tmp_path):
 def test_rebuild_heads_command_restores_read_heads(settings, redis_client):
     """Data stored without read heads (an older version) gets them back from `kestrel rebuild-heads`; a head-only
     set's heads are its state, so there is nothing to rebuild them from and they are left alone."""
-    from feature_store.definitions import compile_event
-    from feature_store.keys import KeyedHasher, KeySpace
-    from feature_store.redis_store import RedisOnlineStore
-    from feature_store.schemas import Transaction
-    from feature_store.sets import CARD_PROFILE, TERMINAL_RISK
-    from streams.processing import LabelledTransaction
+    from kestrel.feature_store.definitions import compile_event
+    from kestrel.feature_store.keys import KeyedHasher, KeySpace
+    from kestrel.feature_store.redis_store import RedisOnlineStore
+    from kestrel.feature_store.schemas import Transaction
+    from kestrel.feature_store.sets import CARD_PROFILE, TERMINAL_RISK
+    from kestrel.streams.worker.processing import LabelledTransaction
 
     keys, hasher = KeySpace(settings.redis_prefix), KeyedHasher(settings.hash_key.encode())
     store = RedisOnlineStore(redis_client, 3600, keys, hasher)

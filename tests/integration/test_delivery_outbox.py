@@ -17,14 +17,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from feature_store import topics
-from feature_store.erase import delete_matching
-from models.rules import RuleScorer
-from streams.config import Settings
-from streams.delivery import DeliveryLedger, outbox_key
-from streams.metrics import Metrics
-from streams.processing import Processor
-from streams.records import RawRecord
+from kestrel.feature_store import topics
+from kestrel.feature_store.erase import delete_matching
+from kestrel.models.rules import RuleScorer
+from kestrel.streams.config import Settings
+from kestrel.streams.metrics import Metrics
+from kestrel.streams.records import RawRecord
+from kestrel.streams.worker.delivery import DeliveryLedger, outbox_key
+from kestrel.streams.worker.processing import Processor
 
 pytestmark = pytest.mark.integration
 

@@ -22,17 +22,17 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from feature_store import topics
-from feature_store.erase import delete_matching
-from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import RedisOnlineStore
-from feature_store.sets import CARD_PROFILE
-from models.rules import RuleScorer
-from offline.simulator import SimConfig, Simulator
-from streams.config import Settings
-from streams.processing import Processor
-from streams.runtime import Runtime
-from streams.services import LocalRedis
+from kestrel.feature_store import topics
+from kestrel.feature_store.erase import delete_matching
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.feature_store.redis_store import RedisOnlineStore
+from kestrel.feature_store.sets import CARD_PROFILE
+from kestrel.models.rules import RuleScorer
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.config import Settings
+from kestrel.streams.services import LocalRedis
+from kestrel.streams.worker.processing import Processor
+from kestrel.streams.worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from feature_store.keys import KeySpace
-from models.fraud_model import ModelScorer
-from models.policy import Policy
-from streams.fraud_online import SharedLearner
+from kestrel.feature_store.keys import KeySpace
+from kestrel.models.fraud_model import ModelScorer
+from kestrel.models.policy import Policy
+from kestrel.streams.worker.shared_learner import SharedLearner
 
 pytestmark = pytest.mark.integration
 
@@ -56,12 +56,12 @@ def test_a_label_that_arrives_before_its_payment_is_learned_when_the_payment_is_
     """The labels topic may run ahead of the transactions topic: the label waits, then counts once."""
     import redis
 
-    from feature_store import topics
-    from feature_store.erase import delete_matching
-    from streams.config import Settings
-    from streams.metrics import Metrics
-    from streams.processing import Processor
-    from streams.records import RawRecord
+    from kestrel.feature_store import topics
+    from kestrel.feature_store.erase import delete_matching
+    from kestrel.streams.config import Settings
+    from kestrel.streams.metrics import Metrics
+    from kestrel.streams.records import RawRecord
+    from kestrel.streams.worker.processing import Processor
 
     model, _ = fraud_model
     prefix = f"kestrel-test-early-{secrets.token_hex(4)}"

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from feature_store import topics
-from feature_store.schemas import Label, Transaction
-from models.fraud_online import OnlineFraudLearner
-from offline.simulator import EXTRA_SCENARIOS, Simulator, payments_config
-from streams.producer import EventProducer
+from kestrel.feature_store import topics
+from kestrel.feature_store.schemas import Label, Transaction
+from kestrel.models.fraud_online import OnlineFraudLearner
+from kestrel.offline.simulator import EXTRA_SCENARIOS, Simulator, payments_config
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 DAY = 86400.0
@@ -36,7 +36,7 @@ def _send_and_collect(producer: EventProducer, outputs, txns: list[Transaction])
 def test_model_decisions_and_online_learning_of_a_new_pattern(settings, worker, outputs, redis_client, fraud_model):
     from sklearn.metrics import average_precision_score
 
-    from models.fraud_features import model_inputs
+    from kestrel.models.fraud_features import model_inputs
 
     model, path = fraud_model
     worker.settings = settings.with_(fraud_model=str(path.parent))  # the artifacts root: newest version wins
@@ -127,7 +127,7 @@ def test_train_from_the_logged_decisions_and_labels(settings, worker, outputs, t
     assert producer.flush() == 0
     outputs.wait_for(topics.TRAINING_EXAMPLES, set(sent["label"]), timeout_s=120)
     outputs.wait_for(topics.FRAUD_DECISIONS, set(sent["transaction"]), timeout_s=60)
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "train", "fraud", "--from-broker", "--epochs", "3",
+    proc = subprocess.run([sys.executable, "-m", "kestrel", "train", "fraud", "--from-broker", "--epochs", "3",
                            "--assume-genuine-after-days", "0.5", "--out", str(tmp_path / "models")],
                           capture_output=True, text=True, timeout=300, env={**os.environ, **settings.to_env()})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from feature_store import topics
+from kestrel.feature_store import topics
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_recommendations_are_popular_items_the_user_has_not_seen(settings, worke
     assert status == 202
     outputs.wait_for(topics.RECOMMENDATION_DECISIONS, {e["event_id"] for e in events}, timeout_s=30)
 
-    # Trending is the union of the window's buckets, cached for up to 5 s (streams.recommend): a union taken
+    # Trending is the union of the window's buckets, cached for up to 5 s (kestrel.streams.recs.service): a union taken
     # while the events were still being processed may be served until it expires, then the full counts are.
     deadline = time.monotonic() + 8
     while True:

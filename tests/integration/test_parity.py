@@ -8,11 +8,11 @@ import secrets
 import numpy as np
 import pytest
 
-from feature_store import topics
-from offline.fraud_dataset import fraud_features
-from offline.simulator import SimConfig, Simulator
-from streams.producer import EventProducer
-from streams.simulate_cli import send
+from kestrel.feature_store import topics
+from kestrel.offline.fraud_dataset import fraud_features
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.cli.produce import send
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def one_partition(broker, redis_url):
     """One partition per topic: the broker's log order is then the order the store applied events in."""
-    from streams.config import Settings
-    from streams.demo import erase_prefix
-    from streams.services import free_port
+    from kestrel.streams.cli.demo import erase_prefix
+    from kestrel.streams.config import Settings
+    from kestrel.streams.services import free_port
 
     run = secrets.token_hex(4)
     s = Settings().with_(broker=broker.bootstrap, redis_url=redis_url, redis_prefix=f"kestrel-parity-{run}",

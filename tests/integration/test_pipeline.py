@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 
-from feature_store import topics
-from feature_store.keys import KeyedHasher, KeySpace, escape_glob
-from offline.simulator import SimConfig, Simulator
-from streams.producer import EventProducer
-from streams.simulate_cli import send
+from kestrel.feature_store import topics
+from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
+from kestrel.offline.simulator import SimConfig, Simulator
+from kestrel.streams.cli.produce import send
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 

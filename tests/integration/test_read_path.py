@@ -1,4 +1,4 @@
-"""The head read path (feature_store/read_path.py) against the bucket path and against brute force.
+"""The head read path (kestrel/feature_store/read_path.py) against the bucket path and against brute force.
 
 The write script keeps a per-entity head beside the buckets; a read mostly
 decodes the head. These tests check that whatever the arrival order (late,
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_store.definitions import (
+from kestrel.feature_store.definitions import (
     FeatureSet,
     LastValue,
     TimeSince,
@@ -31,8 +31,8 @@ from feature_store.definitions import (
     finalize,
     window_bounds,
 )
-from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import (
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.feature_store.redis_store import (
     READ_LUA,
     AsyncRedisOnlineStore,
     RedisOnlineStore,
@@ -198,7 +198,7 @@ def test_snapshots_of_late_and_in_order_events_equal_bucket_reads(space):
 
 
 def test_async_reads_and_erase(space, redis_url):
-    from feature_store.erase import erase_subject
+    from kestrel.feature_store.erase import erase_subject
 
     client, keys = space
     store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)

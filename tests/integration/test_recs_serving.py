@@ -14,11 +14,11 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from feature_store import topics
-from feature_store.schemas import Interaction
-from offline.recs_data import load_interactions, simulated_interactions
-from offline.recs_train import train_two_tower
-from streams.producer import EventProducer
+from kestrel.feature_store import topics
+from kestrel.feature_store.schemas import Interaction
+from kestrel.offline.recs_data import load_interactions, simulated_interactions
+from kestrel.offline.recs_train import train_two_tower
+from kestrel.streams.ingest.producer import EventProducer
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_store.definitions import (
+from kestrel.feature_store.definitions import (
     FeatureSet,
     LastN,
     LastValue,
@@ -20,8 +20,8 @@ from feature_store.definitions import (
     finalize,
     window_bounds,
 )
-from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import RedisOnlineStore
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.feature_store.redis_store import RedisOnlineStore
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def test_read_api_sync_and_async_single_and_batch(space, redis_url):
 
     import redis.asyncio as aioredis
 
-    from feature_store.redis_store import AsyncRedisOnlineStore
+    from kestrel.feature_store.redis_store import AsyncRedisOnlineStore
 
     async def read_async():
         aclient = aioredis.Redis.from_url(redis_url)
@@ -221,7 +221,7 @@ def test_a_tombstoned_subject_is_not_recreated(space):
 
 
 def test_erase_deletes_every_key_of_the_subject_and_a_replay_does_not_recreate_it(space):
-    from feature_store.erase import erase_subject
+    from kestrel.feature_store.erase import erase_subject
 
     client, keys = space
     store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)

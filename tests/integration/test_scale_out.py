@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from feature_store import topics
-from offline.simulator import SimConfig, SimRecord, Simulator
-from streams.config import Settings
-from streams.demo import _wait_ready, erase_prefix
-from streams.producer import EventProducer
-from streams.services import EmbeddedBroker, free_port
-from streams.simulate_cli import send
+from kestrel.feature_store import topics
+from kestrel.offline.simulator import SimConfig, SimRecord, Simulator
+from kestrel.streams.cli.demo import _wait_ready, erase_prefix
+from kestrel.streams.cli.produce import send
+from kestrel.streams.config import Settings
+from kestrel.streams.ingest.producer import EventProducer
+from kestrel.streams.services import EmbeddedBroker, free_port
 from tests.integration.conftest import OutputReader, WorkerHandle
 
 pytestmark = pytest.mark.integration
@@ -222,7 +222,7 @@ def test_processes_flag_supervises_its_children(group_settings, tmp_path):
     log_path = tmp_path / "supervisor.log"
     env = {**os.environ, **group_settings.to_env(), "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log:
-        sup = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--processes", "2", "--web-port",
+        sup = subprocess.Popen([sys.executable, "-m", "kestrel", "worker", "--processes", "2", "--web-port",
                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from confluent_kafka.admin import AdminClient
 
-from streams.services import EmbeddedBroker, LocalRedis, free_port, redis_answers
+from kestrel.streams.services import EmbeddedBroker, LocalRedis, free_port, redis_answers
 
 
 def test_embedded_broker_answers_metadata_and_stops_cleanly():

@@ -7,12 +7,12 @@ import secrets
 import pytest
 import redis
 
-from feature_store.definitions import compile_event
-from feature_store.erase import delete_matching
-from feature_store.keys import KeyedHasher, KeySpace
-from feature_store.redis_store import WINDOWED_TOP_LUA, RedisOnlineStore, windowed_top_args
-from feature_store.schemas import Interaction
-from feature_store.sets import TRENDING, USER_ACTIVITY
+from kestrel.feature_store.definitions import compile_event
+from kestrel.feature_store.erase import delete_matching
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.feature_store.redis_store import WINDOWED_TOP_LUA, RedisOnlineStore, windowed_top_args
+from kestrel.feature_store.schemas import Interaction
+from kestrel.feature_store.sets import TRENDING, USER_ACTIVITY
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_225_600.0

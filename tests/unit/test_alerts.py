@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from feature_store.schemas import Label
-from streams.alerts import (
+from kestrel.feature_store.schemas import Label
+from kestrel.streams.alerts.cases import (
     REPEAT_ESCALATION,
     SEVERITIES,
     Case,
@@ -26,7 +26,7 @@ from streams.alerts import (
     parse_verdict,
     risk_rank,
 )
-from streams.alerts_web import render_case, render_queue
+from kestrel.streams.web.alerts import render_case, render_queue
 
 
 def _hit(event_id: str, score: float, action: str, at: str = "2026-03-01T12:00:00.000Z", card: str = "tok",

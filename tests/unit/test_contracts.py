@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from feature_store.schemas import Interaction, Label, Transaction, json_schema
-from streams.validation import Rejection, parse_event
+from kestrel.feature_store.schemas import Interaction, Label, Transaction, json_schema
+from kestrel.streams.ingest.validation import Rejection, parse_event
 
 TXN = {"event_id": "t1", "card_id": "c1", "merchant_id": "m1", "amount": 12.5, "currency": "EUR",
        "timestamp": "2026-01-01T00:00:00Z"}
@@ -82,7 +82,7 @@ def test_dates_that_leave_the_calendar_are_rejections_not_crashes(stamp):
 
 
 def test_far_future_events_are_refused():
-    from streams.validation import check_time
+    from kestrel.streams.ingest.validation import check_time
 
     event = parse_event(_bytes({**TXN, "timestamp": "2030-01-01T00:00:00Z"}), "transaction", 4096)
     assert check_time(event, now=1_767_225_600.0, max_future_s=3600).field == "timestamp"

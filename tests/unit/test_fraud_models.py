@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.fraud_features import INPUT_INDEX, INPUTS, model_inputs, payment_context
-from models.fraud_model import FraudModel, ModelScorer, latest_artifact
-from models.fraud_online import OnlineFraudLearner, labelled_share
-from models.fraud_torch import FraudNet, fit_platt, logits, train_fraud_net
-from models.policy import Policy
-from models.scoring import Thresholds
-from offline.fraud_dataset import Payment, terminal_risk
-from offline.simulator import EXTRA_SCENARIOS
+from kestrel.models.fraud_features import INPUT_INDEX, INPUTS, model_inputs, payment_context
+from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
+from kestrel.models.fraud_online import OnlineFraudLearner, labelled_share
+from kestrel.models.fraud_torch import FraudNet, fit_platt, logits, train_fraud_net
+from kestrel.models.policy import Policy
+from kestrel.models.scoring import Thresholds
+from kestrel.offline.fraud_dataset import Payment, terminal_risk
+from kestrel.offline.simulator import EXTRA_SCENARIOS
 from tests.fraud_fixtures import rows_and_inputs, simulated_frame
 
 DAY = 86400.0
@@ -246,7 +246,7 @@ def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path)
 def test_bootstrap_average_precision_matches_scikit_learn_with_ties():
     from sklearn.metrics import average_precision_score
 
-    from offline.fraud_eval import paired_ap_gain
+    from kestrel.offline.fraud_eval import paired_ap_gain
 
     rng = np.random.default_rng(4)
     y = (rng.random(3000) < 0.03).astype(int)

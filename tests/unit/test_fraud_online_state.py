@@ -21,8 +21,8 @@ import orjson
 import pytest
 from river import drift
 
-from feature_store.keys import KeySpace
-from models.fraud_online import (
+from kestrel.feature_store.keys import KeySpace
+from kestrel.models.fraud_online import (
     BASE,
     CHECKPOINT_VERSION,
     LEARNED_IDS_KEPT,
@@ -32,7 +32,7 @@ from models.fraud_online import (
     adwin_state,
     labelled_share,
 )
-from streams.fraud_online import SharedLearner
+from kestrel.streams.worker.shared_learner import SharedLearner
 
 ROOT = Path(__file__).resolve().parents[2]
 FEATURES = ("amount_z", "new_device", "night", "velocity_1h")
@@ -245,7 +245,7 @@ def test_an_old_pickle_checkpoint_is_refused(tmp_path):
 
 
 def test_no_pickle_in_the_learner_modules():
-    for path in ("models/fraud_online.py", "streams/fraud_online.py"):
+    for path in ("kestrel/models/fraud_online.py", "kestrel/streams/worker/shared_learner.py"):
         tree = ast.parse((ROOT / path).read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -253,7 +253,7 @@ def test_no_pickle_in_the_learner_modules():
 
 
 class FakeRedis:
-    """The three calls SharedLearner makes, over a dict (the CAS script as in streams.fraud_online)."""
+    """The three calls SharedLearner makes, over a dict (the CAS script as in kestrel.streams.worker.shared_learner)."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[str, bytes]] = {}

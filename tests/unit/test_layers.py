@@ -1,9 +1,11 @@
-"""The one-way layer rule and the absence of import cycles, checked on every module's source.
+"""The one-way layer rule, one import name per module and no import cycles, checked on every module's source.
 
-``streams`` -> ``offline`` -> ``models`` -> ``feature_store``: a layer imports
-only the layers below it, and that holds for every import, inside functions
-and ``TYPE_CHECKING`` blocks too (the files are parsed, not imported, so a
-lazy import cannot hide a dependency).
+``kestrel.streams`` -> ``kestrel.offline`` -> ``kestrel.models`` ->
+``kestrel.feature_store``: a layer imports only the layers below it, and that
+holds for every import, inside functions and ``TYPE_CHECKING`` blocks too (the
+files are parsed, not imported, so a lazy import cannot hide a dependency).
+The layers are reached only through the ``kestrel`` namespace: a bare
+``import streams`` would load a second copy of a module under another name.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ ALLOWED = {"feature_store": set(), "models": {"feature_store"}, "offline": {"mod
 def _modules() -> dict[str, Path]:
     out = {}
     for layer in LAYERS:
-        for path in (ROOT / layer).rglob("*.py"):
+        for path in (ROOT / "kestrel" / layer).rglob("*.py"):
             rel = path.relative_to(ROOT).with_suffix("")
             out[".".join(p for p in rel.parts if p != "__init__")] = path
     return out
@@ -37,14 +39,26 @@ def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     return found
 
 
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "kestrel" and len(parts) > 1 and parts[1] in LAYERS else None
+
+
 def test_every_import_points_down_the_layers() -> None:
     bad = []
     for name, path in _modules().items():
-        layer = name.split(".")[0]
+        layer = _layer(name)
         for line, module, _ in _imports(path):
-            target = module.split(".")[0]
-            if target in LAYERS and target != layer and target not in ALLOWED[layer]:
+            target = _layer(module)
+            if target is not None and target != layer and target not in ALLOWED[layer]:
                 bad.append(f"{path.relative_to(ROOT)}:{line} {layer} -> {module}")
+    assert bad == []
+
+
+def test_layers_are_imported_only_through_the_kestrel_namespace() -> None:
+    sources = [p for d in ("kestrel", "tests", "bench") for p in (ROOT / d).rglob("*.py")]
+    bad = [f"{p.relative_to(ROOT)}:{line} {module}" for p in sources for line, module, _ in _imports(p)
+           if module.split(".")[0] in LAYERS]
     assert bad == []
 
 
@@ -76,5 +90,5 @@ def test_no_import_cycles() -> None:
 
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from streams.app import create_app\n")
-    assert [(m, n) for _, m, n in _imports(src)] == [("streams.app", ["create_app"])]
+    src.write_text("def f():\n    from kestrel.streams.worker.app import create_app\n")
+    assert [(m, n) for _, m, n in _imports(src)] == [("kestrel.streams.worker.app", ["create_app"])]

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feature_store.definitions import FeatureSet, LastValue, TimeSince, Windowed
-from feature_store.sets import CARD_PROFILE
-from offline.features import _replay_exactly, compute_features
-from offline.simulator import SimConfig, Simulator
+from kestrel.feature_store.definitions import FeatureSet, LastValue, TimeSince, Windowed
+from kestrel.feature_store.sets import CARD_PROFILE
+from kestrel.offline.features import _replay_exactly, compute_features
+from kestrel.offline.simulator import SimConfig, Simulator
 
 FS = FeatureSet("off", "1", "card", "test", lambda e: e.card, lambda e: e.ts, (
     Windowed("n_10m", "count", 600, 60, lateness_s=600),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from offline.recs_data import simulated_interactions
-from streams.cli import main
+from kestrel.offline.recs_data import simulated_interactions
+from kestrel.streams.cli.main import main
 
 
 def test_eval_recs_cli_reports_two_tower_and_baselines_in_one_json_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models.two_tower import (
+from kestrel.models.two_tower import (
     QUERY_KEYS,
     UNKNOWN_USER,
     TwoTower,
@@ -17,8 +17,8 @@ from models.two_tower import (
     load_artifact,
     stable_hash,
 )
-from offline.recs_data import recent_distinct, temporal_split, training_examples
-from offline.recs_train import train_two_tower
+from kestrel.offline.recs_data import recent_distinct, temporal_split, training_examples
+from kestrel.offline.recs_train import train_two_tower
 
 
 def _toy_interactions(n_users: int = 60, per_user: int = 12, n_cats: int = 4, items_per_cat: int = 8,

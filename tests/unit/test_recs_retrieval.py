@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from models.diversity import mmr
-from models.retrieval import IndexHolder, build_snapshot, exact_top_k, recall_at_k, with_items
+from kestrel.models.diversity import mmr
+from kestrel.models.retrieval import IndexHolder, build_snapshot, exact_top_k, recall_at_k, with_items
 
 
 def _vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_store.keys import KeyedHasher, KeySpace
-from models.retrieval import build_snapshot
-from offline.recs_train import train_two_tower
-from streams.recommend import FALLBACK, PERSONALISED, RecommendationService, RecOptions, _Live, parse_request
+from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.models.retrieval import build_snapshot
+from kestrel.offline.recs_train import train_two_tower
+from kestrel.streams.recs.service import FALLBACK, PERSONALISED, RecommendationService, RecOptions, _Live, parse_request
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_a_good_request_becomes_options():
 def test_items_first_seen_in_the_stream_join_the_index_by_a_swap(service):
     import asyncio
 
-    from streams.recommend import NEW_ITEMS_BATCH
+    from kestrel.streams.recs.service import NEW_ITEMS_BATCH
 
     before = service.holder.current
     new = [(f"fresh-{j}", "2") for j in range(NEW_ITEMS_BATCH)]

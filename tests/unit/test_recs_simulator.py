@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from offline.recs_data import load_interactions, simulated_interactions
-from offline.recs_simcheck import simulator_check
-from offline.recs_train import train_two_tower
-from offline.simulator import SimConfig
+from kestrel.offline.recs_data import load_interactions, simulated_interactions
+from kestrel.offline.recs_simcheck import simulator_check
+from kestrel.offline.recs_train import train_two_tower
+from kestrel.offline.simulator import SimConfig
 
 
 def test_recommendations_shift_toward_a_category_within_a_few_interactions_and_beat_popularity(tmp_path):

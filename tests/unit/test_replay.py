@@ -6,8 +6,8 @@ import gzip
 
 import pytest
 
-from feature_store.keys import KeyedHasher
-from streams.replay import csv_records, parse_mapping
+from kestrel.feature_store.keys import KeyedHasher
+from kestrel.streams.ingest.replay import csv_records, parse_mapping
 
 CSV = """TX_ID,CUST,TERM,TX_AMOUNT,TX_DATETIME,REGION
 b,c1,t1,20.0,2026-02-01 10:05:00,north

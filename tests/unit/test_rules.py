@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.rules import RuleScorer, derive
-from models.scoring import Thresholds
+from kestrel.models.rules import RuleScorer, derive
+from kestrel.models.scoring import Thresholds
 
 
 @pytest.mark.parametrize(("features", "action", "codes"), [

@@ -7,8 +7,8 @@ from collections import Counter
 
 import numpy as np
 
-from offline.simulator import FRAUD_SCENARIOS, INVALID_KINDS, SimConfig, Simulator
-from streams.validation import Rejection, parse_event
+from kestrel.offline.simulator import FRAUD_SCENARIOS, INVALID_KINDS, SimConfig, Simulator
+from kestrel.streams.ingest.validation import Rejection, parse_event
 
 
 def _take(n: int, **kw) -> list:
@@ -82,7 +82,7 @@ def test_default_payment_stream_is_pinned():
     """The measured numbers in the README come from these streams: an option must not change the default one."""
     import hashlib
 
-    from offline.simulator import payments_config
+    from kestrel.offline.simulator import payments_config
 
     def digest(config: SimConfig) -> str:
         values = b"".join(r.value for r in itertools.islice(Simulator(config).records(), 5000))
@@ -94,7 +94,7 @@ def test_default_payment_stream_is_pinned():
 
 def test_hard_negatives_give_genuine_payments_the_marks_of_fraud():
     """New devices, unfamiliar terminals and big amounts also come from genuine customers, with --hard-negatives."""
-    from offline.simulator import payments_config
+    from kestrel.offline.simulator import payments_config
 
     def genuine_marks(hard: bool) -> Counter:
         sim = Simulator(payments_config(20000, seed=6, hard_negatives=hard))

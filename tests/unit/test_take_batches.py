@@ -1,11 +1,11 @@
-"""How an agent takes its records (streams.runtime.take_batches), against a stand-in for Faust's stream."""
+"""How an agent takes its records (`kestrel.streams.worker.runtime.take_batches`), against a stand-in for Faust."""
 
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
 
-from streams.runtime import take_batches
+from kestrel.streams.worker.runtime import take_batches
 
 
 class FakeStream:

@@ -1,0 +1,150 @@
+"""The feature sets that ship with Kestrel.
+
+Fraud: a card's spending profile and velocity, a terminal's activity, and a
+terminal's fraud rate from labels that have already arrived (delayed window).
+Recommendations: a user's recent and seen items, item popularity.
+"""
+
+from __future__ import annotations
+
+from kestrel.feature_store.definitions import (
+    FeatureSet,
+    GlobalScore,
+    LastN,
+    LastValue,
+    SeenSet,
+    TimeSince,
+    Windowed,
+)
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+SMALL_AMOUNT = 5.0  # below this a payment looks like a card-testing probe
+LABEL_DELAY_S = 7 * DAY  # labels of the last week are not complete yet
+
+
+def _amount(e: object) -> float:
+    return e.amount  # type: ignore[attr-defined]
+
+CARD_PROFILE = FeatureSet(
+    name="card_profile",
+    version="4",
+    entity="card",
+    source="transaction",
+    entity_id_of=lambda e: e.card_id,
+    time_of=lambda e: e.epoch_s,
+    features=(
+        # One stored series of payment amounts per bucket size, shared by count, sum, mean and std.
+        # Buckets are a tenth to a twelfth of each window: a read touches ~80 values, not ~300.
+        Windowed("txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, series="txn"),
+        Windowed("txn_count_1h", "count", HOUR, 10 * MINUTE, series="txn"),
+        Windowed("amount_sum_1h", "sum", HOUR, 10 * MINUTE, value_of=_amount, series="txn"),
+        Windowed("txn_count_24h", "count", DAY, 2 * HOUR, series="txn"),
+        Windowed("amount_sum_24h", "sum", DAY, 2 * HOUR, value_of=_amount, series="txn"),
+        Windowed("txn_count_30d", "count", 30 * DAY, 3 * DAY, series="txn"),
+        Windowed("amount_mean_30d", "mean", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
+        Windowed("amount_std_30d", "std", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
+        Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=_amount),
+        Windowed("small_txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
+        Windowed("distinct_terminals_24h", "distinct", DAY, 2 * HOUR, value_of=lambda e: e.terminal_id,
+                 where=lambda e: e.terminal_id is not None),
+        TimeSince("seconds_since_prev"),
+        LastValue("prev_terminal", value_of=lambda e: e.terminal_id or ""),
+    ),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
+)
+
+TERMINAL_ACTIVITY = FeatureSet(
+    name="terminal_activity",
+    version="1",
+    entity="terminal",
+    source="transaction",
+    entity_id_of=lambda e: e.terminal_id or f"merchant:{e.merchant_id}",
+    time_of=lambda e: e.epoch_s,
+    features=(
+        Windowed("terminal_txn_count_1h", "count", HOUR, 5 * MINUTE),
+        Windowed("terminal_txn_count_7d", "count", 7 * DAY, DAY),
+        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
+    ),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
+)
+
+TERMINAL_RISK = FeatureSet(
+    name="terminal_risk",
+    version="1",
+    entity="terminal",
+    source="labelled_transaction",  # a label joined with its logged decision: terminal_id, time, is_fraud
+    entity_id_of=lambda e: e.terminal_id,
+    time_of=lambda e: e.epoch_s,
+    features=(
+        Windowed("terminal_frauds_30d_d7", "sum", 30 * DAY, DAY, value_of=lambda e: e.is_fraud,
+                 delay_s=LABEL_DELAY_S, lateness_s=30 * DAY, series="labels"),
+        Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=30 * DAY,
+                 series="labels"),
+    ),
+    cached_reads=True,  # every payment reads it, only labels change it: workers keep it by version
+)
+
+# Pairs: has this card paid at this terminal / from this device before? (-1 = never: a new terminal/device)
+CARD_TERMINAL = FeatureSet(
+    name="card_terminal",
+    version="1",
+    entity="card_terminal",  # token: card's keyed hash + keyed hash of "card|terminal"
+    source="transaction",
+    entity_id_of=lambda e: f"{e.card_id}|{e.terminal_id or 'merchant:' + e.merchant_id}",
+    time_of=lambda e: e.epoch_s,
+    features=(
+        TimeSince("card_terminal_seconds_since_prev"),
+        Windowed("card_terminal_txn_count_30d", "count", 30 * DAY, 3 * DAY),
+    ),
+    ttl_s=60 * DAY,
+    owner=("card", lambda e: e.card_id),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
+)
+
+CARD_DEVICE = FeatureSet(
+    name="card_device",
+    version="1",
+    entity="card_device",
+    source="transaction",
+    entity_id_of=lambda e: f"{e.card_id}|{e.device_id or '-'}",
+    time_of=lambda e: e.epoch_s,
+    features=(
+        TimeSince("card_device_seconds_since_prev"),
+        Windowed("card_device_txn_count_30d", "count", 30 * DAY, 3 * DAY),
+    ),
+    ttl_s=60 * DAY,
+    owner=("card", lambda e: e.card_id),
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
+)
+
+INTERACTION_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
+
+USER_ACTIVITY = FeatureSet(
+    name="user_activity",
+    version="3",
+    entity="user",
+    source="interaction",
+    entity_id_of=lambda e: e.user_id,
+    time_of=lambda e: e.epoch_s,
+    features=(
+        Windowed("user_clicks_1h", "count", HOUR, 5 * MINUTE, where=lambda e: e.kind == "click"),
+        Windowed("user_purchases_7d", "count", 7 * DAY, DAY, where=lambda e: e.kind == "purchase"),
+        Windowed("user_distinct_items_24h", "distinct", DAY, HOUR, value_of=lambda e: e.item_id),
+        TimeSince("user_seconds_since_prev"),
+        LastN("recent_items", value_of=lambda e: e.item_id, n=50),
+        SeenSet("seen_items", value_of=lambda e: e.item_id),
+        GlobalScore("item_popularity", member_of=lambda e: e.item_id, weight_of=lambda e: INTERACTION_WEIGHTS[e.kind]),
+        # What is popular now: the last 24 hours (event time) in hourly buckets; the cold-start fallback.
+        GlobalScore("item_trending", member_of=lambda e: e.item_id, weight_of=lambda e: INTERACTION_WEIGHTS[e.kind],
+                    bucket_s=HOUR, buckets=24),
+    ),
+    ttl_s=30 * DAY,
+    buckets=False,  # the head is the whole state (see FeatureSet.buckets)
+)
+
+FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
+# Every set a payment's fraud vector is read from (the worker's scoring path, the offline replay, the eval).
+FRAUD_VECTOR_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE)
+TRENDING = next(f for f in USER_ACTIVITY.features if f.name == "item_trending")
+ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE,
+                                   USER_ACTIVITY)}

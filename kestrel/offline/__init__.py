@@ -1,0 +1,1 @@
+"""Training, evaluation and the event simulator: batch work over logs, never on the worker's hot path."""

@@ -1,0 +1,459 @@
+"""``kestrel demo``: the whole pipeline on one machine, reconciled end to end.
+
+Starts the embedded broker (unless ``KESTREL_BROKER`` points at one), finds or
+starts Redis, runs a real worker process and the simulator, shows live
+progress, then reconciles every event id sent against the decisions and dead
+letters that came out: ``lost`` and ``duplicates`` are counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from kestrel.feature_store import topics
+from kestrel.feature_store.erase import delete_matching
+from kestrel.offline.simulator import SimConfig, SimRecord, Simulator
+from kestrel.streams.cli.produce import paced, send
+from kestrel.streams.config import Settings
+from kestrel.streams.ingest.producer import EventProducer
+from kestrel.streams.services import EmbeddedBroker, LocalRedis, free_port
+
+OUTPUT_KINDS = {topics.FRAUD_DECISIONS: "fraud", topics.RECOMMENDATION_DECISIONS: "recs",
+                topics.TRAINING_EXAMPLES: "labels", topics.DEADLETTER: "deadletter"}
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=int, default=20_000, help="events to send (0: use --duration)")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to stream (0: until --events sent)")
+    p.add_argument("--rate", type=float, default=2000.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--invalid-share", type=float, default=0.01, help="share of malformed events injected")
+    p.add_argument("--label-delay", type=float, default=1800.0, help="simulated seconds before labels arrive")
+    p.add_argument("--recs-every", type=int, default=200, help="ask GET /recommendations every N events")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for the last decisions")
+    p.add_argument("--fraud-model", default="auto", metavar="auto|rules|PATH",
+                   help="auto: KESTREL_FRAUD_MODEL, else artifacts/fraud-demo (trained on simulated history on the "
+                        "first run, ~10 s); rules: the rules baseline; PATH: an artifact (root)")
+    p.add_argument("--recs-model", default="auto", metavar="auto|trending|PATH",
+                   help="auto: KESTREL_RECS_MODEL, else artifacts/recs-demo (a two-tower trained on simulated "
+                        "interactions on the first run, ~15 s); trending: no model; PATH: an artifact (root)")
+    p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
+
+
+@dataclass
+class Collector:
+    """Reads every output topic from the beginning and tallies event ids."""
+
+    bootstrap: str
+    partitions: int
+    sent_at: dict[str, float]
+    seen: dict[str, Counter] = field(default_factory=lambda: {k: Counter() for k in OUTPUT_KINDS.values()})
+    latencies_ms: list[float] = field(default_factory=list)
+    actions: Counter = field(default_factory=Counter)
+    fraud_actions: dict[str, str] = field(default_factory=dict)
+    dl_reasons: Counter = field(default_factory=Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> None:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"demo-{secrets.token_hex(4)}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "fetch.wait.max.ms": 10})
+        consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in OUTPUT_KINDS for p in range(self.partitions)])
+        try:
+            while not self.stop.is_set():
+                for msg in consumer.consume(500, timeout=0.005):
+                    if msg.error():
+                        continue
+                    self._tally(msg.topic(), msg.value(), time.monotonic())
+        finally:
+            consumer.close()
+
+    def _tally(self, topic: str, value: bytes, now: float) -> None:
+        doc = orjson.loads(value)
+        event_id = doc.get("event_id") or ""
+        kind = OUTPUT_KINDS[topic]
+        with self.lock:
+            self.seen[kind][event_id] += 1
+            sent = self.sent_at.get(event_id)
+            if sent is not None and self.seen[kind][event_id] == 1:
+                self.latencies_ms.append((now - sent) * 1000)
+            if kind == "fraud":
+                self.actions[doc.get("action")] += 1
+                self.fraud_actions[event_id] = doc.get("action")
+            elif kind == "deadletter":
+                self.dl_reasons[doc.get("reason")] += 1
+
+    def distinct(self, kind: str) -> int:
+        with self.lock:
+            return len(self.seen[kind])
+
+    def all_ids(self) -> Counter:
+        with self.lock:
+            total: Counter = Counter()
+            for counts in self.seen.values():
+                total.update(counts)
+            return total
+
+    def percentiles(self) -> tuple[float, float]:
+        with self.lock:
+            if not self.latencies_ms:
+                return 0.0, 0.0
+            arr = np.asarray(self.latencies_ms)
+        return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (urllib.error.URLError, OSError):
+        return 0, None
+
+
+class RecommendationAsker:
+    """Asks ``GET /recommendations`` from a thread of its own, as an app would, and scores the answers.
+
+    The expected click-through uses the simulator's ground-truth click model.
+    Each request is followed by the same request on the trending path
+    (``path=fallback``), so the served model and the popularity baseline are
+    judged on the same users at the same moments.
+    """
+
+    def __init__(self, web: str, sim: Simulator) -> None:
+        self.web, self.sim = web, sim
+        self.answered = 0
+        self.latencies_ms: list[float] = []
+        self.expected_ctr: list[float] = []
+        self.expected_ctr_popularity: list[float] = []
+        self.ctr_by_path: dict[str, list[float]] = {}
+        self.queue: queue.Queue[str | None] = queue.Queue(maxsize=100)
+        self.thread = threading.Thread(target=self._run, name="recs", daemon=True)
+        self.thread.start()
+
+    def ask(self, user_id: str) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(user_id)
+
+    def _run(self) -> None:
+        while (user_id := self.queue.get()) is not None:
+            t0 = time.monotonic()
+            status, body = _get_json(f"{self.web}/recommendations/{user_id}?k=10")
+            if status != 200:
+                continue
+            self.latencies_ms.append((time.monotonic() - t0) * 1000)
+            self.answered += 1
+            user = Simulator.user_index(user_id)
+            ctr = self._ctr(user, body["items"])
+            if ctr is None:
+                continue
+            self.expected_ctr.append(ctr)
+            self.ctr_by_path.setdefault(body.get("path", "?"), []).append(ctr)
+            status, base = _get_json(f"{self.web}/recommendations/{user_id}?k=10&path=fallback")
+            base_ctr = self._ctr(user, base["items"]) if status == 200 else None
+            if base_ctr is not None:
+                self.expected_ctr_popularity.append(base_ctr)
+
+    def _ctr(self, user: int, item_ids: list[str]) -> float | None:
+        items = [Simulator.item_index(i) for i in item_ids]
+        return float(np.mean([self.sim.click_probability(user, i) for i in items])) if items else None
+
+    def ctr_summary(self) -> dict[str, Any]:
+        """Mean expected click-through of what was served, of the popularity baseline, and by path."""
+        def mean(xs: list[float]) -> float | None:
+            return round(float(np.mean(xs)), 4) if xs else None
+
+        return {"recommendation_expected_ctr": mean(self.expected_ctr),
+                "recommendation_expected_ctr_popularity": mean(self.expected_ctr_popularity),
+                "recommendation_paths": {p: len(v) for p, v in self.ctr_by_path.items()},
+                "recommendation_expected_ctr_personalised": mean(self.ctr_by_path.get("personalised", []))}
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+
+def _wait_ready(base: str, worker: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with code {worker.returncode}")
+        status, _ = _get_json(f"{base}/ready", timeout=1.0)
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"worker not ready after {timeout_s}s")
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    log = log_path.open("ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "kestrel", "worker", "--loglevel", "warning"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_worker(worker: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def erase_prefix(url: str, prefix: str) -> int:
+    """Delete every key of one run (never FLUSHALL a shared server)."""
+    return delete_matching(redis.Redis.from_url(url), f"{prefix}:*")
+
+
+class Progress:
+    """One status line, refreshed in place on a terminal and every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, line: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < (0.25 if self.tty else 3.0):
+            return
+        self.last = now
+        if self.tty:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    base = Settings.from_env()
+    run_id = secrets.token_hex(4)
+    embedded = "KESTREL_BROKER" not in os.environ
+    broker = EmbeddedBroker().start() if embedded else None
+    local_redis = LocalRedis(base.redis_url).start()
+    def say(m):
+        return (print(m, file=sys.stderr))
+    say(f"broker: {'embedded tansu at ' + broker.bootstrap if broker else base.broker + ' (KESTREL_BROKER)'}")
+    say(f"redis: {local_redis.describe()}")
+    settings = base.with_(
+        broker=broker.bootstrap if broker else base.broker, redis_url=local_redis.url,
+        redis_prefix=f"{base.redis_prefix}-demo-{run_id}", app_id=f"{base.app_id}-demo-{run_id}",
+        web_port=free_port(), api_token=base.api_token or secrets.token_urlsafe(24),
+        session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
+    settings = settings.with_(fraud_model=demo_fraud_model(args.fraud_model, args.seed, say))
+    say(f"fraud scorer: {settings.fraud_model or 'rules baseline'}")
+    settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
+    say(f"recommender: {settings.recs_model or 'trending items only'}")
+    log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
+    worker = None
+    collector_thread = None
+    summary: dict[str, Any] = {}
+    try:
+        topics.ensure_topics(settings.broker, settings.partitions)
+        worker = start_worker(settings, log_path)
+        web = f"http://{settings.web_host}:{settings.web_port}"
+        _wait_ready(web, worker, timeout_s=60)
+        say(f"worker: pid {worker.pid}, {web} (log {log_path})")
+        summary = _stream(args, settings, web, worker)
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        if collector_thread is not None:
+            collector_thread.join()
+        if broker is not None:
+            broker.stop()
+        with contextlib.suppress(redis.RedisError):
+            erase_prefix(settings.redis_url, settings.redis_prefix)
+        local_redis.stop()
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if summary.get("lost", 1) == 0 and summary.get("duplicates", 1) == 0 else 1
+
+
+def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subprocess.Popen) -> dict[str, Any]:
+    sim = Simulator(SimConfig(seed=args.seed, invalid_share=args.invalid_share, label_delay_s=args.label_delay,
+                              max_event_bytes=settings.max_event_bytes))
+    sent_at: dict[str, float] = {}
+    collector = Collector(settings.broker, settings.partitions, sent_at)
+    thread = threading.Thread(target=collector.run, name="collector", daemon=True)
+    thread.start()
+    producer = EventProducer(settings.broker, settings.hash_key)
+    progress = Progress()
+    sent = invalid = 0
+    asker = RecommendationAsker(web, sim)
+    last_user: str | None = None
+    started = time.monotonic()
+
+    def line(phase: str) -> str:
+        elapsed = max(time.monotonic() - started, 1e-9)
+        p50, p99 = collector.percentiles()
+        return (f"{phase}: sent {sent:,} ({sent / elapsed:,.0f} ev/s) | fraud decisions "
+                f"{collector.distinct('fraud'):,} | recs {collector.distinct('recs'):,} | labels "
+                f"{collector.distinct('labels'):,} | dead letters {collector.distinct('deadletter'):,} | "
+                f"p50 {p50:.1f} ms p99 {p99:.1f} ms")
+
+    # Generate up front, so the send loop measures the pipeline and not the simulator.
+    planned = args.events or int(max(args.rate, 1000) * args.duration)
+    print(f"simulating {planned:,} events ...", file=sys.stderr)
+    stream = list(itertools.islice(sim.records(), planned))
+    started = time.monotonic()
+    for rec in paced(iter(stream), args.rate, args.events, args.duration):
+        sent_at[rec.event_id] = time.monotonic()
+        send(producer, rec)
+        sent += 1
+        invalid += not rec.valid
+        if rec.kind == "interaction" and rec.event is not None:
+            last_user = rec.event.user_id
+        if args.recs_every and sent % args.recs_every == 0 and last_user:
+            asker.ask(last_user)
+        progress.show(line("streaming"))
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker died with code {worker.returncode}")
+    producer.flush()
+    send_elapsed = time.monotonic() - started
+    deadline = time.monotonic() + args.drain_timeout
+    while time.monotonic() < deadline:
+        if set(sent_at) <= set(collector.all_ids()):
+            break
+        progress.show(line("draining"))
+        time.sleep(0.1)
+    time.sleep(0.5)  # let any late duplicate arrive before counting
+    collector.stop.set()
+    thread.join()
+    asker.close()
+    progress.show(line("done"), force=True)
+    progress.done()
+    seen = collector.all_ids()
+    lost = len(set(sent_at) - set(seen))
+    duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    p50, p99 = collector.percentiles()
+    valid = sum(1 for eid in sent_at if eid in seen) - collector.distinct("deadletter")
+    return {
+        "events_sent": sent,
+        "events_valid": valid,
+        "deadlettered": collector.distinct("deadletter"),
+        "invalid_injected": invalid,
+        "fraud_decisions": collector.distinct("fraud"),
+        "recommendation_decisions": collector.distinct("recs"),
+        "training_examples": collector.distinct("labels"),
+        "recommendation_requests": asker.answered,
+        "recommendation_p99_ms": round(float(np.percentile(asker.latencies_ms, 99)), 2) if asker.latencies_ms else None,
+        **asker.ctr_summary(),
+        "lost": lost,
+        "duplicates": duplicates,
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "events_per_s": round(sent / max(send_elapsed, 1e-9), 1),
+        "actions": dict(collector.actions),
+        **_fraud_summary(stream, collector),
+        "deadletter_reasons": dict(collector.dl_reasons),
+    }
+
+
+def _fraud_summary(stream: list[SimRecord], collector: Collector) -> dict[str, Any]:
+    """How the live scorer did against the simulator's ground truth (flagged = review or block)."""
+    with collector.lock:
+        actions = dict(collector.fraud_actions)
+    frauds = [r.event_id for r in stream if r.kind == "transaction" and r.fraud]
+    flagged = [eid for eid, action in actions.items() if action != "allow"]
+    fraud_ids = set(frauds)
+    caught = sum(1 for eid in frauds if actions.get(eid, "allow") != "allow")
+    return {"frauds_sent": len(frauds), "frauds_flagged": caught,
+            "fraud_recall": round(caught / len(frauds), 4) if frauds else None,
+            "flagged_precision": round(sum(1 for eid in flagged if eid in fraud_ids) / len(flagged), 4)
+            if flagged else None}
+
+
+def _explicit_model(choice: str, baseline: str, env_var: str) -> str | None:
+    """What ``--*-model`` asks for unless it is "auto": "" for the baseline, a path, or the env var's path."""
+    if choice == baseline:
+        return ""
+    if choice != "auto":
+        return choice
+    return os.environ.get(env_var) or None
+
+
+def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
+    """The fraud model artifact the demo's worker loads ("" = rules); trains one on its first run."""
+    chosen = _explicit_model(choice, "rules", "KESTREL_FRAUD_MODEL")
+    if chosen is not None:
+        return chosen
+    from kestrel.models.fraud_model import latest_artifact
+
+    # The demo's simulator: 2 events per simulated second, 75% payments, 2,000 cards. A model trained on the
+    # same traffic (another seed): velocity features mean the same thing in training and in the demo.
+    per_day, cards = SimConfig().events_per_sim_second * SimConfig().transaction_share * 86400, SimConfig().n_cards
+    root = Path("artifacts/fraud-demo")
+    found = latest_artifact(root)
+    if found is None or json.loads((found / "meta.json").read_text())["report"].get("source", {}).get(
+            "payments_per_day") != per_day:
+        from kestrel.offline.fraud_train import train_on_simulated_history
+
+        say("training a fraud model on 12 simulated hours of the demo's traffic (first run only, ~20 s; "
+            "`kestrel train fraud` for real data)")
+        train_on_simulated_history(root, days=0.5, payments_per_day=per_day, n_cards=cards, seed=seed + 1000,
+                                   progress=say)
+    return str(root)
+
+
+def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
+    """The two-tower artifact root the demo's worker loads ("" = trending only); trains one on its first run."""
+    chosen = _explicit_model(choice, "trending", "KESTREL_RECS_MODEL")
+    if chosen is not None:
+        return chosen
+    root = Path("artifacts/recs-demo")
+    if not (root / "CURRENT").exists():
+        say("training a two-tower recommender on 100,000 simulated interactions (first run only, ~15 s)")
+        # Same seed as the demo's stream: the seed makes the world (catalog, shoppers' tastes) the model must know.
+        subprocess.run([sys.executable, "-m", "kestrel", "train", "recs", "--simulate", "100000",
+                        "--seed", str(seed), "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
+    return str(root)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if not summary:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Kestrel demo summary")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    Console(stderr=True).print(table)

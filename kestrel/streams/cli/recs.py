@@ -1,0 +1,155 @@
+"""`kestrel train|eval|bench recs`: argument parsing only; the work lives in `kestrel/offline/` and `kestrel/models/`.
+
+Heavy imports (torch, torchrec, faiss) happen inside the commands, so
+`kestrel --help` and the other verbs stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--csv", required=required, help="interaction CSV (plain or .gz)")
+    p.add_argument("--user-col", default="user_id")
+    p.add_argument("--item-col", default="item_id")
+    p.add_argument("--time-col", default="timestamp", help="epoch seconds or ISO-8601")
+    p.add_argument("--rating-col", default=None, help="keep rows whose value here is >= --min-rating")
+    p.add_argument("--min-rating", type=float, default=None)
+    p.add_argument("--category-col", default=None, help="item attribute for the item tower (e.g. category)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAction,
+             bench: argparse._SubParsersAction) -> None:
+    """Add the recs verbs to the `train`, `eval` and `bench` command groups."""
+    p = train.add_parser("recs", help="train the two-tower recommender and write a versioned artifact")
+    _data_args(p, required=False)
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="train on N simulated interactions (the demo's simulator) instead of --csv")
+    p.add_argument("--out", default="artifacts/recs", help="artifact root: writes OUT/<version>/ and OUT/CURRENT")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = evaluate.add_parser("recs", help="temporal-split evaluation of the two-tower against baselines")
+    _data_args(p, required=False)
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="evaluate on N simulated interactions instead of --csv, and add the simulator checks "
+                        "(session shift, expected click-through against popularity)")
+    _model_args(p)
+    p.add_argument("--ease-lambda", type=float, default=200.0)
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument("--save-model", default=None, metavar="DIR", help="also write the trained artifact here")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = bench.add_parser("recs", help="end-to-end recommendation latency and FAISS recall by catalog size")
+    p.add_argument("--sizes", default="10000,100000", help="comma-separated catalog sizes (e.g. 10000,100000,1000000)")
+    p.add_argument("--requests", type=int, default=2000, help="requests per size")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument("--redis-url", default=None, help="Redis for the feature reads (default REDIS_URL or local)")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from kestrel.offline.recs_data import load_interactions, simulated_interactions
+
+    if getattr(args, "simulate", 0):
+        df = simulated_interactions(args.simulate, seed=args.seed)
+        return load_interactions_frame(df)
+    if not args.csv:
+        raise SystemExit("give --csv FILE or --simulate N")
+    return load_interactions(args.csv, args.user_col, args.item_col, args.time_col, args.rating_col,
+                             args.min_rating, args.category_col)
+
+
+def load_interactions_frame(df: Any) -> Any:
+    """A simulated frame in the shape ``load_interactions`` returns (through a CSV-like round trip)."""
+    import io
+
+    from kestrel.offline.recs_data import load_interactions
+
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    buf.seek(0)
+    return load_interactions(buf, "user_id", "item_id", "timestamp", category_col="category")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kestrel.offline.recs_train import train_two_tower
+
+    df = _load(args)
+    art = train_two_tower(df, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, progress=not args.no_progress)
+    folder = art.save(args.out)
+    summary = {"version": art.version, "path": str(folder), "items": len(art.vocab.item_ids),
+               **{k: art.metadata[k] for k in ("examples", "train_seconds", "examples_per_s", "loss_per_epoch")}}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kestrel.offline.recs_eval import evaluate_recs
+
+    df = _load(args)
+    if not args.simulate and not args.csv:
+        raise SystemExit("give --csv FILE or --simulate N")
+    result = evaluate_recs(df, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, lr=args.lr,
+                           ease_lambda=args.ease_lambda, seed=args.seed, progress=not args.no_progress,
+                           index_kind=args.index, log=lambda m: print(m, file=sys.stderr))
+    art = result.pop("artifact")
+    if args.save_model:
+        result["saved_to"] = str(art.save(args.save_model))
+    if args.simulate:
+        from kestrel.offline.recs_data import temporal_split
+        from kestrel.offline.recs_simcheck import simulator_check
+        from kestrel.offline.simulator import SimConfig
+
+        train, _ = temporal_split(df)
+        result["simulator"] = simulator_check(art, train, SimConfig(seed=args.seed))
+    _print_table(result)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ("recall_at_10", "recall_at_20", "ndcg_at_10", "coverage_at_10", "retrieval_p50_ms", "retrieval_p99_ms")
+    table = Table(title=f"Recommendations: {result['users_evaluated']:,} users, {result['items']:,} items")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in [("two_tower", result["two_tower"]), *result["baselines"].items()]:
+        table.add_row(name, *(f"{m[c]:.4f}" if c in m else "-" for c in cols))
+    Console(stderr=True).print(table)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kestrel.streams.recs.bench import run_bench
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rows = run_bench(sizes, requests=args.requests, dim=args.dim, index_kind=args.index, redis_url=args.redis_url,
+                     log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(row)
+    return 0

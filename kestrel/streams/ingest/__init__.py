@@ -1,0 +1,1 @@
+"""Getting events in: the validating producer client, raw-record validation, CSV replay."""

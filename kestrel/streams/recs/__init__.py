@@ -1,0 +1,1 @@
+"""Recommendations online: the serving path, the ``recs.requests`` agent and its benchmark."""

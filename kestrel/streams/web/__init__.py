@@ -1,0 +1,1 @@
+"""The worker's HTTP views: health, metrics, intake, recommendations and the alert pages."""

@@ -1,0 +1,1 @@
+"""The worker: the Faust app, batch intake and delivery, per-batch processing, the process supervisor."""

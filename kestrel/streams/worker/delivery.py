@@ -1,0 +1,66 @@
+"""Delivery ledger: which outputs already reached the broker, and what was sent, kept in Redis.
+
+Each output has a mark key; it is set only after the broker acknowledged the
+record, so a batch replayed after a crash re-sends exactly the outputs that
+were never delivered. Before an output is first sent its bytes go to an
+outbox key (``mark:out``, or a log key the output is already written to);
+a replay re-sends those bytes, not a recomputation: a recommendation or an
+alert computed again after a crash can differ (other events moved the state
+meanwhile), and a consumer keyed by event id must never see two different
+decisions for one event. The outbox entry is dropped when the mark is set.
+One script call per batch keeps this off the hot path (a pipeline of one
+command per record costs more in reply parsing than the commands
+themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+
+from kestrel.feature_store.scripts import load_lua
+
+WRITE_AND_CHECK_LUA = load_lua(__file__, "delivery_write_and_check")
+
+MARK_LUA = load_lua(__file__, "delivery_mark")
+
+
+def outbox_key(mark: str) -> str:
+    return f"{mark}:out"
+
+
+class DeliveryLedger:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, writes_ttl_s: int | None = None) -> None:
+        self.ttl_s = ttl_s
+        self.writes_ttl_s = writes_ttl_s or ttl_s
+        self._write_and_check = client.register_script(WRITE_AND_CHECK_LUA)
+        self._mark = client.register_script(MARK_LUA)
+
+    async def unsent(self, outputs: Sequence[tuple[str, str | None, bytes]],
+                     writes: Sequence[tuple[str, bytes]] = ()) -> list[bytes | None]:
+        """For each (mark, log key or None, body): None if delivered, else the bytes to send.
+
+        The bytes are those stored when the output was first attempted (on
+        the first attempt, ``body`` itself, which then does not travel back);
+        a log key (written NX by ``writes`` in the same call) serves as the
+        outbox itself, so its body is not sent twice. ``writes`` (key, value)
+        are stored first, with ``writes_ttl_s``.
+        """
+        if not outputs and not writes:
+            return []
+        args: list[object] = [self.writes_ttl_s, len(writes)]
+        for key, value in writes:
+            args += [key, value]
+        args.append(self.ttl_s)
+        for mark, log_key, body in outputs:
+            args += [mark, log_key or outbox_key(mark), b"" if log_key else body]
+        replies = await self._write_and_check(args=args)
+        return [None if reply == 0 else body if reply == 1 else reply
+                for (_, _, body), reply in zip(outputs, replies, strict=True)]
+
+    async def mark(self, outputs: Sequence[tuple[str, str | None]]) -> None:
+        """Set the marks of delivered (mark, log key or None) outputs; their transient outboxes go."""
+        if outputs:
+            await self._mark(args=[self.ttl_s, len(outputs), *(m for m, _ in outputs),
+                                   *(outbox_key(m) for m, log_key in outputs if log_key is None)])
