@@ -37,9 +37,10 @@ def bare_worker(broker: str, n: int) -> None:
     """A Faust app whose agent only takes batches: prints when it has seen ``n`` events."""
     import faust
 
-    from kestrel.streams.worker.app import _set_fetch_wait, run_worker
+    from kestrel.streams.worker.app import run_worker
+    from kestrel.streams.worker.consumer import set_fetch_wait
 
-    _set_fetch_wait(10)
+    set_fetch_wait(10)
     app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{broker}", store="memory://",
                     broker_session_timeout=3, broker_heartbeat_interval=0.5, web_port=free_port())
     source = app.topic(topics.TRANSACTIONS, value_serializer="raw", key_serializer="raw")

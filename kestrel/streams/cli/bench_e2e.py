@@ -566,9 +566,10 @@ def bare_worker(broker: str, partitions: int, batch_size: int, within_s: float, 
     """Takes the worker's batches from events.transactions and produces each input, acked, to BARE_OUT."""
     import faust
 
-    from kestrel.streams.worker.app import _set_fetch_wait, run_worker
+    from kestrel.streams.worker.app import run_worker
+    from kestrel.streams.worker.consumer import set_fetch_wait
 
-    _set_fetch_wait(fetch_wait_ms)
+    set_fetch_wait(fetch_wait_ms)
     app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{broker}", store="memory://",
                     topic_partitions=partitions, consumer_auto_offset_reset="earliest", broker_session_timeout=3,
                     broker_heartbeat_interval=0.5, producer_acks=-1, producer_linger=linger_ms / 1000,

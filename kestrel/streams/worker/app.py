@@ -15,76 +15,22 @@ import gc
 import logging
 from typing import Any
 
-import aiokafka
 import faust
-import faust.transport.drivers.aiokafka as faust_aiokafka_driver
 
 from kestrel.feature_store import topics
 from kestrel.streams.config import Settings
 from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
 from kestrel.streams.web.views import install_views
+from kestrel.streams.worker.consumer import patch_faust_consumer
 from kestrel.streams.worker.runtime import Runtime, take_batches
 
 log = logging.getLogger("kestrel.worker")
 
 
-class _AiokafkaWithFetchWait:
-    """Stands in for the ``aiokafka`` module inside Faust's driver to set ``fetch_max_wait_ms``.
-
-    Faust hard-codes 1500 ms. Apache Kafka answers a fetch as soon as data
-    arrives, but tansu holds every fetch for the full wait, which would put
-    that wait on every decision. A short wait costs only idle fetches.
-    """
-
-    def __init__(self, fetch_max_wait_ms: int) -> None:
-        self._wait = fetch_max_wait_ms
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(aiokafka, name)
-
-    def AIOKafkaConsumer(self, *args: Any, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:
-        kwargs["fetch_max_wait_ms"] = self._wait
-        return aiokafka.AIOKafkaConsumer(*args, **kwargs)
-
-
-def _set_fetch_wait(fetch_max_wait_ms: int) -> None:
-    faust_aiokafka_driver.aiokafka = _AiokafkaWithFetchWait(fetch_max_wait_ms)
-
-
-def _rewind_uncommitted_partitions() -> None:
-    """After a rebalance, also rewind the partitions the group never committed.
-
-    Faust drops records it fetched while flow was stopped and seeks back to
-    the committed offsets, but aiokafka's ``seek_to_committed`` skips a
-    partition without one, so its position stays past the dropped records and
-    Faust then commits over them (seen losing 255 payments of a partition whose
-    first owner was SIGKILLed before its first commit). With no committed
-    offset, the start is the beginning (``consumer_auto_offset_reset=earliest``).
-    """
-    thread_cls = faust_aiokafka_driver.AIOKafkaConsumerThread
-    if getattr(thread_cls, "_kestrel_rewinds", False):
-        return
-
-    async def seek_to_committed(self: Any) -> Any:
-        async def both() -> Any:
-            consumer = self._ensure_consumer()
-            committed = await consumer.seek_to_committed()
-            never = [tp for tp, offset in committed.items() if not offset or offset <= 0]
-            if never:
-                await consumer.seek_to_beginning(*never)
-            return committed
-
-        return await self.call_thread(both)
-
-    thread_cls.seek_to_committed = seek_to_committed
-    thread_cls._kestrel_rewinds = True
-
-
 def create_app(settings: Settings | None = None) -> faust.App:
     settings = settings or Settings.from_env()
-    _set_fetch_wait(settings.fetch_max_wait_ms)
-    _rewind_uncommitted_partitions()
+    patch_faust_consumer(settings.fetch_max_wait_ms)
     brokers = [f"kafka://{host.strip()}" for host in settings.broker.split(",") if host.strip()]
     app = faust.App(
         settings.app_id,

@@ -72,11 +72,33 @@ class Runtime:
         return self._topics[name]
 
     async def send(self, outputs: list[Output]) -> None:
-        """Produce and wait until the broker acknowledged every record."""
-        producer = self.app.producer  # below Topic.send: no per-record FutureMessage bookkeeping
-        futures = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs]
-        if futures:
-            await asyncio.gather(*futures)
+        """Produce and wait until the broker acknowledged every record.
+
+        Below Faust's ``Producer.send`` and aiokafka's per-record ``send`` (a
+        metadata wait, a partitioner call and a future per record): the
+        outputs are grouped by partition, with aiokafka's own partitioner (so
+        a key lands where a plain send would put it), and handed over as one
+        record batch per partition, in order; one future per batch.
+        """
+        if not outputs:
+            return
+        producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust started
+        for name in {o.topic for o in outputs}:
+            await producer.client._wait_on_metadata(name)
+        partition_of = producer._partition
+        by_partition: dict[tuple[str, int], list[Output]] = {}
+        for o in outputs:
+            by_partition.setdefault((o.topic, partition_of(o.topic, None, None, None, o.key, o.value)), []).append(o)
+        futures = []
+        for (name, partition), outs in by_partition.items():
+            batch = producer.create_batch()
+            for o in outs:
+                if batch.append(key=o.key, value=o.value, timestamp=None) is None:  # full: an empty one takes it
+                    futures.append(await producer.send_batch(batch, name, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=o.key, value=o.value, timestamp=None)
+            futures.append(await producer.send_batch(batch, name, partition=partition))
+        await asyncio.gather(*futures)
 
     async def prepare(self, topic: str, events: list[Any]) -> Batch:
         """Process one batch (features, decisions, outboxes).
