@@ -11,16 +11,22 @@ import orjson
 from kestrel.feature_store import topics
 from kestrel.streams.records import Output
 from kestrel.streams.recs.service import parse_request
-from kestrel.streams.worker.runtime import Runtime
+from kestrel.streams.worker.runtime import Runtime, take_batches
 
 
 def install_request_agent(app: faust.App, runtime: Runtime) -> None:
-    """Answer ``recs.requests`` on ``recs.responses`` (key: the request's key), in micro-batches."""
+    """Answer ``recs.requests`` on ``recs.responses`` (key: the request's key), in micro-batches.
+
+    Requests are taken like payments (:func:`take_batches`: records fetched
+    before a rebalance are left unacked for the partition's next owner) and
+    acked only once their answers were acknowledged by the broker:
+    at-least-once answers, none lost to a rebalance.
+    """
     source = runtime.topic(topics.RECS_REQUESTS)
     settings = runtime.settings
 
     async def answer_requests(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        async for events in take_batches(stream, settings.batch_size, settings.batch_within_s):
             started = time.time()
             parsed = [(e.message.key or b"", parse_request(e.message.value)) for e in events]
             good = [(key, p) for key, p in parsed if not isinstance(p, str)]
@@ -39,7 +45,9 @@ def install_request_agent(app: faust.App, runtime: Runtime) -> None:
                            "model_version": res.model_version,
                            "processing_ms": round((time.time() - started) * 1000, 3)}
                 outputs.append(Output(topics.RECS_RESPONSES, key, orjson.dumps(doc), ""))
-            await runtime.send(outputs)  # acked before Faust acks the requests: at-least-once answers
+            await runtime.send(outputs)
+            for event in events:
+                await stream.ack(event)
 
     answer_requests.__name__ = answer_requests.__qualname__ = "answer_recs_requests"
     app.agent(source, name="kestrel.recs.requests")(answer_requests)
