@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOKEN_CHARS = 32
+RECENT_TOKENS = 65_536  # tokens a hasher remembers (a few MB at most)
 # Pair entities (FeatureSet.owner) and the data subject they belong to; their tokens start with the owner's.
 PAIR_OWNER = {"card_terminal": "card", "card_device": "card"}
 
@@ -31,6 +32,9 @@ class KeyedHasher:
 
     key: bytes
     _pads: tuple[Any, Any] = field(init=False, repr=False, compare=False)
+    # recent tokens: a payment's card is hashed for several feature sets and its decision (bounded: cleared
+    # when full; the ids are in the worker's memory anyway, never written out)
+    _recent: dict[tuple[str, str], str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         # HMAC's keyed inner and outer states, computed once: a token then costs two SHA-256 blocks, not
@@ -47,10 +51,17 @@ class KeyedHasher:
         >>> KeyedHasher(b"k").token("card", "x") == h.new(b"k", b"card\\x1fx", "sha256").hexdigest()[:TOKEN_CHARS]
         True
         """
-        inner, outer = self._pads[0].copy(), self._pads[1].copy()
-        inner.update(f"{entity}\x1f{raw_id}".encode())
-        outer.update(inner.digest())
-        return outer.hexdigest()[:TOKEN_CHARS]
+        recent = self._recent
+        token = recent.get((entity, raw_id))
+        if token is None:
+            inner, outer = self._pads[0].copy(), self._pads[1].copy()
+            inner.update(f"{entity}\x1f{raw_id}".encode())
+            outer.update(inner.digest())
+            token = outer.hexdigest()[:TOKEN_CHARS]
+            if len(recent) >= RECENT_TOKENS:
+                recent.clear()
+            recent[(entity, raw_id)] = token
+        return token
 
 
 @dataclass(frozen=True)
