@@ -16,12 +16,19 @@ agents' queues and how a rebalance seeks:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
+import logging
 from typing import Any, cast
 
 import aiokafka
 import faust.transport.consumer as faust_consumer
 import faust.transport.drivers.aiokafka as faust_aiokafka_driver
 from mode import Service
+
+log = logging.getLogger("kestrel.worker")
+# sha256 (16 hex) of faust-streaming 0.15.3's Consumer._drain_messages source, which _hand_over_without_tasks copies
+FAUST_DRAIN_SOURCE = "44a2500309e83c63"
 
 
 def patch_faust_consumer(fetch_max_wait_ms: int) -> None:
@@ -96,6 +103,11 @@ def _hand_over_without_tasks() -> None:
     """
     cls = faust_consumer.Consumer
     if getattr(cls, "_kestrel_hand_over", False):
+        return
+    source = hashlib.sha256(inspect.getsource(cls._drain_messages).encode()).hexdigest()[:16]
+    if source != FAUST_DRAIN_SOURCE:  # a Faust whose loop changed: this copy of it would be stale
+        log.warning("Faust's Consumer._drain_messages is not the one this patch copies (source %s, expected %s): "
+                    "keeping Faust's own, a record hand-over costs its four tasks", source, FAUST_DRAIN_SOURCE)
         return
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:
