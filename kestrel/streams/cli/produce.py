@@ -35,11 +35,15 @@ def add_produce_args(p: argparse.ArgumentParser) -> None:
                    help="59 (the default) fits `kestrel eval fraud`'s default windows (7 train, 7 delay, 7 test) "
                         "after the 37 days the features need to warm up")
     h.add_argument("--payments-per-day", type=float, default=5000.0)
+    h.add_argument("--generator", choices=["kestrel", "independent"], default="kestrel",
+                   help="kestrel: the simulator the features were designed with; independent: "
+                        "kestrel.offline.generators.independent, fraud patterns designed without Kestrel's features")
     h.add_argument("--emerging-after-days", type=float, default=None,
-                   help="from this day on fraudsters add a pattern absent before (account takeover)")
+                   help="from this day on fraudsters add a pattern absent before (account takeover); "
+                        "--generator kestrel only")
     h.add_argument("--hard-negatives", action="store_true",
                    help="genuine customers also change phones, travel and make big purchases now and then, "
-                        "so no single input marks fraud (a harder, more realistic history)")
+                        "so no single input marks fraud (a harder, more realistic history); --generator kestrel only")
 
 
 def simulated(args: argparse.Namespace, max_event_bytes: int) -> Iterator[SimRecord]:
@@ -71,10 +75,19 @@ def send(producer: EventProducer, rec: SimRecord) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     if args.history_csv:
-        from kestrel.offline.simulator import write_history
+        if args.generator == "independent":
+            if args.emerging_after_days is not None or args.hard_negatives:
+                print("--emerging-after-days and --hard-negatives are for --generator kestrel only",
+                      file=sys.stderr)
+                return 2
+            from kestrel.offline.generators.independent import write_history as write_independent
 
-        counts = write_history(args.history_csv, args.days, args.payments_per_day, seed=args.seed,
-                               emerging_after_days=args.emerging_after_days, hard_negatives=args.hard_negatives)
+            counts = write_independent(args.history_csv, args.days, args.payments_per_day, seed=args.seed)
+        else:
+            from kestrel.offline.simulator import write_history
+
+            counts = write_history(args.history_csv, args.days, args.payments_per_day, seed=args.seed,
+                                   emerging_after_days=args.emerging_after_days, hard_negatives=args.hard_negatives)
         print(f"wrote {counts['payments']:,} payments ({counts['frauds']:,} frauds) over {args.days:g} days "
               f"to {args.history_csv}", file=sys.stderr)
         return 0
