@@ -4,6 +4,7 @@
     .venv/bin/python bench/fraud_quality.py --out runs/easy --easy   # the default simulator
     .venv/bin/python bench/fraud_quality.py --out runs/hard --report-only   # tables from saved runs
     .venv/bin/python bench/fraud_quality.py --out runs/quick --seeds 7 --drift-seeds 8 --train-days 7
+    .venv/bin/python bench/fraud_quality.py --out runs/indep --independent   # the independent generator
 
 A stationary run simulates the features' warm-up (37 days), the training
 window, 7 days of label delay and 7 test days; a drift run adds account
@@ -38,8 +39,10 @@ def runs_of(args: argparse.Namespace) -> list[dict]:
     from kestrel.offline.fraud_eval import longest_window_days
 
     warm_up = math.ceil(longest_window_days())  # the features' reach back: 37 days
-    hard = [] if args.easy else ["--hard-negatives"]
+    hard = [] if args.easy or args.independent else ["--hard-negatives"]
     per_day = ["--payments-per-day", str(args.payments_per_day)]
+    if args.independent:  # a generator designed without Kestrel's features; stationary runs only (no drift option)
+        per_day += ["--generator", "independent"]
     runs = []
     days = warm_up + args.train_days + 7 + 7 + 1
     for seed in args.seeds:
@@ -47,7 +50,7 @@ def runs_of(args: argparse.Namespace) -> list[dict]:
                      "produce": ["--days", str(days), "--seed", str(seed), *per_day, *hard],
                      "window": ["--train-days", str(args.train_days), "--delay-days", "7", "--test-days", "7"]})
     days = warm_up + args.train_days + 1 + 8 + 1
-    for seed in args.drift_seeds:
+    for seed in [] if args.independent else args.drift_seeds:
         runs.append({"name": f"drift {seed}", "file": f"d{seed}", "kind": "drift",
                      "produce": ["--days", str(days), "--seed", str(seed), "--emerging-after-days", str(days - 8),
                                  *per_day, *hard],
@@ -119,6 +122,9 @@ def main() -> int:
     p.add_argument("--train-days", type=int, default=14)
     p.add_argument("--payments-per-day", type=int, default=5000)
     p.add_argument("--easy", action="store_true", help="the default simulator (no hard negatives)")
+    p.add_argument("--independent", action="store_true",
+                   help="histories from kestrel.offline.generators.independent (fraud designed without Kestrel's "
+                        "features); stationary runs only")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="tables from the runs already in --out")
     args = p.parse_args()
