@@ -133,6 +133,8 @@ async def test_while_redis_is_unreachable_payments_wait(frozen_redis: LocalRedis
 async def test_degraded_mode_decides_by_rules_and_applies_the_features_once_redis_is_back(
         frozen_redis: LocalRedis) -> None:
     events = _payments(20)
+    large = events[3]  # a payment the rules flag on its own (large amount): its alert must follow the recovery
+    large.message.value = orjson.dumps({**orjson.loads(large.message.value), "amount": 5000.0})
     settings = Settings().with_(redis_url=frozen_redis.url, redis_prefix="kestrel-degraded", redis_timeout_s=0.3,
                                 degraded_mode="rules")
     client = aioredis.Redis.from_url(frozen_redis.url, socket_timeout=0.3, socket_connect_timeout=0.3)
@@ -150,14 +152,25 @@ async def test_degraded_mode_decides_by_rules_and_applies_the_features_once_redi
     assert later.degraded and len(later.outputs) == 5
 
     os.kill(frozen_redis.proc.pid, signal.SIGCONT)
-    await asyncio.wait_for(runtime.processor.recover(topics.TRANSACTIONS, batch.records, batch.outputs), timeout=30)
+    alerts = await asyncio.wait_for(runtime.processor.recover(topics.TRANSACTIONS, batch.records, batch.outputs),
+                                    timeout=30)
+    # the large payment's degraded decision (review, by the rules alone) raises its alert once Redis is back
+    flagged = [d for d in docs if d["action"] != "allow"]
+    assert [d["event_id"] for d in flagged] == [large.event.event_id]
+    assert [o.topic for o in alerts] == [topics.ALERTS]
+    alert = orjson.loads(alerts[0].value)
+    assert alert["type"] == "fraud_alert" and alert["card"] == flagged[0]["card"]
+    # a retry before the alert was delivered returns the same alert, byte for byte (the desk's markers)
+    retry = await runtime.processor.recover(topics.TRANSACTIONS, batch.records, batch.outputs)
+    assert [o.value for o in retry] == [alerts[0].value]
+    await runtime.processor.mark_delivered(alerts)  # what the runtime does once the broker acked them
     expected = Counter(e.event.card_id for e in events)
     assert _card_counts(frozen_redis.url, "kestrel-degraded", events) == {c: float(n) for c, n in expected.items()}
     # the degraded decisions are the logged ones, and delivered: a replay of the batch sends nothing again
     logged = await client.get(f"kestrel-degraded:decision:{docs[0]['event_id']}")
     assert orjson.loads(logged)["degraded"] is True
     assert await runtime.processor.process(topics.TRANSACTIONS, batch.records) == []
-    # and recovering twice (a retry after a lost reply) changes nothing
-    await runtime.processor.recover(topics.TRANSACTIONS, batch.records, batch.outputs)
+    # and recovering again (a retry after a lost reply) changes nothing and sends no alert twice
+    assert await runtime.processor.recover(topics.TRANSACTIONS, batch.records, batch.outputs) == []
     assert _card_counts(frozen_redis.url, "kestrel-degraded", events) == {c: float(n) for c, n in expected.items()}
     await client.aclose()

@@ -206,15 +206,20 @@ class Processor:
         self.metrics.degraded.inc(len(valid))
         return outputs
 
-    async def recover(self, topic: str, records: Sequence[RawRecord], sent: Sequence[Output]) -> None:
-        """After a degraded batch: apply its feature updates, log its decisions as sent, mark them delivered.
+    async def recover(self, topic: str, records: Sequence[RawRecord], sent: Sequence[Output]) -> list[Output]:
+        """After a degraded batch: apply its feature updates, log its decisions as sent, mark them delivered,
+        and return the analyst alerts its flagged decisions open or update (for the caller to deliver).
 
-        Idempotent (the units' markers, NX logs, marks), so it is simply retried until Redis answers.
+        Idempotent (the units' markers, NX logs, marks, the alert desk's per-decision markers), so it is
+        simply retried until Redis answers; alerts already delivered are not returned again.
         """
         _, valid = self._validate(topic, records, time.time())
         await self.store.apply_units([self._payment_unit(e) for _, e in valid])
         await self.ledger.unsent([], [(o.log_key, o.value) for o in sent if o.log_key])
         await self.mark_delivered(sent)
+        # the degraded decisions, as sent (parsed back: this is the rare recovery path, not the hot one)
+        docs = [orjson.loads(o.value) for o in sent if o.topic == topics.FRAUD_DECISIONS]
+        return await self._not_yet_delivered(await self.alerts.on_decisions(docs), [])
 
     async def warm_up(self) -> None:
         """First calls pay one-time costs (model files, torch and FAISS first calls): pay them before ready.

@@ -196,12 +196,16 @@ class Runtime:
             await stream.ack(event)
 
     async def _recover(self) -> None:
-        """Apply the degraded batches' feature updates in order once Redis answers, then ack their events."""
+        """Apply the degraded batches' feature updates in order once Redis answers, deliver the alerts their
+        flagged decisions raise (none could be raised without Redis), then ack their events."""
         delay = 0.1
         while self._recovery:
             batch, stream = self._recovery[0]
             try:
-                await self.processor.recover(batch.records[0].topic, batch.records, batch.outputs)
+                alerts = await self.processor.recover(batch.records[0].topic, batch.records, batch.outputs)
+                if alerts:
+                    await self.send(alerts)
+                    await self.processor.mark_delivered(alerts)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
