@@ -11,7 +11,7 @@ import orjson
 from kestrel.feature_store import topics
 from kestrel.streams.records import Output
 from kestrel.streams.recs.service import parse_request
-from kestrel.streams.worker.runtime import Runtime, take_batches
+from kestrel.streams.worker.runtime import Runtime, ack_events, take_batches
 
 
 def install_request_agent(app: faust.App, runtime: Runtime) -> None:
@@ -46,8 +46,7 @@ def install_request_agent(app: faust.App, runtime: Runtime) -> None:
                            "processing_ms": round((time.time() - started) * 1000, 3)}
                 outputs.append(Output(topics.RECS_RESPONSES, key, orjson.dumps(doc), ""))
             await runtime.send(outputs)
-            for event in events:
-                await stream.ack(event)
+            await ack_events(stream, events)
 
     answer_requests.__name__ = answer_requests.__qualname__ = "answer_recs_requests"
     app.agent(source, name="kestrel.recs.requests")(answer_requests)

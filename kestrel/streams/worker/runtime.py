@@ -192,8 +192,7 @@ class Runtime:
             if self._recoverer is None or self._recoverer.done():
                 self._recoverer = asyncio.ensure_future(self._recover())
             return
-        for event in batch.events:
-            await stream.ack(event)
+        await ack_events(stream, batch.events)
 
     async def _recover(self) -> None:
         """Apply the degraded batches' feature updates in order once Redis answers, deliver the alerts their
@@ -216,9 +215,14 @@ class Runtime:
             self._outage = False  # Redis answers again: new batches take the normal path (after this queue)
             delay = 0.1
             self._recovery.popleft()
-            for event in batch.events:
-                await stream.ack(event)
+            await ack_events(stream, batch.events)
         self._recovered.set()
+
+
+async def ack_events(stream: Any, events: list[Any]) -> None:
+    """Ack events taken by :func:`take_batches` once their outputs were delivered (Faust then commits them)."""
+    for event in events:
+        await stream.ack(event)
 
 
 def _raw(topic: str, event: Any) -> RawRecord:
