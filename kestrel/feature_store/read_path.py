@@ -48,13 +48,16 @@ class HeadReader:
         # a feature set with a delayed window is always read from its buckets
         self.usable = not any(isinstance(f, Windowed) and f.delay_s for f in fs.vector)
         self._bucket_sizes = sorted({f.bucket_s for f in fs.vector if isinstance(f, Windowed)})
-        self.source = self._source() if self.usable else "def decode(blob, at, lasts):\n    return PAST\n"
+        self.source = self._source() if self.usable else ("def decode(blob, at, lasts):\n    return PAST\n"
+                                                          "def decode_values(v, ss, at, lasts):\n    return PAST\n")
         numbers = struct.Struct(self.layout.fmt)
         scope: dict[str, Any] = {"UNPACK": numbers.unpack_from,
                                  "LEN": struct.Struct("<I").unpack_from, "STD": std_from_moments,
                                  "PAST": PAST, "OFFSET": numbers.size, "NAN": math.nan}
         exec(compile(self.source, f"<head decoder {fs.qualified_version}>", "exec"), scope)
         self.decode: Decoder = scope["decode"]
+        # the same from a head already unpacked: its numbers and strings (head_state.py's worker arithmetic)
+        self.decode_values: Callable[[Any, list[str | None], float, list[int]], Any] = scope["decode_values"]
 
     def previous(self, blob: bytes | None, at: float) -> dict[str, Any]:
         """The features an event reads from before itself (time since the previous event, previous values),
@@ -80,14 +83,28 @@ class HeadReader:
                 out[feat.name] = value if value is not None else feat.default
         return out
 
+    def previous_values(self, numbers: Any, strings: list[str | None], at: float) -> dict[str, Any]:
+        """:meth:`previous` from a head already unpacked (numbers, strings)."""
+        out: dict[str, Any] = {}
+        lay = self.layout
+        for feat in self.fs.vector:
+            if isinstance(feat, TimeSince):
+                t = numbers[lay.last_time] if lay.last_time is not None else math.nan
+                out[feat.name] = max(at - t, 0.0) if t == t else feat.default
+            elif isinstance(feat, LastValue):
+                value = strings[lay.strings.index(feat.name)]
+                out[feat.name] = value if value is not None else feat.default
+        return out
+
     def lasts(self, at: float) -> list[int]:
         """The newest bucket of a window read at ``at``, per bucket size (undelayed: the bucket of ``at``)."""
         return [math.floor(at / b) for b in self._bucket_sizes]
 
     def _source(self) -> str:
-        """Python source of ``decode(blob, at, lasts)``: the vector, or PAST."""
+        """Python source of ``decode(blob, at, lasts)`` and ``decode_values(numbers, strings, at, lasts)``:
+        the vector, or PAST."""
         lay = self.layout
-        lines = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
+        lines: list[str] = []
         # before the newest bucket: the buckets answer, or for a head-only set the head as of that bucket
         past = "return PAST" if self.fs.buckets else "{} = 0"
         slot = {b: i for i, b in enumerate(self._bucket_sizes)}
@@ -100,12 +117,15 @@ class HeadReader:
                 lines += [f"    k{i} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if k{i} < 0: {past.format(f'k{i}')}"]
         for j, (_name, top, bucket_s, _) in enumerate(lay.distinct):
             lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: {past.format(f'd{j}')}"]
+        from_blob = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
+        from_values = ["def decode_values(v, ss, at, lasts):"]
         if lay.strings:
-            lines.append("    o = OFFSET")
+            from_blob.append("    o = OFFSET")
             for j, _ in enumerate(lay.strings):
-                lines += ["    (n,) = LEN(blob, o)", "    o += 4",
-                          f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
-                          "    if n != 0xFFFFFFFF: o += n"]
+                from_blob += ["    (n,) = LEN(blob, o)", "    o += 4",
+                              f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
+                              "    if n != 0xFFFFFFFF: o += n"]
+                from_values.append(f"    s{j} = ss[{j}]")
         out = []
         distinct = {name: j for j, (name, *_rest) in enumerate(lay.distinct)}
         strings = {name: j for j, name in enumerate(lay.strings)}
@@ -136,4 +156,4 @@ class HeadReader:
                 j = strings[feat.name]
                 out.append(f"{key}: (s{j} if s{j} is not None else {default})")
         lines.append("    return {" + ", ".join(out) + "}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(from_blob + lines) + "\n" + "\n".join(from_values + lines) + "\n"

@@ -50,8 +50,10 @@ from kestrel.feature_store.definitions import (
     Windowed,
     finalize,
 )
+from kestrel.feature_store.head_state import HeadArithmetic, HeadBatch, vectors_snapshot, worker_applicable
 from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
 from kestrel.feature_store.read_path import PAST, HeadReader
+from kestrel.feature_store.resp import Pinned, PinnedSync
 from kestrel.feature_store.scripts import load_lua
 
 LUA_READS = load_lua(__file__, "reads")
@@ -65,6 +67,12 @@ APPLY_BATCH_LUA = LUA_READS + LUA_PLAN + LUA_HEAD + load_lua(__file__, "apply_ba
 REBUILD_LUA = LUA_READS + LUA_PLAN + LUA_HEAD + load_lua(__file__, "rebuild_heads")
 
 READ_LUA = LUA_READS + load_lua(__file__, "read_buckets")
+
+COMMIT_HEADS_LUA = load_lua(__file__, "commit_heads")
+
+# Attempts of the worker path on a batch whose entities keep changing under it (other workers writing
+# the same terminals, say) before the batch goes to the Lua path, which never conflicts.
+HEAD_BATCH_ATTEMPTS = 5
 
 Snapshot = dict[str, Any]
 
@@ -160,17 +168,19 @@ def _frames(snap: bytes) -> list[tuple[bytes, bytes | None, bytes | None]]:
     return out
 
 
+def _unit_vectors(snap: bytes, unit: EventUnit) -> list[dict[str, Any]]:
+    """A unit's feature vectors, one per part, as of the part's time (its event's), from its snapshot."""
+    vectors = vectors_snapshot(snap)  # written by the worker path
+    if vectors is not None:
+        return vectors
+    if snap.startswith(b"{"):  # a unit whose every part was erased: nothing applied, nothing framed
+        return [finalize(ops.reads_of, {}, ops.time) for ops in unit.parts]
+    return [_read_plan(ops.reads_of).vector_after(kind, a, b, ops.time)
+            for ops, (kind, a, b) in zip(unit.parts, _frames(snap), strict=True)]
+
+
 def _decode_units(rows: Sequence[Any], units: Sequence[EventUnit]) -> list[tuple[bool, list[dict[str, Any]]]]:
-    """Each unit's feature vectors, one per part, as of the part's time (its event's)."""
-    out = []
-    for (applied, snap), unit in zip(rows, units, strict=True):
-        if snap.startswith(b"{"):  # a unit whose every part was erased: nothing applied, nothing framed
-            vectors = [finalize(ops.reads_of, {}, ops.time) for ops in unit.parts]
-        else:
-            vectors = [_read_plan(ops.reads_of).vector_after(kind, a, b, ops.time)
-                       for ops, (kind, a, b) in zip(unit.parts, _frames(snap), strict=True)]
-        out.append((bool(applied), vectors))
-    return out
+    return [(bool(applied), _unit_vectors(snap, unit)) for (applied, snap), unit in zip(rows, units, strict=True)]
 
 
 def _apply_args(batch: Sequence[EventUnit], keys: KeySpace, ttl_s: int) -> list[Any]:
@@ -284,28 +294,62 @@ def _read_plan(fs: FeatureSet) -> _ReadPlan:
     return plan
 
 
+_ARITHMETIC: dict[FeatureSet, HeadArithmetic] = {}
+
+
+def _arithmetic(fs: FeatureSet) -> HeadArithmetic | None:
+    """``fs``'s worker arithmetic, or None when the worker cannot apply its events."""
+    if fs not in _ARITHMETIC:
+        _ARITHMETIC[fs] = HeadArithmetic(fs, head_suffix(fs)) if worker_applicable(fs) else None
+    return _ARITHMETIC[fs]
+
+
 class _StoreBase:
-    """What the sync and asyncio stores share: client, scripts, key layout, hashing."""
+    """What the sync and asyncio stores share: client, scripts, key layout, hashing.
+
+    ``heads_in_worker``: units whose every part is a head-only set of windows, times and last values
+    are applied by this process (:mod:`kestrel.feature_store.head_state`), Redis storing the heads it
+    computes; False keeps all the arithmetic in the Lua script (the values are the same either way).
+    """
 
     def __init__(self, client: redis.Redis | aioredis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
-                 hasher: KeyedHasher | None = None) -> None:
+                 hasher: KeyedHasher | None = None, heads_in_worker: bool = True) -> None:
         self.client = client
         self.dedup_ttl_s = dedup_ttl_s
         self.keys = keys or KeySpace("kestrel")
         self.hasher = hasher or KeyedHasher(b"kestrel-dev-only-hash-key")
+        self.heads_in_worker = heads_in_worker
         self._script = client.register_script(APPLY_BATCH_LUA)
         self._read = client.register_script(READ_LUA)
+        self._commit_heads = client.register_script(COMMIT_HEADS_LUA)
 
     def _apply_args(self, batch: Sequence[EventUnit]) -> list[Any]:
         return _apply_args(batch, self.keys, self.dedup_ttl_s)
+
+    def _head_batch(self, units: Sequence[EventUnit]) -> HeadBatch | None:
+        """The worker path's batch, or None when a part needs the Lua path."""
+        if not self.heads_in_worker:
+            return None
+        sets: dict[int, HeadArithmetic] = {}  # by id: hashing a set hashes all its features
+        for unit in units:
+            if not unit.framed:
+                return None
+            for ops in unit.parts:
+                fs = ops.reads_of
+                if id(fs) not in sets:
+                    arith = _arithmetic(fs)
+                    if arith is None:
+                        return None
+                    sets[id(fs)] = arith
+        return HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)
 
 
 class RedisOnlineStore(_StoreBase):
     """Sync store: batch writes in one round trip, typed reads of one or many entities."""
 
     def __init__(self, client: redis.Redis, dedup_ttl_s: int, keys: KeySpace | None = None,
-                 hasher: KeyedHasher | None = None) -> None:
-        super().__init__(client, dedup_ttl_s, keys, hasher)
+                 hasher: KeyedHasher | None = None, heads_in_worker: bool = True) -> None:
+        super().__init__(client, dedup_ttl_s, keys, hasher, heads_in_worker)
         # Sync reads use one connection of their own, outside the pool: checking a connection out and
         # back in costs about as much as the read itself. Another thread reading meanwhile uses the pool.
         self._conn: Any = None
@@ -319,9 +363,18 @@ class RedisOnlineStore(_StoreBase):
         return _decode(self._script(args=self._apply_args(_single(batch))))
 
     def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
-        """Apply each unit once; returns (newly_applied, stored components of each part) per unit."""
+        """Apply each unit once; returns (newly_applied, feature vector of each part) per unit."""
         if not units:
             return []
+        for _ in range(HEAD_BATCH_ATTEMPTS):
+            batch = self._head_batch(units)
+            if batch is None:
+                break
+            with PinnedSync(self.client) as conn:
+                batch.apply(conn.run(batch.read_commands()))
+                committed = conn.script(self._commit_heads, batch.commit_args())
+            if committed:
+                return batch.results
         return _decode_units(self._script(args=self._apply_args(units)), units)
 
     def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
@@ -414,6 +467,15 @@ class AsyncRedisOnlineStore(_StoreBase):
     async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
         if not units:
             return []
+        for _ in range(HEAD_BATCH_ATTEMPTS):
+            batch = self._head_batch(units)
+            if batch is None:
+                break
+            async with Pinned(self.client) as conn:
+                batch.apply(await conn.run(batch.read_commands()))
+                committed = await conn.script(self._commit_heads, batch.commit_args())
+            if committed:
+                return batch.results
         return _decode_units(await self._script(args=self._apply_args(units)), units)
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:

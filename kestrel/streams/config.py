@@ -46,6 +46,9 @@ class Settings:
     redis_timeout_s: float = 5.0  # socket timeout of the worker's Redis calls
     poison_retries: int = 3  # attempts of a batch that fails for a non-transient reason before it is split
     recs_model: str = ""  # two-tower artifact folder, or a root whose CURRENT names the version; empty: trending
+    # "worker": head-only feature sets are updated by the worker, Redis storing the heads (head_state.py);
+    # "redis": all the arithmetic in the Lua script (the values are the same)
+    head_arithmetic: str = "worker"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -78,6 +81,7 @@ class Settings:
             redis_timeout_s=float(_env("KESTREL_REDIS_TIMEOUT_S", str(d.redis_timeout_s))),
             poison_retries=int(_env("KESTREL_POISON_RETRIES", str(d.poison_retries))),
             recs_model=_env("KESTREL_RECS_MODEL", d.recs_model),
+            head_arithmetic=_env("KESTREL_HEAD_ARITHMETIC", d.head_arithmetic),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -113,4 +117,5 @@ class Settings:
             "KESTREL_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
             "KESTREL_POISON_RETRIES": str(self.poison_retries),
             "KESTREL_RECS_MODEL": self.recs_model,
+            "KESTREL_HEAD_ARITHMETIC": self.head_arithmetic,
         }

@@ -100,11 +100,11 @@ local function write(op)
       end
       head_distinct(d, floor(a[1] / d[2]), xo, floor(newest / d[2]))
     end
-    redis.call('ZADD', key, 'GT', a[1], name)
+    redis.call('ZADD', key, 'GT', string.format('%.17g', a[1]), name)
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. a[2])
     redis.call('EXPIRE', key, a[3])
   elseif kind == 'zlast' then
-    redis.call('ZADD', key, 'GT', a[1], name)
+    redis.call('ZADD', key, 'GT', string.format('%.17g', a[1]), name)
     redis.call('ZREMRANGEBYRANK', key, 0, -(a[2] + 1))
     redis.call('EXPIRE', key, a[3])
   elseif kind == 'sadd' then
@@ -161,7 +161,7 @@ local function write_head(op, p)
     end
     local top = H[d[1]]
     head_distinct(d, floor(t / d[2]), xo, floor(newest / d[2]))
-    redis.call('ZADD', key, 'GT', t, member)
+    redis.call('ZADD', key, 'GT', string.format('%.17g', t), member)  -- %.17g: Lua would keep 14 digits
     -- values older than the window and lateness only bound memory (a stale one counts as unseen): trim
     -- them when a new bucket begins, not on every event
     if H[d[1]] ~= top then
@@ -181,7 +181,7 @@ local function apply_part(p, heads)
   local vals, tpl = {}, templates[p.r + 1]
   HS = tpl.hd
   local before
-  H, V, before = load_head(p.k, HS)
+  H, V, before, HSEQ = load_head(p.k, HS)
   if heads and HS.ho then
     for _, op in ipairs(p.w) do write_head(op, p) end
     local after = before

@@ -63,7 +63,7 @@ local function load_head(key, hs)
   local blob = redis.call('GET', key .. hs.sfx)
   if not blob then
     local h, v = build_head(key, hs)
-    return h, v, false
+    return h, v, false, 0
   end
   local h = {struct.unpack(hs.fmt, blob)}
   local pos, v = h[hs.n + 1], {}
@@ -73,7 +73,9 @@ local function load_head(key, hs)
     len, pos = struct.unpack('<I4', blob, pos)
     if len == 4294967295 then v[i] = false else v[i] = string.sub(blob, pos, pos + len - 1); pos = pos + len end
   end
-  return h, v, blob
+  local seq = 0
+  if #blob >= pos + 7 then seq = struct.unpack('<d', blob, pos) end
+  return h, v, blob, seq
 end
 
 local function save_head(key, hs)
@@ -85,6 +87,7 @@ local function save_head(key, hs)
       parts[#parts + 1] = struct.pack('<I4', 4294967295)  -- none
     end
   end
+  parts[#parts + 1] = struct.pack('<d', HSEQ + 1)  -- every write changes the tag (head_state.py)
   local blob = table.concat(parts)
   redis.call('SET', key .. hs.sfx, blob, 'EX', hs.ttl)
   return blob

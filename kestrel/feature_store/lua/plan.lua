@@ -1,7 +1,8 @@
 -- The entity's head for the current event's feature set (see definitions.HeadLayout): doubles `H`,
 -- strings `V` (false: none), its spec `HS` (`HS.ho`: a head-only set, whose head is its whole state);
 -- nil when no event is being applied.
-local H, V, HS = nil, nil, nil
+-- `HSEQ`: the head's write count, stored after its strings: the tag a worker's compare-and-set checks.
+local H, V, HS, HSEQ = nil, nil, nil, 0
 
 -- The reads of one entity's vector at time `at`, from a feature set's template:
 -- phase 'pre' (previous event's time and values) or 'post' (windows, distinct counts).

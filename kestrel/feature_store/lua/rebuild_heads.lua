@@ -7,6 +7,7 @@ for i = 2, #ARGV do
   local pttl = redis.call('PTTL', key)
   if pttl ~= -2 and redis.call('EXISTS', key .. HS.sfx) == 0 then
     H, V = build_head(key, HS)
+    HSEQ = 0
     save_head(key, HS)
     if pttl > 0 then redis.call('PEXPIRE', key .. HS.sfx, pttl) end
     built = built + 1

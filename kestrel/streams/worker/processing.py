@@ -125,7 +125,8 @@ class Processor:
         self.metrics = metrics
         self.keys = KeySpace(settings.redis_prefix)
         self.hasher = KeyedHasher(settings.hash_key.encode())
-        self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher)
+        self.store = AsyncRedisOnlineStore(client, settings.dedup_ttl_s, self.keys, self.hasher,
+                                           heads_in_worker=settings.head_arithmetic != "redis")
         self.terminal_risk = VersionedReads(self.store, TERMINAL_RISK)  # read by every payment, changed by labels
         self.ledger = DeliveryLedger(client, settings.dedup_ttl_s, writes_ttl_s=settings.decision_log_ttl_s)
         self.scorer: FraudScorer = scorer or load_fraud_scorer(settings)

@@ -1,0 +1,404 @@
+"""Head arithmetic in the worker: a batch of head-only events applied to their packed heads in Python.
+
+Why: inside Redis the same arithmetic (``lua/head.lua``, ``write_head`` in
+``lua/apply_batch.lua``) cost ~80 µs of Redis's single thread per payment, of
+which the Redis commands were a fraction: the rest was Lua unpacking, updating
+and packing heads. Redis is shared by every worker; the workers are not. So
+for feature sets whose head is their whole state (``FeatureSet.buckets=False``:
+only windows, time-since and last values), the store applies a batch in two
+round trips (optimistic concurrency):
+
+1. one pipeline of plain reads: the heads, tombstones and markers the batch
+   touches and the scores its distinct counts need (:meth:`HeadBatch.read_commands`);
+2. :class:`HeadBatch` (pure) applies the events in order, exactly as the script
+   would, and gives each event its feature vectors;
+3. one call of ``lua/commit_heads.lua`` checks that nothing changed since the
+   read (each head's tag, tombstones, markers) and stores the new heads, the
+   events' markers and the sorted-set updates, all or nothing
+   (:meth:`HeadBatch.commit_args`). If anything changed (another worker wrote
+   one of the entities, a subject was erased, an event was applied
+   elsewhere), nothing is written and the store starts again.
+
+(``WATCH`` would need no script, but Redis checks each watched key against
+the client's whole list: quadratic, ~100 µs per event at 3,000 keys a batch.)
+
+Every head ends with its write count (a double after its strings, ignored by
+readers): the tag is its last 8 bytes, and the Lua path bumps it too, so both
+paths may run side by side on the same entities.
+
+Idempotency is unchanged: one marker per event holds its vectors, so a
+redelivered event gets the vectors it got the first time and is not applied
+twice. An absent head is an entity with nothing stored (the invariant of
+head-only sets: the head and its distinct sorted sets share one TTL, renewed
+together); a sorted set left without its head is dropped by the first write.
+
+Each set's per-event update is generated Python (straight-line code per stored
+series, like :class:`~kestrel.feature_store.read_path.HeadReader`), since a
+generic loop over the layout cost several times more.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from kestrel.feature_store.definitions import (
+    NO_BUCKET,
+    VECTOR_KINDS,
+    EventOps,
+    EventUnit,
+    FeatureSet,
+    Windowed,
+    distinct_key,
+    finalize,
+)
+from kestrel.feature_store.keys import KeySpace
+from kestrel.feature_store.read_path import HeadReader
+
+_LEN = struct.Struct("<I")
+_SEQ = struct.Struct("<d")
+_NONE = 0xFFFFFFFF
+SNAPSHOT_VECTORS = b"V"  # a marker holding the event's vectors as JSON (the Lua path stores framed heads)
+
+Command = list[Any]
+SnapshotDecoder = Callable[[bytes, EventUnit], list[dict[str, Any]]]
+
+
+def worker_applicable(fs: FeatureSet) -> bool:
+    """Whether the worker may apply ``fs``'s events itself: its head is its whole state and every feature
+    is a window, a time-since or a last value (lists, sets and global scores stay in Redis)."""
+    return not fs.buckets and all(isinstance(f, VECTOR_KINDS) for f in fs.features)
+
+
+class Head:
+    """One entity's head for one feature set, unpacked: numbers (``HeadLayout`` order) and strings."""
+
+    __slots__ = ("numbers", "seq", "strings", "tag")
+
+    def __init__(self, numbers: list[Any], strings: list[str | None], seq: float, tag: bytes) -> None:
+        self.numbers = numbers
+        self.strings = strings
+        self.seq = seq
+        self.tag = tag  # the last 8 bytes of the head as read, b"" if it was absent: what the commit checks
+
+    @property
+    def absent(self) -> bool:
+        return not self.tag
+
+
+class DistinctScores:
+    """The distinct counts' sorted sets as a batch sees them: scores read before it, its own updates on
+    top, and the commands that store those updates in order (ZADD GT, and the trims), each as
+    (name, argument count, arguments...) for the commit script."""
+
+    def __init__(self) -> None:
+        self._scores: dict[str, dict[str, float | None]] = {}
+        self.ops: dict[str, list[Command]] = {}
+        self.ttl: dict[str, int] = {}
+
+    def known(self, zkey: str, member: str, raw: bytes | None) -> None:
+        self._scores.setdefault(zkey, {}).setdefault(member, None if raw is None else float(raw))
+
+    def score(self, zkey: str, member: str) -> float | None:
+        return self._scores[zkey][member]
+
+    def add(self, zkey: str, member: str, t: float, ttl_s: int) -> None:
+        members = self._scores[zkey]
+        cur = members.get(member)
+        members[member] = t if cur is None else max(cur, t)
+        self.ops.setdefault(zkey, []).append(["ZADD", 4, zkey, "GT", t, member])
+        self.ttl[zkey] = ttl_s
+
+    def trim(self, zkey: str, bound: float) -> None:
+        """Scores below ``bound`` are gone (``ZREMRANGEBYSCORE -inf (bound``)."""
+        members = self._scores[zkey]
+        for member, score in members.items():
+            if score is not None and score < bound:
+                members[member] = None
+        self.ops.setdefault(zkey, []).append(["ZREMRANGEBYSCORE", 3, zkey, "-inf", f"({bound!r}"])
+
+
+class HeadArithmetic:
+    """``fs``'s heads: unpack, pack, apply one event's compact writes, and the vectors they give."""
+
+    def __init__(self, fs: FeatureSet, suffix: str) -> None:
+        if not worker_applicable(fs):
+            raise ValueError(f"{fs.name}: not a head-only set of windows, times and last values")
+        lay = fs.head
+        self.fs = fs
+        self.suffix = suffix  # the head's key is the entity key + suffix (redis_store.head_suffix)
+        self.reader = HeadReader(fs)
+        self.numbers = struct.Struct(lay.fmt)
+        self.n_strings = len(lay.strings)
+        self.ttl_s = lay.ttl_s
+        self.distinct_names = tuple(name for name, *_ in lay.distinct)
+        empty: list[Any] = [0 if kind in "qI" else 0.0 for kind in lay.fmt[1:]]  # the types unpack gives
+        for _, top, _, windows in lay.series:
+            empty[top] = int(NO_BUCKET)
+            for w, comps in windows:
+                for _, mode, p in comps:
+                    if mode != "add":
+                        empty[p:p + w] = [math.nan] * w
+        for _, top, _, _ in lay.distinct:
+            empty[top] = int(NO_BUCKET)
+        if lay.last_time is not None:
+            empty[lay.last_time] = math.nan
+        self._empty = empty
+        self.source = self._source()
+        scope: dict[str, Any] = {"FLOOR": math.floor, "NO_BUCKET": int(NO_BUCKET), "NAN": math.nan}
+        exec(compile(self.source, f"<head arithmetic {fs.qualified_version}>", "exec"), scope)
+        self._apply: Callable[..., None] = scope["apply"]
+
+    # -- the stored form ----------------------------------------------------
+    def unpack(self, blob: bytes | None) -> Head:
+        if blob is None:
+            return Head(list(self._empty), [None] * self.n_strings, 0.0, b"")
+        numbers = list(self.numbers.unpack_from(blob))
+        pos = self.numbers.size
+        strings: list[str | None] = []
+        for _ in range(self.n_strings):
+            (n,) = _LEN.unpack_from(blob, pos)
+            pos += 4
+            if n == _NONE:
+                strings.append(None)
+            else:
+                strings.append(blob[pos:pos + n].decode())
+                pos += n
+        seq = _SEQ.unpack_from(blob, pos)[0] if len(blob) >= pos + 8 else 0.0
+        return Head(numbers, strings, seq, blob[-8:])
+
+    def pack(self, head: Head) -> bytes:
+        """The head as stored, its write count bumped (as ``save_head`` in head.lua packs it)."""
+        parts = [self.numbers.pack(*head.numbers)]
+        for s in head.strings:
+            if s is None:
+                parts.append(_LEN.pack(_NONE))
+            else:
+                raw = s.encode()
+                parts.append(_LEN.pack(len(raw)) + raw)
+        parts.append(_SEQ.pack(head.seq + 1))
+        return b"".join(parts)
+
+    # -- one event ----------------------------------------------------------
+    def apply(self, head: Head, entity_key: str, t: float, writes: Sequence[list[Any]],
+              scores: DistinctScores) -> None:
+        """Apply one event's compact writes (``definitions._compact_head_writes``) at time ``t``."""
+        self._apply(head.numbers, head.strings, t, writes, scores, entity_key, self.ttl_s)
+
+    def previous(self, head: Head, t: float) -> dict[str, Any]:
+        """What an event reads from before itself (time since the previous event, previous values)."""
+        return self.reader.previous_values(head.numbers, head.strings, t)
+
+    def vector(self, head: Head, previous: dict[str, Any], t: float) -> dict[str, Any]:
+        """The event's vector: windows from the head after it, the rest from before (as ``vector_after``)."""
+        vector = self.reader.decode_values(head.numbers, head.strings, t, self.reader.lasts(t))
+        vector.update(previous)
+        return vector
+
+    def _source(self) -> str:
+        """``apply(h, ss, t, writes, scores, key, ttl)``: head.lua's ``write_head`` for this set, unrolled.
+
+        Counts stay Python ints (their places pack as integers), so a count
+        component adds the literal 1 (``compile_event`` sends 1.0 for it).
+        """
+        fs, lay = self.fs, self.fs.head
+        plan = fs.series_plan
+        lines = ["def apply(h, ss, t, writes, scores, key, ttl):", "    for op in writes:", "        kind = op[0]"]
+        first = True
+        for storage, top, _, windows in lay.series:
+            feat, comps, _ = plan[storage]
+            cond = "if" if first else "elif"
+            first = False
+            lines += [f"        {cond} kind == 'b' and op[1] == {storage!r}:",
+                      "            xs = op[2]",
+                      f"            b = FLOOR(t / {feat.bucket_s})",
+                      f"            top = h[{top}]",
+                      f"            if top != NO_BUCKET and b < top - {feat.late_buckets}:",
+                      "                continue",
+                      "            d = b - top"]
+            values = {c: ("1" if c == "n" else f"xs[{i}]") for i, (c, _) in enumerate(comps)}
+            slide, same = [], []
+            for w, entries in windows:
+                for c, mode, p in entries:
+                    v, end = values[c], p + w
+                    if mode == "add":
+                        shifted, inplace = f"[x + v for x in h[{p} + d:{end}]]", "h[k] += v"
+                    else:
+                        cmp = "<" if mode == "min" else ">"
+                        shifted = f"[v if (x != x or v {cmp} x) else x for x in h[{p} + d:{end}]]"
+                        inplace = f"x = h[k]\n                    if x != x or v {cmp} x: h[k] = v"
+                    slide += [f"                v = {v}",
+                              f"                if d < {w}:",
+                              f"                    h[{p}:{end} - d] = {shifted}",
+                              f"                    h[{end} - d:{end}] = [v] * d",
+                              "                else:",
+                              f"                    h[{p}:{end}] = [v] * {w}"]
+                    same += [f"                v = {v}",
+                             f"                for k in range({p}, {end} + d):",
+                             f"                    {inplace}"]
+            lines += ["            if d > 0:", *slide, f"                h[{top}] = b", "            else:", *same]
+        if lay.last_time is not None:
+            at = lay.last_time
+            strings = {name: i for i, name in enumerate(lay.strings)}
+            lines += [f"        {'if' if first else 'elif'} kind == 'l':",
+                      f"            cur = h[{at}]",
+                      "            if cur != cur or t >= cur:",
+                      "                if op[1] == '@':",
+                      f"                    h[{at}] = t"]
+            first = False
+            for name, i in strings.items():
+                lines += [f"                elif op[1] == {name!r}:", f"                    ss[{i}] = op[2]"]
+        window_and_lateness = {f.name: f.window_s + f.lateness_s for f in fs.vector
+                               if isinstance(f, Windowed) and f.agg == "distinct"}
+        for name, at, bucket_s, w in lay.distinct:
+            lines += [f"        {'if' if first else 'elif'} kind == 'z' and op[1] == {name!r}:",
+                      f"            zkey = key + {'|' + name!r}",
+                      "            member = op[2]",
+                      "            old = scores.score(zkey, member)",
+                      f"            bt = FLOOR(t / {bucket_s})",
+                      f"            xn = FLOOR(max(old, t) / {bucket_s}) if old is not None else bt",
+                      f"            xo = FLOOR(old / {bucket_s}) if old is not None else None",
+                      f"            top = before = h[{at}]",
+                      "            if bt > top:  # slide the counts to the new newest bucket",
+                      "                shift = bt - top",
+                      f"                if shift < {w}:",
+                      f"                    h[{at + 1}:{at + 1 + w} - shift] = h[{at + 1} + shift:{at + 1 + w}]",
+                      f"                    h[{at + 1 + w} - shift:{at + 1 + w}] = [0] * shift",
+                      "                else:",
+                      f"                    h[{at + 1}:{at + 1 + w}] = [0] * {w}",
+                      f"                h[{at}] = top = bt",
+                      "            if xo is None or xn > xo:  # D[k]: values last seen at or after bucket first + k",
+                      f"                first = top - {w - 1}",
+                      "                start = 0 if xo is None else max(0, xo - first + 1)",
+                      f"                for k in range({at + 1} + start, {at + 1} + min({w - 1}, xn - first) + 1):",
+                      "                    h[k] += 1",
+                      "            scores.add(zkey, member, t, ttl)",
+                      f"            if h[{at}] != before:  # a new bucket: drop what fell out of window and lateness",
+                      f"                scores.trim(zkey, t - {window_and_lateness[name]})"]
+            first = False
+        lines += ["        else:", "            raise ValueError(f'write {op!r} is not applied in the worker')"]
+        return "\n".join(lines) + "\n"
+
+
+class HeadBatch:
+    """One batch of event units whose every part is worker-applicable: what to read, the events applied
+    in order once read, and what to commit. Pure: the store sends the commands.
+
+    ``sets`` gives each feature set's arithmetic by ``id`` (hashing a set hashes all its features);
+    ``decode_snapshot`` turns a marker's stored snapshot back into the event's vectors.
+    """
+
+    def __init__(self, units: Sequence[EventUnit], keys: KeySpace, sets: dict[int, HeadArithmetic],
+                 decode_snapshot: SnapshotDecoder, marker_ttl_s: int) -> None:
+        self.units = units
+        self.decode_snapshot = decode_snapshot
+        self.marker_ttl_s = marker_ttl_s
+        self.head_keys: dict[str, tuple[str, HeadArithmetic]] = {}  # head key -> (entity key, its set)
+        self.tombs: dict[str, None] = {}
+        self.markers: dict[str, None] = {}
+        self.members: dict[tuple[str, str], str] = {}  # (sorted set, member) -> head key of its entity
+        # per unit part: (its operations, arithmetic, head key, tombstone), worked out once
+        self.parts: list[list[tuple[EventOps, HeadArithmetic, str, str]]] = []
+        tombstones: dict[str, str] = {}
+        for unit in units:
+            self.markers[unit.applied_key] = None
+            parts = []
+            for ops in unit.parts:
+                arith = sets[id(ops.reads_of)]
+                entity_key = ops.entity_key
+                hk = entity_key + arith.suffix
+                if hk not in self.head_keys:
+                    self.head_keys[hk] = (entity_key, arith)
+                tomb = tombstones.get(entity_key)
+                if tomb is None:
+                    tomb = tombstones[entity_key] = keys.tombstone_of(entity_key)
+                    self.tombs[tomb] = None
+                for op in ops.writes:
+                    if op[0] == "z":
+                        self.members[(distinct_key(entity_key, op[1]), op[2])] = hk
+                parts.append((ops, arith, hk, tomb))
+            self.parts.append(parts)
+        self.results: list[tuple[bool, list[dict[str, Any]]]] = []
+        self._heads: dict[str, Head] = {}
+        self._touched: dict[str, None] = {}
+        self._live_tombs: dict[str, None] = {}  # the tombstones of the parts applied: still absent at commit
+        self._new_markers: list[tuple[str, bytes]] = []
+        self._scores = DistinctScores()
+
+    def read_commands(self) -> list[Command]:
+        """What the batch depends on: heads, tombstones, markers, scores (a pipeline of plain reads)."""
+        return [["MGET", *self.head_keys], ["MGET", *self.tombs], ["MGET", *self.markers],
+                *(["ZSCORE", zkey, member] for zkey, member in self.members)]
+
+    def apply(self, replies: Sequence[Any]) -> None:
+        """Apply the batch, in order, to what :meth:`read_commands` read (their replies)."""
+        blobs, tombs, markers, *scores = replies
+        for (hk, (_, arith)), blob in zip(self.head_keys.items(), blobs, strict=True):
+            self._heads[hk] = arith.unpack(blob)
+        erased = {key for key, flag in zip(self.tombs, tombs, strict=True) if flag is not None}
+        priors = dict(zip(self.markers, markers, strict=True))
+        heads = self._heads
+        for ((zkey, member), hk), raw in zip(self.members.items(), scores, strict=True):
+            # an absent head's entity has nothing stored: a sorted set left without it is not read
+            self._scores.known(zkey, member, None if heads[hk].absent else raw)
+        done: dict[str, list[dict[str, Any]]] = {}
+        touched = self._touched
+        for unit, parts in zip(self.units, self.parts, strict=True):
+            prior = priors[unit.applied_key]
+            if prior is not None:
+                self.results.append((False, self.decode_snapshot(prior, unit)))
+                continue
+            if unit.applied_key in done:  # the same event twice in one batch
+                self.results.append((False, done[unit.applied_key]))
+                continue
+            vectors, applied = [], False
+            for ops, arith, hk, tomb in parts:
+                if tomb in erased:  # an erased subject: nothing changes, the defaults are read
+                    vectors.append(finalize(ops.reads_of, {}, ops.time))
+                    continue
+                applied = True
+                self._live_tombs[tomb] = None
+                head = heads[hk]
+                previous = arith.previous(head, ops.time)
+                arith.apply(head, ops.entity_key, ops.time, ops.writes, self._scores)
+                touched[hk] = None
+                vectors.append(arith.vector(head, previous, ops.time))
+            if applied:  # a unit with nothing applied (every part erased) leaves no marker, as in Lua
+                self._new_markers.append((unit.applied_key, SNAPSHOT_VECTORS + orjson.dumps(vectors)))
+                done[unit.applied_key] = vectors
+            self.results.append((applied, vectors))
+
+    def commit_args(self) -> list[Any]:
+        """``lua/commit_heads.lua``'s arguments, once :meth:`apply` ran."""
+        heads: list[Any] = []
+        commands: list[Any] = []
+        stale: list[str] = []
+        for hk in self._touched:
+            entity_key, arith = self.head_keys[hk]
+            head = self._heads[hk]
+            heads += [hk, head.tag, arith.pack(head), arith.ttl_s]
+            if head.absent:
+                stale += [distinct_key(entity_key, name) for name in arith.distinct_names]
+        n_commands = 0
+        if stale:  # sorted sets left without their head: the entity has nothing stored
+            commands += ["DEL", len(stale), *stale]
+            n_commands += 1
+        for zkey, zops in self._scores.ops.items():
+            for op in zops:
+                commands += op
+            commands += ["EXPIRE", 2, zkey, self._scores.ttl[zkey]]
+            n_commands += len(zops) + 1
+        markers = self._new_markers
+        return [self.marker_ttl_s, len(self._touched), *heads, len(self._live_tombs), *self._live_tombs,
+                len(markers), *(key for key, _ in markers), *(snap for _, snap in markers), n_commands, *commands]
+
+
+def vectors_snapshot(snap: bytes) -> list[dict[str, Any]] | None:
+    """The vectors a marker written by the worker path holds (None: a snapshot of the Lua path's form)."""
+    if snap.startswith(SNAPSHOT_VECTORS):
+        return orjson.loads(snap[len(SNAPSHOT_VECTORS):])
+    return None
