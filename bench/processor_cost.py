@@ -5,7 +5,7 @@
 Feeds simulated events in batches of 500 straight into ``Processor.process``
 (validation, features, scoring, decisions, outboxes) and marks the outputs
 delivered, as a worker does between taking a batch and producing it. Worker
-CPU is this process's (``time.process_time``, after ``gc.freeze`` as the
+CPU is this process's (``time.process_time``, after ``settle_heap`` as the
 worker does); Redis CPU is the server's ``used_cpu_*`` delta, so run it on a
 quiet server. ``--commands`` lists the Redis commands per event.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import itertools
 import json
 import secrets
@@ -30,6 +29,7 @@ from kestrel.offline.simulator import SimConfig, Simulator
 from kestrel.streams.config import Settings
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import RawRecord
+from kestrel.streams.worker.heap import settle_heap
 from kestrel.streams.worker.processing import Processor
 
 
@@ -47,8 +47,7 @@ async def run(kind: str, n: int, commands: bool) -> dict[str, object]:
     sims = itertools.islice((r for r in Simulator(SimConfig(invalid_share=0.0)).records() if r.kind == kind), n)
     records = [RawRecord(topic, 0, i, r.key or b"", r.value, {}, None) for i, r in enumerate(sims)]
     await proc.warm_up()
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     stats0, redis0, cpu0, wall0 = sync.info("commandstats"), _redis_cpu(sync), time.process_time(), time.perf_counter()
     for i in range(0, len(records), 500):
         await proc.mark_delivered(await proc.process(topic, records[i:i + 500]))

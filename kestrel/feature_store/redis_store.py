@@ -53,7 +53,7 @@ from kestrel.feature_store.definitions import (
 from kestrel.feature_store.head_state import HeadArithmetic, HeadBatch, vectors_snapshot, worker_applicable
 from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
 from kestrel.feature_store.read_path import PAST, HeadReader
-from kestrel.feature_store.resp import Pinned, PinnedSync
+from kestrel.feature_store.resp import Pinned, PinnedSync, run_script, run_script_sync
 from kestrel.feature_store.scripts import load_lua
 
 LUA_READS = load_lua(__file__, "reads")
@@ -360,7 +360,7 @@ class RedisOnlineStore(_StoreBase):
         """Apply each event once; returns (newly_applied, stored components) per event."""
         if not batch:
             return []
-        return _decode(self._script(args=self._apply_args(_single(batch))))
+        return _decode(run_script_sync(self.client, self._script, self._apply_args(_single(batch))))
 
     def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
         """Apply each unit once; returns (newly_applied, feature vector of each part) per unit."""
@@ -375,7 +375,7 @@ class RedisOnlineStore(_StoreBase):
                 committed = conn.script(self._commit_heads, batch.commit_args())
             if committed:
                 return batch.results
-        return _decode_units(self._script(args=self._apply_args(units)), units)
+        return _decode_units(run_script_sync(self.client, self._script, self._apply_args(units)), units)
 
     def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         """One entity's feature vector at ``at`` (default now); a missing entity gives the defaults."""
@@ -462,7 +462,7 @@ class AsyncRedisOnlineStore(_StoreBase):
     async def apply_batch(self, batch: Sequence[EventOps]) -> list[tuple[bool, Snapshot]]:
         if not batch:
             return []
-        return _decode(await self._script(args=self._apply_args(_single(batch))))
+        return _decode(await run_script(self.client, self._script, self._apply_args(_single(batch))))
 
     async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
         if not units:
@@ -476,7 +476,7 @@ class AsyncRedisOnlineStore(_StoreBase):
                 committed = await conn.script(self._commit_heads, batch.commit_args())
             if committed:
                 return batch.results
-        return _decode_units(await self._script(args=self._apply_args(units)), units)
+        return _decode_units(await run_script(self.client, self._script, self._apply_args(units)), units)
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]

@@ -117,3 +117,16 @@ class PinnedSync:
                 self.conn.disconnect()
         finally:
             self.client.connection_pool.release(self.conn)
+
+
+async def run_script(client: aioredis.Redis, script: AsyncScript, args: Sequence[Any]) -> Any:
+    """A registered script's ``EVALSHA`` with its arguments packed here: for the per-batch scripts, whose
+    argument lists grow with the batch."""
+    async with Pinned(client) as conn:
+        return await conn.script(script, args)
+
+
+def run_script_sync(client: redis.Redis, script: Script, args: Sequence[Any]) -> Any:
+    """The sync twin of :func:`run_script`."""
+    with PinnedSync(client) as conn:
+        return conn.script(script, args)

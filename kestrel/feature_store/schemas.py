@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -43,8 +44,9 @@ class _Event(BaseModel):
     def _utc(cls, value: datetime) -> datetime:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
-    @property
+    @cached_property
     def epoch_s(self) -> float:
+        """Epoch seconds (computed once: every feature set, the scorer and the decision read it)."""
         return self.timestamp.timestamp()
 
 

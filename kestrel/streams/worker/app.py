@@ -11,7 +11,6 @@ Kafka. While one batch is being delivered the next one is processed.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from typing import Any
 
@@ -23,6 +22,7 @@ from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
+from kestrel.streams.worker.heap import settle_heap
 from kestrel.streams.worker.runtime import Runtime, take_batches
 
 log = logging.getLogger("kestrel.worker")
@@ -65,11 +65,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         while True:
             try:
                 await runtime.processor.warm_up()
-                # Every batch allocates ~10^5 small containers, so the collector runs often; each full pass
-                # walked the millions of objects torch, Faust and the models leave alive, half the worker's
-                # CPU (measured: 259 -> 138 us per payment in process). Those never die: freeze them.
-                gc.collect()
-                gc.freeze()
+                settle_heap()  # see heap.py: frozen warm-up objects, rare young collections
                 runtime.warm = True
                 return
             except asyncio.CancelledError:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
+from kestrel.feature_store.resp import run_script
 from kestrel.feature_store.scripts import load_lua
 
 WRITE_AND_CHECK_LUA = load_lua(__file__, "delivery_write_and_check")
@@ -34,6 +35,7 @@ class DeliveryLedger:
     def __init__(self, client: aioredis.Redis, ttl_s: int, writes_ttl_s: int | None = None) -> None:
         self.ttl_s = ttl_s
         self.writes_ttl_s = writes_ttl_s or ttl_s
+        self.client = client
         self._write_and_check = client.register_script(WRITE_AND_CHECK_LUA)
         self._mark = client.register_script(MARK_LUA)
 
@@ -55,12 +57,12 @@ class DeliveryLedger:
         args.append(self.ttl_s)
         for mark, log_key, body in outputs:
             args += [mark, log_key or outbox_key(mark), b"" if log_key else body]
-        replies = await self._write_and_check(args=args)
+        replies = await run_script(self.client, self._write_and_check, args)
         return [None if reply == 0 else body if reply == 1 else reply
                 for (_, _, body), reply in zip(outputs, replies, strict=True)]
 
     async def mark(self, outputs: Sequence[tuple[str, str | None]]) -> None:
         """Set the marks of delivered (mark, log key or None) outputs; their transient outboxes go."""
         if outputs:
-            await self._mark(args=[self.ttl_s, len(outputs), *(m for m, _ in outputs),
+            await run_script(self.client, self._mark, [self.ttl_s, len(outputs), *(m for m, _ in outputs),
                                    *(outbox_key(m) for m, log_key in outputs if log_key is None)])

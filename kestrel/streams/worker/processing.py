@@ -286,9 +286,10 @@ class Processor:
             scores = self.scorer.score_batch(events, feats)
         now = time.time()
         outputs, docs = [], []
+        decided_at = iso_of(now)  # one time for the batch
         for (rec, e), f, s in zip(valid, feats, scores, strict=True):
             card = self.token("card", e.card_id)
-            doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card)
+            doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card, decided_at=decided_at)
             body = orjson.dumps(doc)
             docs.append(doc)
             log_key = self.keys.decision(e.event_id)
@@ -309,7 +310,8 @@ class Processor:
             compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment")
 
     def _decision_doc(self, e: Transaction, f: dict[str, Any], s: FraudScore, version: str, started: float,
-                      now: float, card: str | None = None, degraded: bool = False) -> dict[str, Any]:
+                      now: float, card: str | None = None, degraded: bool = False,
+                      decided_at: str | None = None) -> dict[str, Any]:
         doc = {
             "type": "fraud_decision", "event_id": e.event_id, "card": card or self.token("card", e.card_id),
             "merchant_id": e.merchant_id, "terminal_id": e.terminal_id,
@@ -319,7 +321,7 @@ class Processor:
                         for r in s.reasons],
             "model_version": version,
             "feature_set": FEATURE_SET_VERSION, "features": f,
-            "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
+            "event_time": iso_of(e.epoch_s), "decided_at": decided_at or iso_of(now),
             "processing_ms": round((now - started) * 1000, 3),
         }
         if degraded:
