@@ -6,7 +6,9 @@ cost about 30 µs of Redis CPU per payment, a fifth of the whole write path.
 A set declared ``cached_reads`` bumps a per-entity version with every write
 (:meth:`~kestrel.feature_store.keys.KeySpace.version_of`); the reader fetches the
 versions of a batch's entities in one ``MGET`` and reads again only the
-entities whose version, or the window's last bucket, moved. Exact, not a
+entities whose version, or the window's last bucket, moved; an entity
+without a version was never written (the version shares the data's TTL),
+so it reads the defaults without a read at all. Exact, not a
 time-to-live cache: a vector is reused only while nothing it depends on
 changed, and one read under version ``v`` that already saw a later write is
 refreshed at the next batch (the version no longer matches).
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kestrel.feature_store.definitions import FeatureSet, Windowed
-from kestrel.feature_store.redis_store import AsyncRedisOnlineStore, entity_keys
+from kestrel.feature_store.redis_store import AsyncRedisOnlineStore, _read_plan, entity_keys
 
 
 class VersionedReads:
@@ -29,11 +31,15 @@ class VersionedReads:
         if not fs.cached_reads:
             raise ValueError(f"{fs.name} does not keep versions (cached_reads=False)")
         sizes = {(f.bucket_s, f.delay_s) for f in fs.vector if isinstance(f, Windowed)}
+        if any(not isinstance(f, Windowed) for f in fs.vector):
+            raise ValueError(f"{fs.name}: cached reads are for sets of windows only")
         if len(sizes) != 1:
             raise ValueError(f"{fs.name}: cached reads need one bucket size and delay for all its windows")
         (self._bucket_s, self._delay_s), = sizes
         self.store, self.fs, self.max_entries = store, fs, max_entries
         self._cache: dict[str, tuple[bytes | None, int, dict[str, Any]]] = {}  # key -> (version, last bucket, vector)
+        # what the bucket script gives an entity with nothing stored (its windows do not depend on the time)
+        self._empty = _read_plan(fs).missing(0.0)
         self.hits = self.misses = 0
 
     def _last(self, t: float) -> int:
@@ -48,10 +54,15 @@ class VersionedReads:
                             strict=True))
         out: list[dict[str, Any] | None] = [None] * len(keys)
         missing: dict[int, list[int]] = {}  # last bucket -> positions to read
+        empty = self._empty
         for i, (key, t) in enumerate(zip(keys, times, strict=True)):
+            version = versions[key]
+            if version is None:  # never written (or expired with its data: they share the TTL): the defaults
+                out[i] = empty
+                continue
             hit = self._cache.get(key)
             last = self._last(t)
-            if hit is not None and hit[0] == versions[key] and hit[1] == last:
+            if hit is not None and hit[0] == version and hit[1] == last:
                 out[i] = hit[2]
             else:
                 missing.setdefault(last, []).append(i)
