@@ -8,7 +8,9 @@ A set declared ``cached_reads`` bumps a per-entity version with every write
 versions of a batch's entities in one ``MGET`` and reads again only the
 entities whose version, or the window's last bucket, moved; an entity
 without a version was never written (the version shares the data's TTL),
-so it reads the defaults without a read at all. Exact, not a
+so it reads the defaults without a read at all (data written by a version
+of Kestrel before these counters would read as empty until its next write:
+none was ever deployed). Exact, not a
 time-to-live cache: a vector is reused only while nothing it depends on
 changed, and one read under version ``v`` that already saw a later write is
 refreshed at the next batch (the version no longer matches).
