@@ -4,7 +4,9 @@ The training window is split in time: the network learns on the first 80%;
 the last 20% (later payments, as in production) selects the epoch,
 calibrates it, and warm-starts the river layer on the network's honest
 (out-of-sample) log-odds, in time order, as it would have learned live.
-The network is then refitted on all of it for the chosen epochs.
+The network is then refitted on all of it for the chosen epochs. Whether
+the river layer is deployed on top is decided by a fixed rule on that
+validation window (:func:`select_stack`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kestrel.models.fraud_features import model_inputs
 from kestrel.models.fraud_model import FraudModel
 from kestrel.models.fraud_online import OnlineFraudLearner
 from kestrel.models.fraud_torch import fit_platt, train_fraud_net
+from kestrel.offline.paired_ap import paired_ap_gain
 
 Progress = Callable[[str], None]
 # The stacked river layer's step. Labels are case-control corrected (kestrel.models.fraud_online), so each step is
@@ -40,6 +43,31 @@ def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, 
         scores[k] = learner.predict([xi])[0]
         learner.learn(str(label_id), xi, bool(yi), float(scores[k]))  # also ADWIN's reference rates
     return scores
+
+
+def select_stack(y_val: np.ndarray, network: np.ndarray, stacked: np.ndarray,
+                 groups: np.ndarray) -> tuple[bool, dict[str, Any]]:
+    """The fixed selection rule, decided on the validation window only (never on test weeks).
+
+    The deployed model is the network with the river layer stacked on it,
+    unless on the validation window the stack is worse than the network alone
+    beyond noise: the 95% interval of the paired AP gain (stack minus network,
+    resampled by ``groups``) lies entirely below zero. Then the network alone
+    is deployed (the river layer frozen as the identity on its log-odds). Both
+    score the validation rows out of sample: the network was fitted on the
+    earlier 80%, the layer's scores are prequential (each row scored before
+    its label is learned).
+
+    >>> rng = np.random.default_rng(3); y = (rng.random(3000) < 0.05).astype(int)
+    >>> good = y + rng.normal(0, 0.6, 3000); noisy = y + rng.normal(0, 1.5, 3000)
+    >>> select_stack(y, good, noisy, np.arange(3000))[0], select_stack(y, noisy, good, np.arange(3000))[0]
+    (False, True)
+    """
+    gain = paired_ap_gain(y_val, stacked, network, groups)
+    keep = gain["ci95"][1] >= 0.0
+    return keep, {"rule": "stack unless its validation AP gain over the network alone is below zero beyond noise "
+                          "(95% paired bootstrap)",
+                  "stack_minus_network_ap": gain, "deployed": "network + river layer" if keep else "network alone"}
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
@@ -69,6 +97,14 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     say("river layer: warm start on the validation labels in time order")
     val_inputs = model.online_inputs(x[val], platt[0] * z_val + platt[1])
     scores_val = river_warm_start(model.online, val_inputs, y[val], ids[cut:n])
+    network_val = 1.0 / (1.0 + np.exp(-(platt[0] * z_val + platt[1])))
+    keep, selection = select_stack(y[val], network_val, scores_val, np.arange(n - cut))
+    gain = selection["stack_minus_network_ap"]
+    say(f"selection: river layer's validation AP gain over the network alone {gain['gain']:+.4f} "
+        f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] -> deploying {selection['deployed']}")
+    if not keep:  # the identity on the network's log-odds, learning nothing: the network alone
+        model.online = OnlineFraudLearner(lr=0.0, base_weight=1.0)
+        scores_val = network_val
     days = max((float(epoch_s[-1]) - float(epoch_s[0])) / 86400.0, 1e-3)
     model.payments_per_day = n / days
     model.reference_scores = np.sort(scores_val)
@@ -78,6 +114,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     model.report = {"train_rows": n, "train_frauds": int(y.sum()), "validation_rows": n - cut,
                     "platt": list(platt), "linear_weight": round(float(net.linear_weight), 4),
                     "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
+                    "selection": selection,
                     "seconds": round(time.time() - started, 1),
                     "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "first_event": float(epoch_s[0]), "last_event": float(epoch_s[-1])}

@@ -246,7 +246,7 @@ def test_a_new_fraud_pattern_is_picked_up_from_its_labels(fraud_model, tmp_path)
 def test_bootstrap_average_precision_matches_scikit_learn_with_ties():
     from sklearn.metrics import average_precision_score
 
-    from kestrel.offline.fraud_eval import paired_ap_gain
+    from kestrel.offline.paired_ap import paired_ap_gain
 
     rng = np.random.default_rng(4)
     y = (rng.random(3000) < 0.03).astype(int)
@@ -255,3 +255,41 @@ def test_bootstrap_average_precision_matches_scikit_learn_with_ties():
     g = paired_ap_gain(y, a, b, np.arange(3000) // 3, draws=200)
     assert g["gain"] == pytest.approx(average_precision_score(y, a) - average_precision_score(y, b), abs=1e-4)
     assert g["ci95"][0] < g["gain"] < g["ci95"][1]
+
+
+@pytest.mark.parametrize(("stack_noise", "network_noise", "deploy_stack"), [
+    (1.5, 0.6, False),  # the stack is clearly worse on validation: the network alone is deployed
+    (0.6, 1.5, True),   # clearly better: kept
+    (0.9, 0.9, True),   # the same quality (independent noise): within noise, kept
+])
+def test_the_selection_rule_never_deploys_a_stack_worse_than_the_network(stack_noise, network_noise, deploy_stack):
+    from kestrel.offline.fraud_train import select_stack
+
+    rng = np.random.default_rng(11)
+    y = (rng.random(4000) < 0.05).astype(int)
+    network, stacked = y + rng.normal(0, network_noise, 4000), y + rng.normal(0, stack_noise, 4000)
+    keep, report = select_stack(y, network, stacked, np.arange(4000) // 2)
+    assert keep is deploy_stack
+    assert report["deployed"] == ("network + river layer" if deploy_stack else "network alone")
+    hi = report["stack_minus_network_ap"]["ci95"][1]
+    assert (hi >= 0) is deploy_stack
+
+
+def test_the_frozen_layer_deployed_instead_is_the_network_alone_and_learns_nothing():
+    from kestrel.models.fraud_online import BASE, OnlineFraudLearner
+
+    layer = OnlineFraudLearner(lr=0.0, base_weight=1.0)
+    xs = [{BASE: z, "amount_log": 3.0} for z in (-4.0, 0.0, 2.5)]
+    network = 1.0 / (1.0 + np.exp(-np.array([-4.0, 0.0, 2.5])))
+    np.testing.assert_allclose(layer.predict(xs), network, rtol=1e-9)
+    for i in range(50):
+        layer.learn(f"l{i}", xs[i % 3], is_fraud=i % 2 == 0, score=0.5)
+    np.testing.assert_allclose(layer.predict(xs), network, rtol=1e-9)
+
+
+def test_training_reports_the_selection_it_made(fraud_model):
+    model, path = fraud_model
+    selection = model.report["selection"]
+    assert FraudModel.load(path).report["selection"] == selection  # kept in the artifact
+    assert selection["deployed"] in ("network + river layer", "network alone")
+    assert "95%" in selection["rule"] and len(selection["stack_minus_network_ap"]["ci95"]) == 2
