@@ -239,6 +239,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     summary: dict[str, Any] = {
         "kestrel": results.pop("kestrel"), "baselines": results, "kestrel_ap_gain": gains, "train_rows": len(train),
         "test_rows": len(test), "test_frauds": int(y_test.sum()), "model_version": model.version,
+        "selection": model.report.get("selection"),
         "windows": {"train_start": _iso(train_start), "test_start": _iso(test_start), "test_end": _iso(test_end),
                     "delay_days": cfg.delay_days},
         "removed_known_fraud_cards": len(known_fraud_cards),
