@@ -123,7 +123,25 @@ class DistinctScores:
 
 
 class HeadArithmetic:
-    """``fs``'s heads: unpack, pack, apply one event's compact writes, and the vectors they give."""
+    """``fs``'s heads: unpack, pack, apply one event's compact writes, and the vectors they give.
+
+    >>> from types import SimpleNamespace as E
+    >>> from kestrel.feature_store.definitions import TimeSince, compile_event
+    >>> from kestrel.feature_store.keys import KeyedHasher
+    >>> fs = FeatureSet("t", "1", "card", "transaction", lambda e: e.card, lambda e: e.ts,
+    ...                 (Windowed("n_10m", "count", 600, 60), TimeSince("since")), buckets=False)
+    >>> arith, scores = HeadArithmetic(fs, "|@t"), DistinctScores()
+    >>> head = arith.unpack(None)  # an entity with nothing stored
+    >>> for i, ts in enumerate((1000.0, 1090.0)):
+    ...     ops = compile_event(fs, E(event_id=f"e{i}", card="c1", ts=ts), KeySpace("k"), KeyedHasher(b"x"))
+    ...     before = arith.previous(head, ts)
+    ...     arith.apply(head, ops.entity_key, ts, ops.writes, scores)
+    >>> arith.vector(head, before, 1090.0)
+    {'n_10m': 2.0, 'since': 90.0}
+    >>> stored = arith.unpack(arith.pack(head))  # what is stored reads back the same, its write count bumped
+    >>> stored.numbers == head.numbers, stored.seq
+    (True, 1.0)
+    """
 
     def __init__(self, fs: FeatureSet, suffix: str) -> None:
         if not worker_applicable(fs):
