@@ -57,7 +57,7 @@ from kestrel.feature_store.definitions import (
     finalize,
 )
 from kestrel.feature_store.keys import KeySpace
-from kestrel.feature_store.read_path import HeadReader
+from kestrel.feature_store.read_path import HeadReader, head_strings
 
 _LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<d")
@@ -176,16 +176,7 @@ class HeadArithmetic:
         if blob is None:
             return Head(list(self._empty), [None] * self.n_strings, 0.0, b"")
         numbers = list(self.numbers.unpack_from(blob))
-        pos = self.numbers.size
-        strings: list[str | None] = []
-        for _ in range(self.n_strings):
-            (n,) = _LEN.unpack_from(blob, pos)
-            pos += 4
-            if n == _NONE:
-                strings.append(None)
-            else:
-                strings.append(blob[pos:pos + n].decode())
-                pos += n
+        strings, pos = head_strings(blob, self.numbers.size, self.n_strings)
         seq = _SEQ.unpack_from(blob, pos)[0] if len(blob) >= pos + 8 else 0.0
         return Head(numbers, strings, seq, blob[-8:])
 

@@ -39,6 +39,28 @@ PAST = object()  # the decoder's answer when the head cannot serve the read
 Decoder = Callable[[bytes, float, list[int]], Any]
 
 
+_LEN = struct.Struct("<I")
+_NONE = 0xFFFFFFFF
+
+
+def head_strings(blob: bytes, pos: int, count: int) -> tuple[list[str | None], int]:
+    """A head's ``count`` length-prefixed strings from ``pos`` (after its numbers), and where they end.
+
+    >>> head_strings(b"\\x02\\x00\\x00\\x00ab\\xff\\xff\\xff\\xff!", 0, 2)
+    (['ab', None], 10)
+    """
+    strings: list[str | None] = []
+    for _ in range(count):
+        (n,) = _LEN.unpack_from(blob, pos)
+        pos += 4
+        if n == _NONE:
+            strings.append(None)
+        else:
+            strings.append(blob[pos:pos + n].decode())
+            pos += n
+    return strings, pos
+
+
 class HeadReader:
     """Decodes ``fs``'s heads into feature vectors (or :data:`PAST` when the buckets must answer)."""
 
@@ -62,34 +84,19 @@ class HeadReader:
     def previous(self, blob: bytes | None, at: float) -> dict[str, Any]:
         """The features an event reads from before itself (time since the previous event, previous values),
         from the head as it was before the event (None: no earlier event)."""
+        lay = self.layout
+        if blob is None:
+            return self.previous_values(None, [None] * len(lay.strings), at)
+        strings, _ = head_strings(blob, struct.calcsize(lay.fmt), len(lay.strings))
+        return self.previous_values(struct.unpack_from(lay.fmt, blob), strings, at)
+
+    def previous_values(self, numbers: Any, strings: list[str | None], at: float) -> dict[str, Any]:
+        """:meth:`previous` from a head already unpacked (numbers, or None for no head; strings)."""
         out: dict[str, Any] = {}
         lay = self.layout
-        numbers = struct.unpack_from(self.layout.fmt, blob) if blob is not None else None
-        strings: list[str | None] = []
-        if blob is not None and lay.strings:
-            pos = struct.calcsize(lay.fmt)
-            for _ in lay.strings:
-                (n,) = struct.unpack_from("<I", blob, pos)
-                pos += 4
-                strings.append(None if n == 0xFFFFFFFF else blob[pos:pos + n].decode())
-                if n != 0xFFFFFFFF:
-                    pos += n
         for feat in self.fs.vector:
             if isinstance(feat, TimeSince):
                 t = numbers[lay.last_time] if numbers is not None and lay.last_time is not None else math.nan
-                out[feat.name] = max(at - t, 0.0) if t == t else feat.default
-            elif isinstance(feat, LastValue):
-                value = strings[lay.strings.index(feat.name)] if strings else None
-                out[feat.name] = value if value is not None else feat.default
-        return out
-
-    def previous_values(self, numbers: Any, strings: list[str | None], at: float) -> dict[str, Any]:
-        """:meth:`previous` from a head already unpacked (numbers, strings)."""
-        out: dict[str, Any] = {}
-        lay = self.layout
-        for feat in self.fs.vector:
-            if isinstance(feat, TimeSince):
-                t = numbers[lay.last_time] if lay.last_time is not None else math.nan
                 out[feat.name] = max(at - t, 0.0) if t == t else feat.default
             elif isinstance(feat, LastValue):
                 value = strings[lay.strings.index(feat.name)]

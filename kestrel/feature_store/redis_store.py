@@ -326,11 +326,12 @@ class _StoreBase:
     def _apply_args(self, batch: Sequence[EventUnit]) -> list[Any]:
         return _apply_args(batch, self.keys, self.dedup_ttl_s)
 
-    def _head_batch(self, units: Sequence[EventUnit]) -> HeadBatch | None:
-        """The worker path's batch, or None when a part needs the Lua path."""
+    def _head_sets(self, units: Sequence[EventUnit]) -> dict[int, HeadArithmetic] | None:
+        """The arithmetic of each set the units feed, for the worker path (by id: hashing a set hashes all
+        its features), or None when a part needs the Lua path."""
         if not self.heads_in_worker:
             return None
-        sets: dict[int, HeadArithmetic] = {}  # by id: hashing a set hashes all its features
+        sets: dict[int, HeadArithmetic] = {}
         for unit in units:
             if not unit.framed:
                 return None
@@ -341,7 +342,7 @@ class _StoreBase:
                     if arith is None:
                         return None
                     sets[id(fs)] = arith
-        return HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)
+        return sets
 
 
 class RedisOnlineStore(_StoreBase):
@@ -366,10 +367,9 @@ class RedisOnlineStore(_StoreBase):
         """Apply each unit once; returns (newly_applied, feature vector of each part) per unit."""
         if not units:
             return []
-        for _ in range(HEAD_BATCH_ATTEMPTS):
-            batch = self._head_batch(units)
-            if batch is None:
-                break
+        sets = self._head_sets(units)
+        for _ in range(HEAD_BATCH_ATTEMPTS if sets else 0):
+            batch = HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)  # fresh reads each time
             with PinnedSync(self.client) as conn:
                 batch.apply(conn.run(batch.read_commands()))
                 committed = conn.script(self._commit_heads, batch.commit_args())
@@ -467,10 +467,9 @@ class AsyncRedisOnlineStore(_StoreBase):
     async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
         if not units:
             return []
-        for _ in range(HEAD_BATCH_ATTEMPTS):
-            batch = self._head_batch(units)
-            if batch is None:
-                break
+        sets = self._head_sets(units)
+        for _ in range(HEAD_BATCH_ATTEMPTS if sets else 0):
+            batch = HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)  # fresh reads each time
             async with Pinned(self.client) as conn:
                 batch.apply(await conn.run(batch.read_commands()))
                 committed = await conn.script(self._commit_heads, batch.commit_args())

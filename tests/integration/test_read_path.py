@@ -31,12 +31,14 @@ from kestrel.feature_store.definitions import (
     finalize,
     window_bounds,
 )
+from kestrel.feature_store.head_state import HeadBatch
 from kestrel.feature_store.keys import KeyedHasher, KeySpace
 from kestrel.feature_store.redis_store import (
     READ_LUA,
     AsyncRedisOnlineStore,
     RedisOnlineStore,
     _read_plan,
+    _unit_vectors,
     head_suffix,
     read_template,
 )
@@ -392,7 +394,8 @@ def test_a_batch_whose_entity_changed_after_its_read_is_not_written_and_is_appli
         return event_unit(e.event_id, [compile_event(HEAD_ONLY, e, keys, HASHER)], keys)
 
     worker.apply_units([unit(first)])
-    batch = worker._head_batch([unit(third)])
+    units = [unit(third)]
+    batch = HeadBatch(units, keys, worker._head_sets(units), _unit_vectors, 3600)
     with PinnedSync(client) as conn:
         batch.apply(conn.run(batch.read_commands()))
         lua.apply_units([unit(second)])  # meanwhile, another writer
