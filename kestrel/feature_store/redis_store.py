@@ -32,9 +32,9 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis
@@ -55,6 +55,8 @@ from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
 from kestrel.feature_store.read_path import PAST, HeadReader
 from kestrel.feature_store.resp import Pinned, PinnedSync, run_script, run_script_sync
 from kestrel.feature_store.scripts import load_lua
+
+T = TypeVar("T")
 
 LUA_READS = load_lua(__file__, "reads")
 
@@ -465,17 +467,33 @@ class AsyncRedisOnlineStore(_StoreBase):
         return _decode(await run_script(self.client, self._script, self._apply_args(_single(batch))))
 
     async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
+        return (await self.apply_units_then(units, None))[0]
+
+    async def apply_units_then(self, units: Sequence[EventUnit],
+                               then: Callable[[list[tuple[bool, list[Snapshot]]]], Awaitable[T]] | None,
+                               ) -> tuple[list[tuple[bool, list[Snapshot]]], T | None]:
+        """:meth:`apply_units`, and ``then`` of its results, run while Redis runs the commit.
+
+        On the worker path the results are known before the commit is
+        stored, so what the caller computes from them (scores, documents)
+        overlaps the commit's time in Redis instead of following it. ``then``
+        must have no side effects: a refused commit reads again and calls it
+        again with the new results.
+        """
         if not units:
-            return []
+            return [], (await then([]) if then else None)
         sets = self._head_sets(units)
         for _ in range(HEAD_BATCH_ATTEMPTS if sets else 0):
             batch = HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)  # fresh reads each time
             async with Pinned(self.client) as conn:
                 batch.apply(await conn.run(batch.read_commands()))
-                committed = await conn.script(self._commit_heads, batch.commit_args())
+                reply = await conn.script_sent(self._commit_heads, batch.commit_args())
+                done = await then(batch.results) if then else None
+                committed = await reply()
             if committed:
-                return batch.results
-        return _decode_units(await run_script(self.client, self._script, self._apply_args(units)), units)
+                return batch.results, done
+        results = _decode_units(await run_script(self.client, self._script, self._apply_args(units)), units)
+        return results, (await then(results) if then else None)
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]

@@ -14,7 +14,7 @@ unread on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis
@@ -73,12 +73,22 @@ class Pinned:
     async def script(self, script: AsyncScript, args: Sequence[Any]) -> Any:
         """``EVALSHA`` of a registered script (no keys: ours name them in their arguments), loading it
         first if the server does not have it."""
+        return await (await self.script_sent(script, args))()
+
+    async def script_sent(self, script: AsyncScript, args: Sequence[Any]) -> Callable[[], Awaitable[Any]]:
+        """Send a script's ``EVALSHA`` now; returns what reads its reply, so the caller can work while
+        Redis runs it (a script the server lacks is loaded and run again when the reply is read)."""
         command = ["EVALSHA", script.sha, 0, *args]
-        try:
-            return (await self.run([command]))[0]
-        except redis.exceptions.NoScriptError:
-            await self.run([["SCRIPT", "LOAD", script.script]])
-            return (await self.run([command]))[0]
+        await self.conn.send_packed_command(pack_commands([command]))
+
+        async def reply() -> Any:
+            try:
+                return await self.conn.read_response()
+            except redis.exceptions.NoScriptError:
+                await self.run([["SCRIPT", "LOAD", script.script]])
+                return (await self.run([command]))[0]
+
+        return reply
 
     async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
         try:

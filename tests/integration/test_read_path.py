@@ -400,7 +400,7 @@ def test_a_batch_whose_entity_changed_after_its_read_is_not_written_and_is_appli
         batch.apply(conn.run(batch.read_commands()))
         lua.apply_units([unit(second)])  # meanwhile, another writer
         assert conn.script(worker._commit_heads, batch.commit_args()) == 0  # refused: nothing written
-    assert not client.exists(keys.applied(third.event_id))
+    assert not client.exists(unit(third).applied_key)
     (applied, (vector,)), = worker.apply_units([unit(third)])  # read again, applied on top of the other write
     assert applied and vector["n_10m"] == 3.0 and vector["prev_terminal"] == "b" and vector["terminals_1h"] == 3.0
     ref = KeySpace(f"{keys.prefix}:ref")
@@ -408,3 +408,45 @@ def test_a_batch_whose_entity_changed_after_its_read_is_not_written_and_is_appli
     for e in (first, second, third):
         lua_ref.apply_units([event_unit(e.event_id, [compile_event(HEAD_ONLY, e, ref, HASHER)], ref)])
     assert _stored_state(client, keys, ["cas"]) == _stored_state(client, ref, ["cas"])
+
+
+def test_work_overlapping_the_commit_is_redone_when_the_commit_is_refused(space, redis_url, monkeypatch):
+    """``apply_units_then``: what the caller computes while Redis runs the commit (the worker's scores) is
+    computed again from the re-read vectors when the commit was refused, and only the last result is returned."""
+    client, keys = space
+    lua = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER, heads_in_worker=False)
+    t0 = 7_700_000.0
+    first, second, third = (_ev("ovl", i, t0 + 60 * i, 10.0 * (i + 1), "abc"[i]) for i in range(3))
+
+    def unit(e: SimpleNamespace):
+        return event_unit(e.event_id, [compile_event(HEAD_ONLY, e, keys, HASHER)], keys)
+
+    lua.apply_units([unit(first)])
+    reads = []
+    apply = HeadBatch.apply
+
+    def apply_then_interfere(self, replies):  # another writer between the first read and its commit
+        apply(self, replies)
+        reads.append(1)
+        if len(reads) == 1:
+            lua.apply_units([unit(second)])
+
+    monkeypatch.setattr(HeadBatch, "apply", apply_then_interfere)
+    seen: list[float] = []
+
+    async def then(results):
+        seen.append(results[0][1][0]["n_10m"])
+        return results[0][1][0]["n_10m"] * 10
+
+    async def main():
+        aclient = aioredis.from_url(redis_url)
+        try:
+            store = AsyncRedisOnlineStore(aclient, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+            return await store.apply_units_then([unit(third)], then)
+        finally:
+            await aclient.aclose()
+
+    ((applied, (vector,)),), done = asyncio.run(main())
+    assert seen == [2.0, 3.0]  # first from the stale read (its commit refused), then from the fresh one
+    assert applied and vector["n_10m"] == 3.0 and done == 30.0
+    assert orjson.loads(client.get(unit(third).applied_key)[1:]) == [vector]

@@ -25,7 +25,7 @@ from kestrel.feature_store import topics
 from kestrel.feature_store.cached_reads import VersionedReads
 from kestrel.feature_store.definitions import EventUnit, compile_event, event_unit
 from kestrel.feature_store.keys import KeyedHasher, KeySpace
-from kestrel.feature_store.redis_store import AsyncRedisOnlineStore
+from kestrel.feature_store.redis_store import AsyncRedisOnlineStore, Snapshot
 from kestrel.feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
 from kestrel.feature_store.sets import (
     CARD_DEVICE,
@@ -271,31 +271,43 @@ class Processor:
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
                             writes: list[tuple[str, bytes]]) -> list[Output]:
         events = [e for _, e in valid]
-        applied, risks = await asyncio.gather(
-            self.store.apply_units([self._payment_unit(e) for e in events]),
-            self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
-                                       [e.epoch_s for e in events]))
-        feats = []
-        for e, (_, (card, terminal, card_terminal, card_device)), risk in zip(events, applied, risks, strict=True):
-            vector = {**card, **terminal, **risk, **card_terminal, **card_device}  # FRAUD_VECTOR_SETS order
-            feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
-        if self.learner is not None:
-            learner = await self.learner.current()
-            scores = self.scorer.score_batch(events, feats, learner)
-        else:
-            scores = self.scorer.score_batch(events, feats)
+        risks = asyncio.ensure_future(self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
+                                                                 [e.epoch_s for e in events]))
+        learner = await self.learner.current() if self.learner is not None else None
+
+        async def decide(applied: list[tuple[bool, list[Snapshot]]]) -> tuple[list[Output], list[dict[str, Any]]]:
+            """The batch's decisions from its feature vectors (no side effects: run again if the commit is
+            refused), computed while Redis stores the feature commit."""
+            feats = []
+            for e, (_, (card, terminal, card_terminal, card_device)), risk in zip(events, applied, await risks,
+                                                                                 strict=True):
+                vector = {**card, **terminal, **risk, **card_terminal, **card_device}  # FRAUD_VECTOR_SETS order
+                feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
+            scores = (self.scorer.score_batch(events, feats, learner) if learner is not None
+                      else self.scorer.score_batch(events, feats))
+            now = time.time()
+            outputs, docs = [], []
+            decided_at = iso_of(now)  # one time for the batch
+            for e, f, s in zip(events, feats, scores, strict=True):
+                card = self.token("card", e.card_id)
+                doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card,
+                                         decided_at=decided_at)
+                docs.append(doc)
+                outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
+                                      self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
+            return outputs, docs
+
+        try:
+            _, decided = await self.store.apply_units_then([self._payment_unit(e) for e in events], decide)
+        finally:  # where the feature path failed first, the read is not left running nor its error unread
+            if not risks.cancel() and not risks.cancelled():
+                risks.exception()
+        assert decided is not None
+        outputs, docs = decided
         now = time.time()
-        outputs, docs = [], []
-        decided_at = iso_of(now)  # one time for the batch
-        for (rec, e), f, s in zip(valid, feats, scores, strict=True):
-            card = self.token("card", e.card_id)
-            doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card, decided_at=decided_at)
-            body = orjson.dumps(doc)
-            docs.append(doc)
-            log_key = self.keys.decision(e.event_id)
-            writes.append((log_key, body))  # the decision log labels join to, and this output's outbox
-            outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), body,
-                                  self.keys.published("fraud", e.event_id), log_key))
+        for (rec, e), out in zip(valid, outputs, strict=True):
+            # the decision log labels join to, and this output's outbox
+            writes.append((self.keys.decision(e.event_id), out.value))
             self._observe("fraud", rec, started, now)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(docs)
