@@ -58,6 +58,10 @@ from kestrel.feature_store.scripts import load_lua
 
 T = TypeVar("T")
 
+
+async def _nothing(results: object) -> None:
+    """The ``then`` of a plain :meth:`AsyncRedisOnlineStore.apply_units`."""
+
 LUA_READS = load_lua(__file__, "reads")
 
 LUA_PLAN = load_lua(__file__, "plan")
@@ -467,11 +471,11 @@ class AsyncRedisOnlineStore(_StoreBase):
         return _decode(await run_script(self.client, self._script, self._apply_args(_single(batch))))
 
     async def apply_units(self, units: Sequence[EventUnit]) -> list[tuple[bool, list[Snapshot]]]:
-        return (await self.apply_units_then(units, None))[0]
+        return (await self.apply_units_then(units, _nothing))[0]
 
     async def apply_units_then(self, units: Sequence[EventUnit],
-                               then: Callable[[list[tuple[bool, list[Snapshot]]]], Awaitable[T]] | None,
-                               ) -> tuple[list[tuple[bool, list[Snapshot]]], T | None]:
+                               then: Callable[[list[tuple[bool, list[Snapshot]]]], Awaitable[T]],
+                               ) -> tuple[list[tuple[bool, list[Snapshot]]], T]:
         """:meth:`apply_units`, and ``then`` of its results, run while Redis runs the commit.
 
         On the worker path the results are known before the commit is
@@ -481,19 +485,19 @@ class AsyncRedisOnlineStore(_StoreBase):
         again with the new results.
         """
         if not units:
-            return [], (await then([]) if then else None)
+            return [], await then([])
         sets = self._head_sets(units)
         for _ in range(HEAD_BATCH_ATTEMPTS if sets else 0):
             batch = HeadBatch(units, self.keys, sets, _unit_vectors, self.dedup_ttl_s)  # fresh reads each time
             async with Pinned(self.client) as conn:
                 batch.apply(await conn.run(batch.read_commands()))
                 reply = await conn.script_sent(self._commit_heads, batch.commit_args())
-                done = await then(batch.results) if then else None
+                done = await then(batch.results)
                 committed = await reply()
             if committed:
                 return batch.results, done
         results = _decode_units(await run_script(self.client, self._script, self._apply_args(units)), units)
-        return results, (await then(results) if then else None)
+        return results, await then(results)
 
     async def read(self, fs: FeatureSet, entity_id: str, at: float | None = None) -> dict[str, Any]:
         return (await self.read_batch(fs, [entity_id], at))[0]

@@ -381,18 +381,23 @@ def test_the_worker_path_gives_what_the_lua_path_gives(space, raw, batch, erase_
         assert _stored_state(client, worker_keys, cards[:1]) == {cards[0]: (None, [])}  # nothing recreated
 
 
+def _contended_card(client: redis.Redis, keys: KeySpace, card: str, t0: float):
+    """The Lua-path store (the other writer), three events of ``card`` a minute apart, and an event's unit."""
+    lua = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER, heads_in_worker=False)
+    events = tuple(_ev(card, i, t0 + 60 * i, 10.0 * (i + 1), "abc"[i]) for i in range(3))
+
+    def unit(e: SimpleNamespace):
+        return event_unit(e.event_id, [compile_event(HEAD_ONLY, e, keys, HASHER)], keys)
+
+    return lua, events, unit
+
+
 def test_a_batch_whose_entity_changed_after_its_read_is_not_written_and_is_applied_again(space):
     """Optimistic concurrency: another writer between the worker's read and its commit (another worker, the
     Lua path) makes the commit write nothing; the store reads again and the result is as if in sequence."""
     client, keys = space
     worker = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
-    lua = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER, heads_in_worker=False)
-    t0 = 7_600_000.0
-    first, second, third = (_ev("cas", i, t0 + 60 * i, 10.0 * (i + 1), "abc"[i]) for i in range(3))
-
-    def unit(e: SimpleNamespace):
-        return event_unit(e.event_id, [compile_event(HEAD_ONLY, e, keys, HASHER)], keys)
-
+    lua, (first, second, third), unit = _contended_card(client, keys, "cas", 7_600_000.0)
     worker.apply_units([unit(first)])
     units = [unit(third)]
     batch = HeadBatch(units, keys, worker._head_sets(units), _unit_vectors, 3600)
@@ -414,13 +419,7 @@ def test_work_overlapping_the_commit_is_redone_when_the_commit_is_refused(space,
     """``apply_units_then``: what the caller computes while Redis runs the commit (the worker's scores) is
     computed again from the re-read vectors when the commit was refused, and only the last result is returned."""
     client, keys = space
-    lua = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER, heads_in_worker=False)
-    t0 = 7_700_000.0
-    first, second, third = (_ev("ovl", i, t0 + 60 * i, 10.0 * (i + 1), "abc"[i]) for i in range(3))
-
-    def unit(e: SimpleNamespace):
-        return event_unit(e.event_id, [compile_event(HEAD_ONLY, e, keys, HASHER)], keys)
-
+    lua, (first, second, third), unit = _contended_card(client, keys, "ovl", 7_700_000.0)
     lua.apply_units([unit(first)])
     reads = []
     apply = HeadBatch.apply

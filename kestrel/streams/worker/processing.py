@@ -298,16 +298,14 @@ class Processor:
             return outputs, docs
 
         try:
-            _, decided = await self.store.apply_units_then([self._payment_unit(e) for e in events], decide)
-        finally:  # where the feature path failed first, the read is not left running nor its error unread
-            if not risks.cancel() and not risks.cancelled():
+            _, (outputs, docs) = await self.store.apply_units_then([self._payment_unit(e) for e in events], decide)
+        finally:  # where the feature path failed first: the read stops, and its own error is not left unread
+            risks.cancel()
+            if risks.done() and not risks.cancelled():
                 risks.exception()
-        assert decided is not None
-        outputs, docs = decided
         now = time.time()
-        for (rec, e), out in zip(valid, outputs, strict=True):
-            # the decision log labels join to, and this output's outbox
-            writes.append((self.keys.decision(e.event_id), out.value))
+        for (rec, _), out in zip(valid, outputs, strict=True):
+            writes.append((out.log_key, out.value))  # the decision log labels join to, and this output's outbox
             self._observe("fraud", rec, started, now)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(docs)

@@ -121,14 +121,13 @@ class Runtime:
         if not outputs:
             return
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust started
+        partition_of = {}
         for name in {o.topic for o in outputs}:
             await producer.client._wait_on_metadata(name)
+            partition_of[name] = self._partitions.of(producer, name)
         by_partition: dict[tuple[str, int], list[Output]] = {}
-        for name in {o.topic for o in outputs}:
-            partition_of = self._partitions.of(producer, name)
-            for o in outputs:
-                if o.topic == name:
-                    by_partition.setdefault((name, partition_of(o.key, o.value)), []).append(o)
+        for o in outputs:
+            by_partition.setdefault((o.topic, partition_of[o.topic](o.key, o.value)), []).append(o)
         futures = []
         for (name, partition), outs in by_partition.items():
             batch = producer.create_batch()
