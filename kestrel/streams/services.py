@@ -67,6 +67,8 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running: a second launch on the same port would orphan the first
         url = f"tcp://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.gettempdir()) / f"kestrel-tansu-{self.port}.log"
         log = self.log_path.open("wb")
