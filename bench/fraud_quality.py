@@ -5,6 +5,7 @@
     .venv/bin/python bench/fraud_quality.py --out runs/hard --report-only   # tables from saved runs
     .venv/bin/python bench/fraud_quality.py --out runs/quick --seeds 7 --drift-seeds 8 --train-days 7
     .venv/bin/python bench/fraud_quality.py --out runs/indep --independent   # the independent generator
+    .venv/bin/python bench/fraud_quality.py --out runs/textbook --textbook   # the textbook simulator's design
 
 A stationary run simulates the features' warm-up (37 days), the training
 window, 7 days of label delay and 7 test days; a drift run adds account
@@ -29,7 +30,9 @@ from pathlib import Path
 
 MODELS = {"kestrel": "Kestrel (torch + river)", "logistic_regression": "logistic regression",
           "gradient_boosted_trees": "gradient-boosted trees", "river_alone": "river alone",
-          "torch_alone": "torch alone (ablation)", "rules": "rules"}
+          "torch_alone": "torch alone (ablation)", "rules": "rules",
+          "textbook_logistic_regression": "textbook features, logistic regression",
+          "textbook_random_forest": "textbook features, random forest"}
 EVAL_COLUMNS = ["--merchant-col", "merchant_id", "--card-present-col", "card_present", "--device-col", "device_id",
                 "--segment-col", "region"]
 
@@ -39,10 +42,11 @@ def runs_of(args: argparse.Namespace) -> list[dict]:
     from kestrel.offline.fraud_eval import longest_window_days
 
     warm_up = math.ceil(longest_window_days())  # the features' reach back: 37 days
-    hard = [] if args.easy or args.independent else ["--hard-negatives"]
+    other = "independent" if args.independent else "textbook" if args.textbook else None
+    hard = [] if args.easy or other else ["--hard-negatives"]
     per_day = ["--payments-per-day", str(args.payments_per_day)]
-    if args.independent:  # a generator designed without Kestrel's features; stationary runs only (no drift option)
-        per_day += ["--generator", "independent"]
+    if other:  # generators designed without Kestrel's features; stationary runs only (no drift option)
+        per_day += ["--generator", other]
     runs = []
     days = warm_up + args.train_days + 7 + 7 + 1
     for seed in args.seeds:
@@ -50,7 +54,7 @@ def runs_of(args: argparse.Namespace) -> list[dict]:
                      "produce": ["--days", str(days), "--seed", str(seed), *per_day, *hard],
                      "window": ["--train-days", str(args.train_days), "--delay-days", "7", "--test-days", "7"]})
     days = warm_up + args.train_days + 1 + 8 + 1
-    for seed in [] if args.independent else args.drift_seeds:
+    for seed in [] if other else args.drift_seeds:
         runs.append({"name": f"drift {seed}", "file": f"d{seed}", "kind": "drift",
                      "produce": ["--days", str(days), "--seed", str(seed), "--emerging-after-days", str(days - 8),
                                  *per_day, *hard],
@@ -92,14 +96,16 @@ def _gain_cell(gain: float, lo: float, hi: float) -> str:
 
 def report(summaries: list[dict]) -> str:
     """Markdown tables, one row per run (so many runs stay readable): AP, then gains, then pooled gains."""
-    baselines = list(MODELS)[1:]
-    lines = ["Average precision:", "", "| run | " + " | ".join(MODELS.values()) + " |",
-             "|---" * (len(MODELS) + 1) + "|"]
+    models = {m: label for m, label in MODELS.items()  # runs saved by an older build may lack newer baselines
+              if m == "kestrel" or all(m in s["baselines"] for s in summaries)}
+    baselines = list(models)[1:]
+    lines = ["Average precision:", "", "| run | " + " | ".join(models.values()) + " |",
+             "|---" * (len(models) + 1) + "|"]
     for s in summaries:
-        aps = [(s["kestrel"] if m == "kestrel" else s["baselines"][m])["average_precision"] for m in MODELS]
+        aps = [(s["kestrel"] if m == "kestrel" else s["baselines"][m])["average_precision"] for m in models]
         lines.append(f"| {s['run']['name']} | " + " | ".join(f"{ap:.4f}" for ap in aps) + " |")
     lines += ["", "Kestrel's AP gain over each baseline, 95% paired-bootstrap interval (* excludes 0):", "",
-              "| run | " + " | ".join(MODELS[m] for m in baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
+              "| run | " + " | ".join(models[m] for m in baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
     for s in summaries:
         cells = [_gain_cell(g["gain"], *g["ci95"]) for g in (s["kestrel_ap_gain"][m] for m in baselines)]
         lines.append(f"| {s['run']['name']} | " + " | ".join(cells) + " |")
@@ -125,6 +131,9 @@ def main() -> int:
     p.add_argument("--independent", action="store_true",
                    help="histories from kestrel.offline.generators.independent (fraud designed without Kestrel's "
                         "features); stationary runs only")
+    p.add_argument("--textbook", action="store_true",
+                   help="kestrel.offline.generators.textbook: the textbook simulator's design (terminal and customer "
+                        "compromises, large amounts)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="tables from the runs already in --out")
     args = p.parse_args()

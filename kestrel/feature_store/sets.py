@@ -16,6 +16,7 @@ from kestrel.feature_store.definitions import (
     TimeSince,
     Windowed,
 )
+from kestrel.feature_store.families import Horizon, MaturedCounts, amount_family
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 SMALL_AMOUNT = 5.0  # below this a payment looks like a card-testing probe
@@ -25,24 +26,25 @@ LABEL_DELAY_S = 7 * DAY  # labels of the last week are not complete yet
 def _amount(e: object) -> float:
     return e.amount  # type: ignore[attr-defined]
 
+# The scales of a card's spending, short to long; each gets count, sum, mean and std of amounts. Buckets are a
+# tenth to a twelfth of each window: a read touches ~80 values, not ~300.
+CARD_HORIZONS = (Horizon("10m", 10 * MINUTE, 2 * MINUTE), Horizon("1h", HOUR, 10 * MINUTE),
+                 Horizon("24h", DAY, 2 * HOUR), Horizon("7d", 7 * DAY, DAY), Horizon("30d", 30 * DAY, 3 * DAY))
+# A terminal's payments whose outcome is known (the windows ending one label delay ago): the denominators of its
+# fraud rates, so a terminal compromised last week shows in the 1-day window instead of being diluted in 30 days.
+TERMINAL_MATURED = MaturedCounts("terminal_txn", LABEL_DELAY_S, DAY,
+                                 (Horizon("1d", DAY, DAY), Horizon("7d", 7 * DAY, DAY), Horizon("30d", 30 * DAY, DAY)))
+
 CARD_PROFILE = FeatureSet(
     name="card_profile",
-    version="4",
+    version="5",
     entity="card",
     source="transaction",
     entity_id_of=lambda e: e.card_id,
     time_of=lambda e: e.epoch_s,
     features=(
         # One stored series of payment amounts per bucket size, shared by count, sum, mean and std.
-        # Buckets are a tenth to a twelfth of each window: a read touches ~80 values, not ~300.
-        Windowed("txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, series="txn"),
-        Windowed("txn_count_1h", "count", HOUR, 10 * MINUTE, series="txn"),
-        Windowed("amount_sum_1h", "sum", HOUR, 10 * MINUTE, value_of=_amount, series="txn"),
-        Windowed("txn_count_24h", "count", DAY, 2 * HOUR, series="txn"),
-        Windowed("amount_sum_24h", "sum", DAY, 2 * HOUR, value_of=_amount, series="txn"),
-        Windowed("txn_count_30d", "count", 30 * DAY, 3 * DAY, series="txn"),
-        Windowed("amount_mean_30d", "mean", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
-        Windowed("amount_std_30d", "std", 30 * DAY, 3 * DAY, value_of=_amount, series="txn"),
+        *amount_family(CARD_HORIZONS, _amount, count_prefix="txn", value_prefix="amount", series="txn"),
         Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=_amount),
         Windowed("small_txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
         Windowed("distinct_terminals_24h", "distinct", DAY, 2 * HOUR, value_of=lambda e: e.terminal_id,
@@ -55,18 +57,24 @@ CARD_PROFILE = FeatureSet(
 
 TERMINAL_ACTIVITY = FeatureSet(
     name="terminal_activity",
-    version="1",
+    version="2",
     entity="terminal",
     source="transaction",
     entity_id_of=lambda e: e.terminal_id or f"merchant:{e.merchant_id}",
     time_of=lambda e: e.epoch_s,
     features=(
         Windowed("terminal_txn_count_1h", "count", HOUR, 5 * MINUTE),
-        Windowed("terminal_txn_count_7d", "count", 7 * DAY, DAY),
+        Windowed("terminal_txn_count_24h", "count", DAY, HOUR, series="txn"),
+        *TERMINAL_MATURED.features(),  # terminal_txn_count_7d, _8d, _14d, _37d: daily, one series
         Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
     ),
     buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
+
+
+def _is_fraud(e: object) -> float:
+    return e.is_fraud  # type: ignore[attr-defined]
+
 
 TERMINAL_RISK = FeatureSet(
     name="terminal_risk",
@@ -76,8 +84,9 @@ TERMINAL_RISK = FeatureSet(
     entity_id_of=lambda e: e.terminal_id,
     time_of=lambda e: e.epoch_s,
     features=(
-        Windowed("terminal_frauds_30d_d7", "sum", 30 * DAY, DAY, value_of=lambda e: e.is_fraud,
-                 delay_s=LABEL_DELAY_S, lateness_s=30 * DAY, series="labels"),
+        # Frauds among the payments of each matured window (the numerators of TERMINAL_MATURED's rates).
+        *(Windowed(f"terminal_frauds_{h.label}_d7", "sum", h.window_s, DAY, value_of=_is_fraud,
+                   delay_s=LABEL_DELAY_S, lateness_s=30 * DAY, series="labels") for h in TERMINAL_MATURED.horizons),
         Windowed("terminal_labels_30d_d7", "count", 30 * DAY, DAY, delay_s=LABEL_DELAY_S, lateness_s=30 * DAY,
                  series="labels"),
     ),

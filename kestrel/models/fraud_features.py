@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kestrel.feature_store.sets import TERMINAL_MATURED
+
 MONTH_S = 30 * 86400.0
 NIGHT_END_HOUR = 6  # 00:00-05:59 UTC: payments of the small hours
 
@@ -76,9 +78,32 @@ def _device_payments_before(f: Any) -> Any:
     return np.where(f.get("has_device", 0.0) <= 0, 30.0, before)
 
 
-def _terminal_rate(f: Any) -> Any:
-    """Fraud rate of the terminal's labelled payments, shrunk toward 0 when there are few labels."""
-    return f.get("terminal_frauds_30d_d7", 0.0) / (f.get("terminal_labels_30d_d7", 0.0) + 2.0)
+def _ratio(f: Any, num: str, den: str) -> Any:
+    """``num / den`` where ``den`` is positive, else 0 (no history to compare with)."""
+    d = f.get(den, 0.0)
+    return np.where(d > 0, f.get(num, 0.0) / np.maximum(d, 1e-9), 0.0)
+
+
+_SPAN = {"1d": "1 day", "7d": "7 days", "30d": "30 days"}
+
+
+def _vs_own_mean(label: str) -> ModelInput:
+    """This payment's amount against the card's own mean over a horizon (this payment included)."""
+    mean = f"amount_mean_{label}"
+    return _input(f"amount_vs_mean_{label}", lambda f: _log(np.minimum(_ratio(f, "amount", mean), 1000.0)),
+                  lambda f: (f"amount {_ratio(f, 'amount', mean):.1f}× this card's {label} mean "
+                             f"({f.get(mean, 0.0):,.2f}, this payment included)"),
+                  lambda f: _ratio(f, "amount", mean))
+
+
+def _terminal_rate(label: str) -> ModelInput:
+    """The terminal's fraud rate over one matured window: frauds / all its payments there."""
+    rate, frauds, payments = (f"terminal_fraud_rate_{label}_d7", f"terminal_frauds_{label}_d7",
+                              f"terminal_txn_count_{label}_d7")
+    span = _SPAN[label]
+    return _input(f"terminal_fraud_rate_{label}", lambda f: f.get(rate, 0.0),
+                  lambda f: (f"terminal fraud rate {f.get(rate, 0.0):.0%} over {span} ending 7 days ago "
+                             f"({f.get(frauds, 0.0):.0f} frauds in {f.get(payments, 0.0):.0f} payments)"), _g(rate))
 
 
 class Columns:
@@ -136,6 +161,12 @@ INPUTS: tuple[ModelInput, ...] = (
     _count("txn_count_10m", "payments by this card in 10 minutes"),
     _count("txn_count_1h", "payments by this card in 1 hour"),
     _count("txn_count_24h", "payments by this card in 24 hours"),
+    _count("txn_count_7d", "payments by this card in 7 days"),
+    *(_vs_own_mean(label) for label in ("24h", "7d")),
+    _input("mean_24h_vs_30d", lambda f: _log(np.minimum(_ratio(f, "amount_mean_24h", "amount_mean_30d"), 1000.0)),
+           lambda f: (f"this card's mean payment today {f.get('amount_mean_24h', 0.0):,.2f} against "
+                      f"{f.get('amount_mean_30d', 0.0):,.2f} over 30 days"),
+           lambda f: _ratio(f, "amount_mean_24h", "amount_mean_30d")),
     _input("spend_1h_vs_mean", lambda f: _log(_spend_ratio(f)),
            lambda f: f"{f.get('amount_sum_1h', 0.0):,.2f} spent in 1 hour ({_spend_ratio(f):.1f}× the 30-day mean)",
            _g("amount_sum_1h")),
@@ -163,12 +194,12 @@ INPUTS: tuple[ModelInput, ...] = (
            lambda f: f"at {f.get('hour_utc', 12.0):02.0f}h UTC", _g("hour_utc", 12.0)),
     _input("weekend", lambda f: 1.0 * (f.get("weekday", 0.0) >= 5),
            lambda f: "on a weekend" if f.get("weekday", 0.0) >= 5 else "on a weekday", _g("weekday")),
-    _input("terminal_fraud_rate_30d", _terminal_rate,
-           lambda f: f"terminal fraud rate {f.get('terminal_fraud_rate_30d_d7', 0.0):.0%} over 30 days "
-                     f"({f.get('terminal_frauds_30d_d7', 0.0):.0f} of {f.get('terminal_labels_30d_d7', 0.0):.0f} "
-                     "labelled payments, labels older than 7 days)", _g("terminal_fraud_rate_30d_d7")),
+    *(_terminal_rate(h.label) for h in TERMINAL_MATURED.horizons),
+    *(_count(f"terminal_payments_{h.label}_d7", f"payments at this terminal over {_SPAN[h.label]} ending 7 days ago",
+             key=name) for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names(), strict=True)),
     _count("terminal_frauds_30d", "confirmed frauds at this terminal in 30 days", key="terminal_frauds_30d_d7"),
     _count("terminal_txn_count_1h", "payments at this terminal in 1 hour"),
+    _count("terminal_txn_count_24h", "payments at this terminal in 24 hours"),
     _count("terminal_distinct_cards_24h", "different cards at this terminal in 24 hours"),
 )
 INPUT_NAMES: tuple[str, ...] = tuple(i.name for i in INPUTS)

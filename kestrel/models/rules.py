@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kestrel.feature_store.sets import TERMINAL_MATURED
 from kestrel.models.scoring import FraudScore, Reason, Thresholds
 
 
@@ -22,27 +23,37 @@ class RuleConfig:
     rapid_seconds: float = 10.0
     many_terminals_24h: int = 5
     terminal_fraud_rate: float = 0.2
-    terminal_min_labels: int = 5
+    terminal_min_payments: int = 5  # matured payments at the terminal before its fraud rate counts
 
 
 def derive(amount: float, f: Mapping[str, float]) -> dict[str, float]:
     """Model-ready values from the stored feature vector (which includes this payment).
 
-    >>> d = derive(50.0, {"txn_count_30d": 3, "amount_mean_30d": 30.0,
-    ...                   "terminal_frauds_30d_d7": 2, "terminal_labels_30d_d7": 8})
-    >>> d["txn_count_30d_before"], d["amount_mean_30d_before"], d["amount_vs_mean_30d"], d["terminal_fraud_rate_30d_d7"]
-    (2.0, 20.0, 2.5, 0.25)
+    A terminal's fraud rate over a matured window is its frauds there over
+    all its payments there (every payment's outcome is known once the label
+    delay has passed), not over the payments that happened to get a label.
+
+    >>> d = derive(50.0, {"txn_count_30d": 3, "amount_mean_30d": 30.0, "terminal_frauds_30d_d7": 2,
+    ...                   "terminal_txn_count_7d": 5, "terminal_txn_count_37d": 13})
+    >>> d["txn_count_30d_before"], d["amount_mean_30d_before"], d["amount_vs_mean_30d"]
+    (2.0, 20.0, 2.5)
+    >>> d["terminal_txn_count_30d_d7"], d["terminal_fraud_rate_30d_d7"], d["terminal_fraud_rate_1d_d7"]
+    (8.0, 0.25, 0.0)
     """
     out = {k: float(v) for k, v in f.items() if isinstance(v, int | float)}
     n = out.get("txn_count_30d", 1.0)
     before = max(n - 1.0, 0.0)
     mean_before = max(out.get("amount_mean_30d", amount) * n - amount, 0.0) / before if before else 0.0
-    labels = out.get("terminal_labels_30d_d7", 0.0)
     out["amount"] = amount
     out["txn_count_30d_before"] = before
     out["amount_mean_30d_before"] = mean_before
     out["amount_vs_mean_30d"] = amount / mean_before if mean_before > 0 else 0.0
-    out["terminal_fraud_rate_30d_d7"] = out.get("terminal_frauds_30d_d7", 0.0) / labels if labels else 0.0
+    matured = TERMINAL_MATURED.values(out)
+    out.update(matured)
+    for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names(), strict=True):
+        payments = matured[name]
+        frauds = out.get(f"terminal_frauds_{h.label}_d7", 0.0)
+        out[f"terminal_fraud_rate_{h.label}_d7"] = min(frauds / payments, 1.0) if payments else 0.0
     return out
 
 
@@ -82,9 +93,9 @@ class RuleScorer:
         if terminals >= c.many_terminals_24h:
             reasons.append((0.2, Reason("many_terminals", f"{terminals:.0f} terminals in 24 hours", terminals)))
         rate = f.get("terminal_fraud_rate_30d_d7", 0.0)
-        if f.get("terminal_labels_30d_d7", 0.0) >= c.terminal_min_labels and rate >= c.terminal_fraud_rate:
+        if f.get("terminal_txn_count_30d_d7", 0.0) >= c.terminal_min_payments and rate >= c.terminal_fraud_rate:
             reasons.append((0.3, Reason("terminal_fraud_rate",
-                                        f"terminal fraud rate {rate:.0%} over 30 days (labels known)", rate)))
+                                        f"terminal fraud rate {rate:.0%} over 30 days (outcomes known)", rate)))
         score = min(sum(w for w, _ in reasons), 1.0)
         ordered = tuple(r for _, r in sorted(reasons, key=lambda wr: -wr[0]))
         return FraudScore(score=round(score, 4), action=self.thresholds.action(score), reasons=ordered)

@@ -30,6 +30,7 @@ from kestrel.models.policy import Policy
 from kestrel.offline.fraud_dataset import Columns, feature_rows, payments_of, read_history
 from kestrel.offline.fraud_train import fit_fraud_model, river_warm_start
 from kestrel.offline.paired_ap import paired_ap_gain
+from kestrel.offline.textbook_features import textbook_features
 
 DAY = 86400.0
 CHUNK = 256  # payments scored per micro-batch, as the stream path does
@@ -183,6 +184,11 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     started = time.time()
     rows = feature_rows(payments_of(frame), y_raw)
     x = model_inputs(rows)
+    terminal = frame["terminal_id"].to_numpy(dtype=object)
+    terminal = np.where(pd.isna(terminal) | (terminal == ""), "merchant:" + frame["merchant_id"].astype(str),
+                        terminal.astype(str))
+    x_textbook = textbook_features(cards, terminal, frame["amount"].to_numpy(dtype=float), t, y,
+                                   cfg.delay_days * DAY)
     say(f"features: {x.shape[1]} model inputs for {len(rows):,} payments in {time.time() - started:.1f}s")
 
     warm_days = (train_start - t[0]) / DAY
@@ -227,8 +233,10 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     kestrel["score_p50_ms"], kestrel["score_p99_ms"] = _percentile_ms(latency)
     results["kestrel"] = kestrel
 
-    say("baselines: logistic regression, gradient-boosted trees, river alone, torch alone, rules")
+    say("baselines: logistic regression, gradient-boosted trees, river alone, torch alone, rules, and logistic "
+        "regression and a random forest on the textbook features")
     baselines = _baselines(model, x, y, t, ids, rows, train, test, label_idx, delay_s, cfg.seed, cfg.audit_share)
+    baselines |= _textbook_baselines(x_textbook, y, train, test, cfg.seed)
     for name, (scores, lat) in baselines.items():
         m = ranking_metrics(y_test, scores, cards[test], day)
         m["score_p50_ms"], m["score_p99_ms"] = _percentile_ms(lat)
@@ -290,6 +298,25 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
     rules = RuleScorer()
     out["rules"] = (np.array([rules.score_one(rows[i]).score for i in test]),
                     _single_latency(lambda i: rules.score_one(rows[test[i]]), 300, len(test)))
+    return out
+
+
+def _textbook_baselines(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                        seed: int) -> dict[str, tuple[np.ndarray, list[float]]]:
+    """The practitioner's reference: the textbook features (:mod:`kestrel.offline.textbook_features`), same split."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out: dict[str, tuple[np.ndarray, list[float]]] = {}
+    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[train], y[train])
+    out["textbook_logistic_regression"] = (lr.predict_proba(x[test])[:, 1], _single_latency(
+        lambda i: lr.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
+    # the textbook's own settings (100 trees, depth 20), not tuned here
+    rf = RandomForestClassifier(n_estimators=100, max_depth=20, random_state=seed, n_jobs=2).fit(x[train], y[train])
+    out["textbook_random_forest"] = (rf.predict_proba(x[test])[:, 1], _single_latency(
+        lambda i: rf.predict_proba(x[test[i]:test[i] + 1]), 100, len(test)))
     return out
 
 

@@ -423,6 +423,7 @@ def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
     chosen = _explicit_model(choice, "rules", "KESTREL_FRAUD_MODEL")
     if chosen is not None:
         return chosen
+    from kestrel.models.fraud_features import INPUT_NAMES
     from kestrel.models.fraud_model import latest_artifact
 
     # The demo's simulator: 2 events per simulated second, 75% payments, 2,000 cards. A model trained on the
@@ -430,8 +431,10 @@ def demo_fraud_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
     per_day, cards = SimConfig().events_per_sim_second * SimConfig().transaction_share * 86400, SimConfig().n_cards
     root = Path("artifacts/fraud-demo")
     found = latest_artifact(root)
-    if found is None or json.loads((found / "meta.json").read_text())["report"].get("source", {}).get(
-            "payments_per_day") != per_day:
+    meta = json.loads((found / "meta.json").read_text()) if found is not None else {}
+    stale = (meta.get("report", {}).get("source", {}).get("payments_per_day") != per_day
+             or meta.get("inputs") != list(INPUT_NAMES))  # trained by an older build on other inputs
+    if found is None or stale:
         from kestrel.offline.fraud_train import train_on_simulated_history
 
         say("training a fraud model on 12 simulated hours of the demo's traffic (first run only, ~20 s; "

@@ -35,9 +35,10 @@ def add_produce_args(p: argparse.ArgumentParser) -> None:
                    help="59 (the default) fits `kestrel eval fraud`'s default windows (7 train, 7 delay, 7 test) "
                         "after the 37 days the features need to warm up")
     h.add_argument("--payments-per-day", type=float, default=5000.0)
-    h.add_argument("--generator", choices=["kestrel", "independent"], default="kestrel",
+    h.add_argument("--generator", choices=["kestrel", "independent", "textbook"], default="kestrel",
                    help="kestrel: the simulator the features were designed with; independent: "
-                        "kestrel.offline.generators.independent, fraud patterns designed without Kestrel's features")
+                        "kestrel.offline.generators.independent, fraud patterns designed without Kestrel's features; "
+                        "textbook: kestrel.offline.generators.textbook, the textbook simulator's design")
     h.add_argument("--emerging-after-days", type=float, default=None,
                    help="from this day on fraudsters add a pattern absent before (account takeover); "
                         "--generator kestrel only")
@@ -75,14 +76,17 @@ def send(producer: EventProducer, rec: SimRecord) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     if args.history_csv:
-        if args.generator == "independent":
+        if args.generator in ("independent", "textbook"):
             if args.emerging_after_days is not None or args.hard_negatives:
                 print("--emerging-after-days and --hard-negatives are for --generator kestrel only",
                       file=sys.stderr)
                 return 2
-            from kestrel.offline.generators.independent import write_history as write_independent
+            if args.generator == "independent":
+                from kestrel.offline.generators.independent import write_history as write_other
+            else:
+                from kestrel.offline.generators.textbook import write_history as write_other
 
-            counts = write_independent(args.history_csv, args.days, args.payments_per_day, seed=args.seed)
+            counts = write_other(args.history_csv, args.days, args.payments_per_day, seed=args.seed)
         else:
             from kestrel.offline.simulator import write_history
 
