@@ -329,13 +329,13 @@ class HeadLayout:
     ttl_s: int
 
     def suffix_start(self, storage: str, window: int, component: str) -> int:
+        """Where the ``window``-bucket suffix totals of a component start: the tail of its longest window's."""
         for name, _, _, windows in self.series:
             if name == storage:
                 for w, comps in windows:
-                    if w == window:
-                        for suffix, _, start in comps:
-                            if suffix == component:
-                                return start
+                    for suffix, _, start in comps:
+                        if suffix == component and window <= w:
+                            return start + w - window
         raise KeyError((storage, window, component))
 
     def top_index(self, storage: str) -> int:
@@ -365,11 +365,17 @@ def head_layout(fs: FeatureSet) -> HeadLayout:
         pos += 1
         windows = []
         members = fs.series_members()[storage]
-        for w in sorted({f.buckets for f in members if not f.delay_s}):
-            needed = {c for f in members if f.buckets == w and not f.delay_s for c in COMPONENTS[f.agg]}
+        # One suffix array per component, as long as the longest window that needs it: a shorter window's
+        # totals are its tail (S_w[k] = S_W[W - w + k]), so a series read over 7, 8, 14 and 37 days keeps 37.
+        longest: dict[tuple[str, str], int] = {}
+        for f in members:
+            if not f.delay_s:
+                for c in COMPONENTS[f.agg]:
+                    longest[c] = max(longest.get(c, 0), f.buckets)
+        for w in sorted(set(longest.values())):
             entries = []
             for suffix, mode in comps:
-                if (suffix, mode) in needed:
+                if longest.get((suffix, mode)) == w:
                     entries.append((suffix, mode, pos))
                     if suffix == "n":
                         counts.update(range(pos, pos + w))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from kestrel.feature_store.definitions import Predicate, Windowed
@@ -90,12 +91,19 @@ class MaturedCounts:
         return tuple(Windowed(self._name(w), "count", w, self.bucket_s, series=self.series)
                      for w in dict.fromkeys(lengths))
 
+    @cached_property
     def names(self) -> tuple[str, ...]:
         """The matured counts' names, one per horizon: ``<prefix>_count_<label>_d<delay days>``."""
         return tuple(f"{self.prefix}_count_{h.label}_d{self.delay_s // 86400}" for h in self.horizons)
 
+    @cached_property
+    def _reads(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The stored names each value is computed from (built once: ``values`` runs for every payment)."""
+        return self._name(self.delay_s), tuple((name, self._name(h.window_s + self.delay_s))
+                                               for name, h in zip(self.names, self.horizons, strict=True))
+
     def values(self, vector: Mapping[str, Any]) -> dict[str, float]:
         """Each horizon's matured count from a stored vector: count over horizon + delay minus over delay."""
-        recent = float(vector.get(self._name(self.delay_s), 0.0))
-        return {name: max(float(vector.get(self._name(h.window_s + self.delay_s), 0.0)) - recent, 0.0)
-                for name, h in zip(self.names(), self.horizons, strict=True)}
+        recent_name, longer = self._reads
+        recent = float(vector.get(recent_name, 0.0))
+        return {name: max(float(vector.get(long_name, 0.0)) - recent, 0.0) for name, long_name in longer}

@@ -196,7 +196,7 @@ INPUTS: tuple[ModelInput, ...] = (
            lambda f: "on a weekend" if f.get("weekday", 0.0) >= 5 else "on a weekday", _g("weekday")),
     *(_terminal_rate(h.label) for h in TERMINAL_MATURED.horizons),
     *(_count(f"terminal_payments_{h.label}_d7", f"payments at this terminal over {_SPAN[h.label]} ending 7 days ago",
-             key=name) for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names(), strict=True)),
+             key=name) for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names, strict=True)),
     _count("terminal_frauds_30d", "confirmed frauds at this terminal in 30 days", key="terminal_frauds_30d_d7"),
     _count("terminal_txn_count_1h", "payments at this terminal in 1 hour"),
     _count("terminal_txn_count_24h", "payments at this terminal in 24 hours"),

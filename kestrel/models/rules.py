@@ -50,11 +50,15 @@ def derive(amount: float, f: Mapping[str, float]) -> dict[str, float]:
     out["amount_vs_mean_30d"] = amount / mean_before if mean_before > 0 else 0.0
     matured = TERMINAL_MATURED.values(out)
     out.update(matured)
-    for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names(), strict=True):
-        payments = matured[name]
-        frauds = out.get(f"terminal_frauds_{h.label}_d7", 0.0)
-        out[f"terminal_fraud_rate_{h.label}_d7"] = min(frauds / payments, 1.0) if payments else 0.0
+    for rate, frauds, payments in _TERMINAL_RATES:
+        n = matured[payments]
+        out[rate] = min(out.get(frauds, 0.0) / n, 1.0) if n else 0.0
     return out
+
+
+# (rate, frauds, matured payments) per horizon, named once: derive runs for every payment
+_TERMINAL_RATES = tuple((f"terminal_fraud_rate_{h.label}_d7", f"terminal_frauds_{h.label}_d7", name)
+                        for h, name in zip(TERMINAL_MATURED.horizons, TERMINAL_MATURED.names, strict=True))
 
 
 class RuleScorer:

@@ -290,8 +290,9 @@ def test_sync_reads_survive_a_dropped_connection_and_close(space):
 def test_a_changed_definition_never_misreads_an_old_head(space):
     client, keys = space
     store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    # a longer window on a stored series: its suffix totals grow, so the head's layout changes
     changed = FeatureSet(HEADED.name, HEADED.version, "card", "test", HEADED.entity_id_of, HEADED.time_of,
-                         (Windowed("n_5m", "count", 300, 60, series="a", lateness_s=600), *HEADED.features))
+                         (Windowed("n_20m", "count", 1200, 60, series="a", lateness_s=600), *HEADED.features))
     assert head_suffix(changed) != head_suffix(HEADED)
     t0 = 14_000_000.0
     store.apply_batch([compile_event(HEADED, _ev("d", i, t0 + 50 * i, 6.0, "ab"[i % 2]), keys, HASHER)
@@ -300,8 +301,24 @@ def test_a_changed_definition_never_misreads_an_old_head(space):
     assert store.read(changed, "d", at=at) == _read_plan(changed).missing(at)  # no head of this layout yet
     store.apply_batch([compile_event(changed, _ev("d", 6, t0 + 300, 1.0, "c"), keys, HASHER)])
     got = store.read(changed, "d", at=at)
-    assert got["n_10m"] == 7 and got["n_5m"] == 3 and got["terminals_1h"] == 3  # t0+200, t0+250, t0+300
+    assert got["n_10m"] == 7 and got["n_20m"] == 7 and got["terminals_1h"] == 3
     _assert_same(got, _from_buckets(client, keys, changed, ["d"], at)[0], at)
+
+
+def test_a_shorter_window_on_a_stored_series_reads_the_same_head(space):
+    """A window shorter than one its series keeps is the tail of that one's suffix totals: same head layout."""
+    client, keys = space
+    store = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    shorter = FeatureSet(HEADED.name, HEADED.version, "card", "test", HEADED.entity_id_of, HEADED.time_of,
+                         (Windowed("n_5m", "count", 300, 60, series="a", lateness_s=600), *HEADED.features))
+    assert head_suffix(shorter) == head_suffix(HEADED)
+    t0 = 14_500_000.0
+    store.apply_batch([compile_event(HEADED, _ev("s", i, t0 + 50 * i, 6.0, "ab"[i % 2]), keys, HASHER)
+                       for i in range(7)])
+    at = t0 + 400
+    got = store.read(shorter, "s", at=at)
+    assert got["n_5m"] == 4 and got["n_10m"] == 7  # buckets of a minute: t0+150 ... t0+300 in the last five
+    _assert_same(got, _from_buckets(client, keys, shorter, ["s"], at)[0], at)
 
 
 HEAD_ONLY = dataclasses.replace(HEADED, name="headonly", buckets=False)

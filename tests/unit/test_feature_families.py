@@ -58,7 +58,7 @@ def test_matured_counts_are_the_windows_ending_one_delay_ago(raw):
     frame = compute_features(MATURED_SET, events)
     for i in range(len(events)):
         got = MATURED.values(frame.iloc[i].to_dict())
-        for name, h in zip(MATURED.names(), MATURED.horizons, strict=True):
+        for name, h in zip(MATURED.names, MATURED.horizons, strict=True):
             assert got[name] == len(_in_window(events, i, h, delay_s=MATURED.delay_s)), (i, name)
 
 
@@ -68,7 +68,7 @@ def test_shipped_sets_carry_every_family_member():
         assert {f"txn_count_{h.label}", f"amount_sum_{h.label}", f"amount_mean_{h.label}",
                 f"amount_std_{h.label}"} <= names
     assert {f.name for f in TERMINAL_MATURED.features()} <= set(TERMINAL_ACTIVITY.feature_names)
-    assert TERMINAL_MATURED.names() == ("terminal_txn_count_1d_d7", "terminal_txn_count_7d_d7",
+    assert TERMINAL_MATURED.names == ("terminal_txn_count_1d_d7", "terminal_txn_count_7d_d7",
                                         "terminal_txn_count_30d_d7")
 
 
