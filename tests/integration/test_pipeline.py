@@ -11,6 +11,7 @@ import pytest
 
 from kestrel.feature_store import topics
 from kestrel.feature_store.keys import KeyedHasher, KeySpace, escape_glob
+from kestrel.feature_store.sets import CARD_PROFILE
 from kestrel.offline.simulator import SimConfig, Simulator
 from kestrel.streams.cli.produce import send
 from kestrel.streams.ingest.producer import EventProducer
@@ -73,7 +74,8 @@ def test_valid_and_invalid_events_each_come_out_exactly_once(settings, worker, o
     labelled = [d for d in outputs.docs[topics.TRAINING_EXAMPLES] if d["decision"] is not None]
     assert labelled, "labels should join the logged decision of their transaction"
     assert all(d["decision"]["event_id"] == d["transaction_id"] for d in labelled)
-    assert all(d["feature_set"].startswith("card_profile:4+") for d in outputs.docs[topics.FRAUD_DECISIONS])
+    card_set = f"{CARD_PROFILE.qualified_version}+"
+    assert all(d["feature_set"].startswith(card_set) for d in outputs.docs[topics.FRAUD_DECISIONS])
 
 
 def test_velocity_counters_are_exact_per_card(settings, worker, outputs, redis_client):
