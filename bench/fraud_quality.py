@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MODELS = {"kestrel": "Kestrel (torch + river)", "logistic_regression": "logistic regression",
-          "gradient_boosted_trees": "gradient-boosted trees", "river_alone": "river alone",
+          "gradient_boosted_trees": "gradient-boosted trees", "random_forest": "random forest",
+          "river_alone": "river alone",
           "torch_alone": "torch alone (ablation)", "rules": "rules",
           "textbook_logistic_regression": "textbook features, logistic regression",
           "textbook_random_forest": "textbook features, random forest"}

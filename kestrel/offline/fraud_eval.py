@@ -287,6 +287,7 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
     gbt = HistGradientBoostingClassifier(random_state=seed).fit(x[train], y[train])
     out["gradient_boosted_trees"] = (gbt.predict_proba(x[test])[:, 1], _single_latency(
         lambda i: gbt.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
+    out["random_forest"] = _random_forest(x, y, train, test, seed)
     river_alone = OnlineFraudLearner()
     river_warm_start(river_alone, model.online_inputs(x[train]), y[train], ids[train].tolist())
     river_scores = _replay_online(lambda xb, lr_: lr_.predict(model.online_inputs(xb)), river_alone,
@@ -304,7 +305,6 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
 def _textbook_baselines(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
                         seed: int) -> dict[str, tuple[np.ndarray, list[float]]]:
     """The practitioner's reference: the textbook features (:mod:`kestrel.offline.textbook_features`), same split."""
-    from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -313,11 +313,18 @@ def _textbook_baselines(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: n
     lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[train], y[train])
     out["textbook_logistic_regression"] = (lr.predict_proba(x[test])[:, 1], _single_latency(
         lambda i: lr.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
-    # the textbook's own settings (100 trees, depth 20), not tuned here
-    rf = RandomForestClassifier(n_estimators=100, max_depth=20, random_state=seed, n_jobs=2).fit(x[train], y[train])
-    out["textbook_random_forest"] = (rf.predict_proba(x[test])[:, 1], _single_latency(
-        lambda i: rf.predict_proba(x[test[i]:test[i] + 1]), 100, len(test)))
+    out["textbook_random_forest"] = _random_forest(x, y, train, test, seed)
     return out
+
+
+def _random_forest(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                   seed: int) -> tuple[np.ndarray, list[float]]:
+    """A random forest with the textbook's own settings (100 trees, depth 20), not tuned here."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rf = RandomForestClassifier(n_estimators=100, max_depth=20, random_state=seed, n_jobs=2).fit(x[train], y[train])
+    return rf.predict_proba(x[test])[:, 1], _single_latency(lambda i: rf.predict_proba(x[test[i]:test[i] + 1]), 100,
+                                                            len(test))
 
 
 def _iso(epoch: float) -> str:
