@@ -198,6 +198,10 @@ class FeatureSet:
         if not self.buckets:
             if any(isinstance(f, Windowed) and f.delay_s for f in self.features):
                 raise ValueError(f"{self.name}: a delayed window needs its buckets (buckets=True)")
+            reach = max((f.window_s + f.bucket_s for f in self.features if isinstance(f, Windowed)), default=0)
+            if self.ttl_s < reach:  # the head is the whole state: an idle entity's head must outlive its windows
+                raise ValueError(f"{self.name}: ttl_s {self.ttl_s}s is shorter than the longest window "
+                                 f"({reach}s with its bucket)")
             if any(isinstance(f, LastValue) for f in self.features) and \
                     not any(isinstance(f, TimeSince) for f in self.features):
                 raise ValueError(f"{self.name}: without buckets a LastValue is ordered by the set's TimeSince")

@@ -68,6 +68,7 @@ TERMINAL_ACTIVITY = FeatureSet(
         *TERMINAL_MATURED.features(),  # terminal_txn_count_7d, _8d, _14d, _37d: daily, one series
         Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
     ),
+    ttl_s=40 * DAY,  # the head is the whole state and holds 37 days: an idle terminal's must outlive them
     buckets=False,  # the head is the whole state (see FeatureSet.buckets)
 )
 

@@ -75,3 +75,11 @@ def test_shipped_sets_carry_every_family_member():
 def test_matured_counts_need_whole_buckets():
     with pytest.raises(ValueError, match="whole buckets"):
         MaturedCounts("x", DAY + 1, DAY, (Horizon("1d", DAY, DAY),))
+
+
+def test_a_head_only_set_must_outlive_its_longest_window():
+    """Its head is its whole state: a TTL shorter than a window would drop in-window events of an idle entity."""
+    with pytest.raises(ValueError, match="shorter than the longest window"):
+        FeatureSet("short", "1", "terminal", "test", lambda e: e.card, lambda e: e.ts, MATURED.features(),
+                   ttl_s=7 * DAY, buckets=False)
+    assert TERMINAL_ACTIVITY.ttl_s >= max(f.window_s + f.bucket_s for f in TERMINAL_MATURED.features())
