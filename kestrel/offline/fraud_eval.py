@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kestrel.feature_store.sets import TERMINAL_ACTIVITY
 from kestrel.models.fraud_features import model_inputs
 from kestrel.models.fraud_model import FraudModel, ModelScorer
 from kestrel.models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
@@ -182,11 +183,10 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     cards = frame["card_id"].to_numpy()
     say(f"history: {len(frame):,} payments up to the end of the test window; computing features point-in-time")
     started = time.time()
-    rows = feature_rows(payments_of(frame), y_raw)
+    payments = payments_of(frame)
+    rows = feature_rows(payments, y_raw)
     x = model_inputs(rows)
-    terminal = frame["terminal_id"].to_numpy(dtype=object)
-    terminal = np.where(pd.isna(terminal) | (terminal == ""), "merchant:" + frame["merchant_id"].astype(str),
-                        terminal.astype(str))
+    terminal = np.array([TERMINAL_ACTIVITY.entity_id_of(p) for p in payments], dtype=object)  # as the store keys it
     x_textbook = textbook_features(cards, terminal, frame["amount"].to_numpy(dtype=float), t, y,
                                    cfg.delay_days * DAY)
     say(f"features: {x.shape[1]} model inputs for {len(rows):,} payments in {time.time() - started:.1f}s")
@@ -274,16 +274,11 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
                train: np.ndarray, test: np.ndarray, label_idx: np.ndarray, delay_s: float,
                seed: int, audit_share: float) -> dict[str, tuple[np.ndarray, list[float]]]:
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from kestrel.models.rules import RuleScorer
 
     out: dict[str, tuple[np.ndarray, list[float]]] = {}
-    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[train], y[train])
-    out["logistic_regression"] = (lr.predict_proba(x[test])[:, 1],
-                                  _single_latency(lambda i: lr.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
+    out["logistic_regression"] = _logistic_regression(x, y, train, test)
     gbt = HistGradientBoostingClassifier(random_state=seed).fit(x[train], y[train])
     out["gradient_boosted_trees"] = (gbt.predict_proba(x[test])[:, 1], _single_latency(
         lambda i: gbt.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
@@ -305,16 +300,20 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
 def _textbook_baselines(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
                         seed: int) -> dict[str, tuple[np.ndarray, list[float]]]:
     """The practitioner's reference: the textbook features (:mod:`kestrel.offline.textbook_features`), same split."""
+    return {"textbook_logistic_regression": _logistic_regression(x, y, train, test),
+            "textbook_random_forest": _random_forest(x, y, train, test, seed)}
+
+
+def _logistic_regression(x: np.ndarray, y: np.ndarray, train: np.ndarray,
+                         test: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Standardised inputs, plain logistic regression: test scores and single-payment latencies."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    out: dict[str, tuple[np.ndarray, list[float]]] = {}
     lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[train], y[train])
-    out["textbook_logistic_regression"] = (lr.predict_proba(x[test])[:, 1], _single_latency(
-        lambda i: lr.predict_proba(x[test[i]:test[i] + 1]), 300, len(test)))
-    out["textbook_random_forest"] = _random_forest(x, y, train, test, seed)
-    return out
+    return lr.predict_proba(x[test])[:, 1], _single_latency(lambda i: lr.predict_proba(x[test[i]:test[i] + 1]), 300,
+                                                            len(test))
 
 
 def _random_forest(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,

@@ -49,11 +49,11 @@ Only numpy and the standard library; each day's genuine payments are drawn with 
 
 from __future__ import annotations
 
-import gzip
-import io
 from dataclasses import dataclass
 
 import numpy as np
+
+from kestrel.offline.generators.files import scenario_counts, write_reproducibly
 
 HEADER = "event_id,timestamp,card_id,merchant_id,terminal_id,amount,card_present,device_id,region,is_fraud,scenario"
 REGIONS = ("north", "south", "east", "west", "central")
@@ -391,15 +391,5 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
     if days <= 0 or payments_per_day <= 0:
         raise ValueError("days and payments_per_day must be positive")
     rows, card_region = generate(days, payments_per_day, seed, fraud_scale)
-    data = _csv_text(rows, card_region, start).encode()
-    if path.endswith(".gz"):
-        buf = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
-            gz.write(data)
-        data = buf.getvalue()
-    with open(path, "wb") as f:
-        f.write(data)
-    counts = {"payments": len(rows.t), "frauds": int((rows.scenario > 0).sum())}
-    for code, name in enumerate(SCENARIOS[1:], start=1):
-        counts[name] = int((rows.scenario == code).sum())
-    return counts
+    write_reproducibly(path, _csv_text(rows, card_region, start))
+    return scenario_counts(rows.scenario, SCENARIOS)

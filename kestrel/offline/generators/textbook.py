@@ -38,10 +38,9 @@ byte-identical file.
 
 from __future__ import annotations
 
-import gzip
-import io
-
 import numpy as np
+
+from kestrel.offline.generators.files import scenario_counts, write_reproducibly
 
 DAY = 86400
 HEADER = "event_id,timestamp,card_id,merchant_id,terminal_id,amount,card_present,device_id,region,is_fraud,scenario"
@@ -118,15 +117,5 @@ def write_history(path: str, days: float, payments_per_day: float = 5000.0, seed
     if days <= 0 or payments_per_day <= 0:
         raise ValueError("days and payments_per_day must be positive")
     cols = generate(int(np.ceil(days)), payments_per_day, seed)
-    data = _csv_text(cols, start).encode()
-    if path.endswith(".gz"):
-        buf = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
-            gz.write(data)
-        data = buf.getvalue()
-    with open(path, "wb") as f:
-        f.write(data)
-    counts = {"payments": len(cols["t"]), "frauds": int((cols["scenario"] > 0).sum())}
-    for code, name in enumerate(SCENARIOS[1:], start=1):
-        counts[name] = int((cols["scenario"] == code).sum())
-    return counts
+    write_reproducibly(path, _csv_text(cols, start))
+    return scenario_counts(cols["scenario"], SCENARIOS)
