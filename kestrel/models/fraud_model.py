@@ -1,19 +1,24 @@
-"""The deployed fraud model: torch network + river learner, combined and calibrated.
+"""The deployed fraud model: torch network and boosted trees, a river learner on top, calibrated.
 
-``score = sigmoid(w_base · (a·z_torch + b) + Σ w_i · x_i)``: the torch logit,
-calibrated by Platt scaling, is the base log-odds; a river logistic layer
-over that base and the same (standardised) inputs turns it into the score.
+``score = sigmoid(w_base · base + Σ w_i · x_i)``. The base log-odds come
+from the members (:class:`Combination`): the torch network's logit and the
+trees' log-odds (:mod:`kestrel.models.fraud_trees`), each calibrated by
+Platt scaling and averaged, or one member alone, as the trainer's fixed rule
+chose on the validation window. A river logistic layer over that base and
+the same (standardised) inputs turns it into the score.
 The layer starts as the identity (``w_base = 1``, the rest 0, intercept
 frozen), is warm-started on held-out training traffic, and then learns from
 every label as it arrives: a new fraud pattern the network never saw moves
 the weights of the inputs that mark it within a few labels, while the
 network keeps ranking everything it knows. Reason codes are each input's
-share of the log-odds (torch gradient × input × ``w_base`` plus ``w_i · x_i``),
-worded with the payment's own values.
+share of the log-odds (the network's gradient × input and the trees' path
+contributions, each scaled by its share of the base, times ``w_base``, plus
+``w_i · x_i``), worded with the payment's own values.
 
-An artifact is a directory: ``model.pt`` (network weights), ``online.pkl``
-(the river learner's starting state) and ``meta.json`` (version, inputs,
-calibration, reference scores for alert budgets, training report).
+An artifact is a directory: ``model.pt`` (network weights), ``trees.npz``
+(the tree member's node arrays, when it has one), ``online.pkl`` (the river
+learner's starting state) and ``meta.json`` (version, inputs, the
+combination, reference scores for alert budgets, training report).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from kestrel.models.device import pick_device
 from kestrel.models.fraud_features import INPUT_NAMES, INPUTS, input_dict, model_inputs
 from kestrel.models.fraud_online import BASE, OnlineFraudLearner
 from kestrel.models.fraud_torch import LINEAR_KEYS, FraudNet, logits, logits_and_attributions, standardise_rows
+from kestrel.models.fraud_trees import TreeEnsemble
 from kestrel.models.policy import Policy
 from kestrel.models.scoring import FraudScore, Reason, Thresholds
 
@@ -42,15 +48,66 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
+@dataclass(frozen=True)
+class Combination:
+    """How the members' log-odds make the base log-odds (chosen by ``kestrel.offline.fraud_train.select_members``).
+
+    Each member is calibrated (Platt: ``a·z + b``), the calibrated log-odds
+    are averaged with ``weights`` (network, trees), and the average is
+    calibrated again (``outer``): an average of calibrated log-odds is more
+    confident than either. A member of weight 0 is not scored at all.
+
+    >>> Combination(network=(2.0, -1.0)).base(np.array([1.0]), None)
+    array([1.])
+    >>> c = Combination(network=(1.0, 0.0), trees=(2.0, 0.0), weights=(0.5, 0.5), outer=(2.0, -1.0))
+    >>> c.base(np.array([1.0]), np.array([1.0])), c.deployed
+    (array([2.]), 'network + trees')
+    """
+
+    network: tuple[float, float] = (1.0, 0.0)
+    trees: tuple[float, float] = (1.0, 0.0)
+    weights: tuple[float, float] = (1.0, 0.0)
+    outer: tuple[float, float] = (1.0, 0.0)
+
+    @property
+    def deployed(self) -> str:
+        return {(True, True): "network + trees", (True, False): "network", (False, True): "trees"}[
+            (self.weights[0] > 0, self.weights[1] > 0)]
+
+    def slopes(self) -> tuple[float, float]:
+        """d(base)/d(member logit), network and trees: how each member's own contributions scale into the base."""
+        return (self.outer[0] * self.weights[0] * self.network[0], self.outer[0] * self.weights[1] * self.trees[0])
+
+    def base(self, z_network: np.ndarray | None, z_trees: np.ndarray | None) -> np.ndarray:
+        mixed = 0.0
+        if self.weights[0] > 0:
+            mixed = mixed + self.weights[0] * (self.network[0] * z_network + self.network[1])
+        if self.weights[1] > 0:
+            mixed = mixed + self.weights[1] * (self.trees[0] * z_trees + self.trees[1])
+        return self.outer[0] * mixed + self.outer[1]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {name: list(getattr(self, name)) for name in ("network", "trees", "weights", "outer")}
+
+    @staticmethod
+    def from_json(blob: dict[str, list[float]]) -> Combination:
+        return Combination(**{name: tuple(float(v) for v in blob[name]) for name in blob})  # type: ignore[arg-type]
+
+
 @dataclass
 class FraudModel:
     version: str
     net: FraudNet
-    platt: tuple[float, float]
+    combination: Combination
     online: OnlineFraudLearner  # the stacked learner's starting state (each partition gets a copy)
     reference_scores: np.ndarray
     payments_per_day: float
     report: dict[str, Any] = field(default_factory=dict)
+    trees: TreeEnsemble | None = None
+
+    def __post_init__(self) -> None:
+        if self.combination.weights[1] > 0 and self.trees is None:
+            raise ValueError("the combination weighs a tree member the model does not have")
 
     # -- inference -------------------------------------------------------------
     def standardised(self, x: np.ndarray) -> np.ndarray:
@@ -65,11 +122,22 @@ class FraudModel:
         return rows
 
     def base_logits(self, x: np.ndarray) -> np.ndarray:
-        a, b = self.platt
-        return a * logits(self.net, x) + b
+        """The members' combined, calibrated log-odds: the river layer's base input."""
+        c = self.combination
+        return c.base(logits(self.net, x) if c.weights[0] > 0 else None,
+                      self.trees.log_odds(x) if c.weights[1] > 0 and self.trees is not None else None)
 
-    def torch_probability(self, x: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.base_logits(x))
+    def network_probability(self, x: np.ndarray) -> np.ndarray:
+        """The network member alone, calibrated (an ablation the evaluation reports)."""
+        a, b = self.combination.network
+        return _sigmoid(a * logits(self.net, x) + b)
+
+    def trees_probability(self, x: np.ndarray) -> np.ndarray | None:
+        """The tree member alone, calibrated; ``None`` without one."""
+        if self.trees is None:
+            return None
+        a, b = self.combination.trees
+        return _sigmoid(a * self.trees.log_odds(x) + b)
 
     def score_arrays(self, x: np.ndarray, learner: OnlineFraudLearner) -> tuple[np.ndarray, np.ndarray]:
         """Scores and per-input log-odds contributions, (n,) and (n, d), with the given river layer.
@@ -78,12 +146,20 @@ class FraudModel:
         function river's ``predict_proba_one`` computes), not one dict at a
         time: a micro-batch costs one pass.
         """
-        z, attr = logits_and_attributions(self.net, x)
-        a, b = self.platt
+        c = self.combination
+        slope_net, slope_trees = c.slopes()
+        z_net = z_trees = None
+        members = 0.0
+        if c.weights[0] > 0:
+            z_net, attr = logits_and_attributions(self.net, x)
+            members = members + slope_net * attr
+        if c.weights[1] > 0 and self.trees is not None:
+            z_trees, paths = self.trees.log_odds_and_contributions(x)
+            members = members + slope_trees * paths
         w, w_base, intercept = learner.weight_vector(INPUT_NAMES)
         river = self.standardised(x).astype(np.float64) * w
-        scores = _sigmoid(river.sum(axis=1) + w_base * (a * z + b) + intercept)
-        return scores, w_base * a * attr + river
+        scores = _sigmoid(river.sum(axis=1) + w_base * c.base(z_net, z_trees) + intercept)
+        return scores, w_base * members + river
 
     # -- artifact ----------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -91,8 +167,10 @@ class FraudModel:
         path.mkdir(parents=True, exist_ok=True)
         torch.save({"state": self.net.state_dict(), "hidden": list(self.net.hidden), "members": len(self.net.mlps)},
                    path / "model.pt")
+        if self.trees is not None:
+            (path / "trees.npz").write_bytes(self.trees.to_bytes())
         (path / "online.pkl").write_bytes(self.online.dumps())
-        meta = {"version": self.version, "inputs": list(INPUT_NAMES), "platt": list(self.platt),
+        meta = {"version": self.version, "inputs": list(INPUT_NAMES), "combination": self.combination.to_json(),
                 "payments_per_day": self.payments_per_day,
                 "reference_scores": [round(float(s), 6) for s in self.reference_scores], "report": self.report}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -110,11 +188,21 @@ class FraudModel:
         if loaded.unexpected_keys or set(loaded.missing_keys) - LINEAR_KEYS:
             raise ValueError(f"{path}: model.pt does not match the network (missing {loaded.missing_keys}, "
                              f"unexpected {loaded.unexpected_keys})")
-        net.to(device or pick_device()).eval()
-        return FraudModel(meta["version"], net, tuple(meta["platt"]),
+        device = device or pick_device()
+        net.to(device).eval()
+        trees = None
+        if (path / "trees.npz").exists():
+            trees = TreeEnsemble.from_bytes((path / "trees.npz").read_bytes())
+            if trees.n_features != len(INPUT_NAMES):
+                raise ValueError(f"{path}: trees.npz splits {trees.n_features} inputs, not {len(INPUT_NAMES)}")
+            trees.to(None if device.type == "cpu" else device)
+        # an artifact from before the tree member keeps the network's calibration under "platt"
+        combination = (Combination.from_json(meta["combination"]) if "combination" in meta
+                       else Combination(network=tuple(meta["platt"])))
+        return FraudModel(meta["version"], net, combination,
                           OnlineFraudLearner.loads((path / "online.pkl").read_bytes()),
                           np.asarray(meta["reference_scores"], dtype=np.float64), float(meta["payments_per_day"]),
-                          meta.get("report", {}))
+                          meta.get("report", {}), trees)
 
 
 def latest_artifact(root: str | os.PathLike[str]) -> Path | None:

@@ -289,8 +289,11 @@ def _baselines(model: FraudModel, x: np.ndarray, y: np.ndarray, t: np.ndarray, i
                                   model.online_inputs, x, t, test, label_idx, y, ids, delay_s, audit_share)
     out["river_alone"] = (river_scores, _single_latency(
         lambda i: river_alone.predict(model.online_inputs(x[test[i]:test[i] + 1])), 300, len(test)))
-    out["torch_alone"] = (model.torch_probability(x[test]), _single_latency(
-        lambda i: model.torch_probability(x[test[i]:test[i] + 1]), 300, len(test)))
+    out["torch_alone"] = (model.network_probability(x[test]), _single_latency(
+        lambda i: model.network_probability(x[test[i]:test[i] + 1]), 300, len(test)))
+    if model.trees is not None:
+        out["trees_alone"] = (model.trees_probability(x[test]), _single_latency(
+            lambda i: model.trees_probability(x[test[i]:test[i] + 1]), 300, len(test)))
     rules = RuleScorer()
     out["rules"] = (np.array([rules.score_one(rows[i]).score for i in test]),
                     _single_latency(lambda i: rules.score_one(rows[test[i]]), 300, len(test)))

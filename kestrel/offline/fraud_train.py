@@ -1,12 +1,14 @@
-"""Train the fraud model: torch network, Platt calibration, then the river layer's warm start.
+"""Train the fraud model: torch network and boosted trees, their combination, then the river layer's warm start.
 
-The training window is split in time: the network learns on the first 80%;
-the last 20% (later payments, as in production) selects the epoch,
-calibrates it, and warm-starts the river layer on the network's honest
-(out-of-sample) log-odds, in time order, as it would have learned live.
-The network is then refitted on all of it for the chosen epochs. Whether
-the river layer is deployed on top is decided by a fixed rule on that
-validation window (:func:`select_stack`).
+The training window is split in time: both members learn on the first 80%;
+the last 20% (later payments, as in production) selects the network's
+epochs, calibrates each member, chooses which members are deployed
+(:func:`select_members`), and warm-starts the river layer on the chosen
+combination's honest (out-of-sample) log-odds, in time order, as it would
+have learned live. Both members are then refitted on all of it (the
+network for its chosen epochs). Whether the river layer is deployed on top
+is decided by a second fixed rule on that validation window
+(:func:`select_stack`). Neither rule ever sees a test week.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from kestrel.models.fraud_features import model_inputs
-from kestrel.models.fraud_model import FraudModel
+from kestrel.models.fraud_model import Combination, FraudModel
 from kestrel.models.fraud_online import OnlineFraudLearner
 from kestrel.models.fraud_torch import fit_platt, train_fraud_net
+from kestrel.models.fraud_trees import TREE_SETTINGS, fit_trees
 from kestrel.offline.paired_ap import paired_ap_gain
 
 Progress = Callable[[str], None]
@@ -45,29 +48,64 @@ def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, 
     return scores
 
 
-def select_stack(y_val: np.ndarray, network: np.ndarray, stacked: np.ndarray,
-                 groups: np.ndarray) -> tuple[bool, dict[str, Any]]:
-    """The fixed selection rule, decided on the validation window only (never on test weeks).
+def select_members(y_val: np.ndarray, network: np.ndarray, trees: np.ndarray,
+                   groups: np.ndarray) -> tuple[tuple[float, float], dict[str, Any]]:
+    """The fixed rule that picks the deployed members, on the validation window only (never on test weeks).
 
-    The deployed model is the network with the river layer stacked on it,
-    unless on the validation window the stack is worse than the network alone
-    beyond noise: the 95% interval of the paired AP gain (stack minus network,
-    resampled by ``groups``) lies entirely below zero. Then the network alone
-    is deployed (the river layer frozen as the identity on its log-odds). Both
-    score the validation rows out of sample: the network was fitted on the
-    earlier 80%, the layer's scores are prequential (each row scored before
-    its label is learned).
+    Inputs are each member's calibrated log-odds on the validation rows, out
+    of sample (both were fitted on the earlier 80%). The blend, the two
+    averaged with equal weights (no weight is fitted, so there is nothing to
+    overfit), is deployed unless it is worse than the better single member
+    beyond noise: the 95% interval of the paired AP gain (blend minus that
+    member, resampled by ``groups``) lies entirely below zero. Then that
+    member is deployed alone. Returns the weights (network, trees).
+
+    >>> rng = np.random.default_rng(3); y = (rng.random(3000) < 0.05).astype(int)
+    >>> good, fair = 3 * y + rng.normal(0, 1, 3000), 3 * y + rng.normal(0, 1, 3000)
+    >>> select_members(y, good, fair, np.arange(3000))[0], select_members(y, good, rng.normal(0, 1, 3000),
+    ...                                                                      np.arange(3000))[0]
+    ((0.5, 0.5), (1.0, 0.0))
+    """
+    from sklearn.metrics import average_precision_score
+
+    blend = 0.5 * network + 0.5 * trees
+    aps = {name: round(float(average_precision_score(y_val, z)), 4)
+           for name, z in (("network", network), ("trees", trees), ("network + trees", blend))}
+    best = "network" if aps["network"] >= aps["trees"] else "trees"
+    gain = paired_ap_gain(y_val, blend, network if best == "network" else trees, groups)
+    if gain["ci95"][1] < 0.0:
+        weights, deployed = ((1.0, 0.0) if best == "network" else (0.0, 1.0)), best
+    else:
+        weights, deployed = (0.5, 0.5), "network + trees"
+    return weights, {"rule": "the equal-weight blend of the calibrated members unless its validation AP is below "
+                             "the better member's beyond noise (95% paired bootstrap); then that member alone",
+                     "validation_ap": aps, "blend_minus_best_member_ap": gain, "best_member": best,
+                     "deployed": deployed}
+
+
+def select_stack(y_val: np.ndarray, members: np.ndarray, stacked: np.ndarray,
+                 groups: np.ndarray) -> tuple[bool, dict[str, Any]]:
+    """The fixed rule for the river layer, decided on the validation window only (never on test weeks).
+
+    The deployed model is the members' combination with the river layer
+    stacked on it, unless on the validation window the stack is worse than
+    the members alone beyond noise: the 95% interval of the paired AP gain
+    (stack minus members, resampled by ``groups``) lies entirely below zero.
+    Then the members alone are deployed (the river layer frozen as the
+    identity on their log-odds). Both score the validation rows out of
+    sample: the members were fitted on the earlier 80%, the layer's scores
+    are prequential (each row scored before its label is learned).
 
     >>> rng = np.random.default_rng(3); y = (rng.random(3000) < 0.05).astype(int)
     >>> good = y + rng.normal(0, 0.6, 3000); noisy = y + rng.normal(0, 1.5, 3000)
     >>> select_stack(y, good, noisy, np.arange(3000))[0], select_stack(y, noisy, good, np.arange(3000))[0]
     (False, True)
     """
-    gain = paired_ap_gain(y_val, stacked, network, groups)
+    gain = paired_ap_gain(y_val, stacked, members, groups)
     keep = gain["ci95"][1] >= 0.0
-    return keep, {"rule": "stack unless its validation AP gain over the network alone is below zero beyond noise "
+    return keep, {"rule": "stack unless its validation AP gain over the members alone is below zero beyond noise "
                           "(95% paired bootstrap)",
-                  "stack_minus_network_ap": gain, "deployed": "network + river layer" if keep else "network alone"}
+                  "stack_minus_members_ap": gain, "deployed": "members + river layer" if keep else "members alone"}
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
@@ -91,20 +129,37 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
 
     net, z_val = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, members=members, seed=seed,
                                  progress=epoch_report)
-    platt = fit_platt(z_val, y[val])
     say(f"linear member: weight {float(net.linear_weight):.3f} on its logit (its share of the calibrated log-odds)")
-    model = FraudModel("pending", net, platt, OnlineFraudLearner(lr=LAYER_LR, base_weight=1.0), np.array([]), 0.0)
+    say(f"tree member: {TREE_SETTINGS['max_iter']} boosted trees of depth <= {TREE_SETTINGS['max_depth']}")
+    trees_val = fit_trees(x[fit], y[fit], seed=seed).log_odds(x[val])
+    trees = fit_trees(x, y, seed=seed)  # refitted on all rows, as the network is
+    platt_net, platt_trees = fit_platt(z_val, y[val]), fit_platt(trees_val, y[val])
+    groups = np.arange(n - cut)
+    weights, chosen = select_members(y[val], platt_net[0] * z_val + platt_net[1],
+                                     platt_trees[0] * trees_val + platt_trees[1], groups)
+    aps = chosen["validation_ap"]
+    gain = chosen["blend_minus_best_member_ap"]
+    say(f"members: validation AP network {aps['network']:.4f}, trees {aps['trees']:.4f}, blend "
+        f"{aps['network + trees']:.4f} (blend minus the better member {gain['gain']:+.4f} "
+        f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}]) -> deploying {chosen['deployed']}"
+        + ("" if weights == (0.5, 0.5) else ": the blend was worse than its best member beyond noise"))
+    mixed = Combination(platt_net, platt_trees, weights)
+    mixed_val = mixed.base(z_val, trees_val)
+    combination = Combination(platt_net, platt_trees, weights, fit_platt(mixed_val, y[val]))
+    base_val = combination.base(z_val, trees_val)
+    model = FraudModel("pending", net, combination, OnlineFraudLearner(lr=LAYER_LR, base_weight=1.0), np.array([]),
+                       0.0, trees=trees)
     say("river layer: warm start on the validation labels in time order")
-    val_inputs = model.online_inputs(x[val], platt[0] * z_val + platt[1])
+    val_inputs = model.online_inputs(x[val], base_val)
     scores_val = river_warm_start(model.online, val_inputs, y[val], ids[cut:n])
-    network_val = 1.0 / (1.0 + np.exp(-(platt[0] * z_val + platt[1])))
-    keep, selection = select_stack(y[val], network_val, scores_val, np.arange(n - cut))
-    gain = selection["stack_minus_network_ap"]
-    say(f"selection: river layer's validation AP gain over the network alone {gain['gain']:+.4f} "
+    members_val = 1.0 / (1.0 + np.exp(-base_val))
+    keep, selection = select_stack(y[val], members_val, scores_val, groups)
+    gain = selection["stack_minus_members_ap"]
+    say(f"selection: river layer's validation AP gain over the members alone {gain['gain']:+.4f} "
         f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] -> deploying {selection['deployed']}")
-    if not keep:  # the identity on the network's log-odds, learning nothing: the network alone
+    if not keep:  # the identity on the members' log-odds, learning nothing: the members alone
         model.online = OnlineFraudLearner(lr=0.0, base_weight=1.0)
-        scores_val = network_val
+        scores_val = members_val
     days = max((float(epoch_s[-1]) - float(epoch_s[0])) / 86400.0, 1e-3)
     model.payments_per_day = n / days
     model.reference_scores = np.sort(scores_val)
@@ -112,7 +167,8 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                                      for p in net.parameters())).hexdigest()[:8]
     model.version = f"fraud-{datetime.now(UTC):%Y%m%dT%H%M%S}-{digest}"
     model.report = {"train_rows": n, "train_frauds": int(y.sum()), "validation_rows": n - cut,
-                    "platt": list(platt), "linear_weight": round(float(net.linear_weight), 4),
+                    "combination": combination.to_json(), "members": chosen,
+                    "linear_weight": round(float(net.linear_weight), 4),
                     "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
                     "selection": selection,
                     "seconds": round(time.time() - started, 1),

@@ -258,7 +258,7 @@ def test_bootstrap_average_precision_matches_scikit_learn_with_ties():
 
 
 @pytest.mark.parametrize(("stack_noise", "network_noise", "deploy_stack"), [
-    (1.5, 0.6, False),  # the stack is clearly worse on validation: the network alone is deployed
+    (1.5, 0.6, False),  # the stack is clearly worse on validation: the members alone are deployed
     (0.6, 1.5, True),   # clearly better: kept
     (0.9, 0.9, True),   # the same quality (independent noise): within noise, kept
 ])
@@ -270,8 +270,8 @@ def test_the_selection_rule_never_deploys_a_stack_worse_than_the_network(stack_n
     network, stacked = y + rng.normal(0, network_noise, 4000), y + rng.normal(0, stack_noise, 4000)
     keep, report = select_stack(y, network, stacked, np.arange(4000) // 2)
     assert keep is deploy_stack
-    assert report["deployed"] == ("network + river layer" if deploy_stack else "network alone")
-    hi = report["stack_minus_network_ap"]["ci95"][1]
+    assert report["deployed"] == ("members + river layer" if deploy_stack else "members alone")
+    hi = report["stack_minus_members_ap"]["ci95"][1]
     assert (hi >= 0) is deploy_stack
 
 
@@ -291,5 +291,5 @@ def test_training_reports_the_selection_it_made(fraud_model):
     model, path = fraud_model
     selection = model.report["selection"]
     assert FraudModel.load(path).report["selection"] == selection  # kept in the artifact
-    assert selection["deployed"] in ("network + river layer", "network alone")
-    assert "95%" in selection["rule"] and len(selection["stack_minus_network_ap"]["ci95"]) == 2
+    assert selection["deployed"] in ("members + river layer", "members alone")
+    assert "95%" in selection["rule"] and len(selection["stack_minus_members_ap"]["ci95"]) == 2
