@@ -60,19 +60,14 @@ class Combination:
     >>> Combination(network=(2.0, -1.0)).base(np.array([1.0]), None)
     array([1.])
     >>> c = Combination(network=(1.0, 0.0), trees=(2.0, 0.0), weights=(0.5, 0.5), outer=(2.0, -1.0))
-    >>> c.base(np.array([1.0]), np.array([1.0])), c.deployed
-    (array([2.]), 'network + trees')
+    >>> c.base(np.array([1.0]), np.array([1.0]))
+    array([2.])
     """
 
     network: tuple[float, float] = (1.0, 0.0)
     trees: tuple[float, float] = (1.0, 0.0)
     weights: tuple[float, float] = (1.0, 0.0)
     outer: tuple[float, float] = (1.0, 0.0)
-
-    @property
-    def deployed(self) -> str:
-        return {(True, True): "network + trees", (True, False): "network", (False, True): "trees"}[
-            (self.weights[0] > 0, self.weights[1] > 0)]
 
     def slopes(self) -> tuple[float, float]:
         """d(base)/d(member logit), network and trees: how each member's own contributions scale into the base."""
