@@ -293,3 +293,28 @@ def test_training_reports_the_selection_it_made(fraud_model):
     assert FraudModel.load(path).report["selection"] == selection  # kept in the artifact
     assert selection["deployed"] in ("members + river layer", "members alone")
     assert "95%" in selection["rule"] and len(selection["stack_minus_members_ap"]["ci95"]) == 2
+
+
+@pytest.mark.parametrize(("network_noise", "trees_noise", "deployed", "weights"), [
+    (0.6, 0.6, "network + trees", (0.5, 0.5)),  # equal members, independent errors: the blend beats both
+    (0.6, 0.9, "network + trees", (0.5, 0.5)),  # one weaker member: the blend still helps
+    (0.5, 3.0, "network", (1.0, 0.0)),          # trees near useless: the blend is worse beyond noise
+    (3.0, 0.5, "trees", (0.0, 1.0)),            # the network near useless: the trees alone
+])
+def test_the_member_rule_never_deploys_a_blend_worse_than_its_best_member(network_noise, trees_noise, deployed,
+                                                                          weights):
+    from sklearn.metrics import average_precision_score
+
+    from kestrel.offline.fraud_train import select_members
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(5000) < 0.05).astype(int)
+    network, trees = 2 * y + rng.normal(0, network_noise, 5000), 2 * y + rng.normal(0, trees_noise, 5000)
+    chosen, report = select_members(y, network, trees, np.arange(5000) // 2)
+    assert chosen == weights and report["deployed"] == deployed
+    deployed_scores = chosen[0] * network + chosen[1] * trees
+    best = max(average_precision_score(y, network), average_precision_score(y, trees))
+    gain = report["blend_minus_best_member_ap"]
+    # what is deployed is never below the better member beyond the interval's width
+    assert average_precision_score(y, deployed_scores) >= best - (gain["ci95"][1] - gain["ci95"][0])
+    assert (gain["ci95"][1] < 0) is (deployed != "network + trees")
