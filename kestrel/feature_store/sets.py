@@ -155,6 +155,8 @@ USER_ACTIVITY = FeatureSet(
 FRAUD_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY)
 # Every set a payment's fraud vector is read from (the worker's scoring path, the offline replay, the eval).
 FRAUD_VECTOR_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE)
+# What a decision logs and a model registers as its inputs' version: a change to any set changes it.
+FRAUD_FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in FRAUD_VECTOR_SETS)
 TRENDING = next(f for f in USER_ACTIVITY.features if f.name == "item_trending")
 ALL_SETS = {fs.name: fs for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, TERMINAL_RISK, CARD_TERMINAL, CARD_DEVICE,
                                    USER_ACTIVITY)}

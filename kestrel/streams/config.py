@@ -36,7 +36,8 @@ class Settings:
     commit_interval_s: float = 1.0
     fetch_max_wait_ms: int = 10
     linger_ms: float = 1.0
-    fraud_model: str = ""  # artifact directory (or a root of versioned ones: the newest); empty: rules
+    fraud_model: str = ""  # artifact directory, a root of versioned ones (the newest), or a registry; empty: rules
+    model_alias: str = "champion"  # the registry alias a worker serves, when fraud_model is a registry
     fraud_policy: str = ""  # JSON: {"review": 0.5, "block": 0.9} or {"alerts_per_day": 300, "block": 0.9}
     # Share of genuine payments under the review threshold that get a label anyway (audits): the online learner
     # corrects for it (kestrel.models.fraud_online.labelled_share); 1.0 when every payment's outcome is fed back.
@@ -75,6 +76,7 @@ class Settings:
             fetch_max_wait_ms=int(_env("KESTREL_FETCH_MAX_WAIT_MS", str(d.fetch_max_wait_ms))),
             linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
+            model_alias=_env("KESTREL_MODEL_ALIAS", d.model_alias),
             fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
             label_audit_share=float(_env("KESTREL_LABEL_AUDIT_SHARE", str(d.label_audit_share))),
             degraded_mode=_env("KESTREL_DEGRADED_MODE", d.degraded_mode),
@@ -111,6 +113,7 @@ class Settings:
             "KESTREL_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
             "KESTREL_LINGER_MS": str(self.linger_ms),
             "KESTREL_FRAUD_MODEL": self.fraud_model,
+            "KESTREL_MODEL_ALIAS": self.model_alias,
             "KESTREL_FRAUD_POLICY": self.fraud_policy,
             "KESTREL_LABEL_AUDIT_SHARE": str(self.label_audit_share),
             "KESTREL_DEGRADED_MODE": self.degraded_mode,

@@ -40,36 +40,61 @@ def _say(message: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kestrel.offline.fraud_train import fit_fraud_model
-
     if args.from_broker == bool(args.csv):
         _say("give either --csv FILE or --from-broker")
         return 2
-    if args.from_broker:
-        from kestrel.offline.fraud_logs import logged_training_set
-        from kestrel.streams.config import Settings
+    data = _broker_training_set(args) if args.from_broker else _csv_training_set(args)
+    if data is None:
+        return 2
+    rows, labels, epoch_s, ids, source = data
+    if args.registry or args.promote:
+        return _train_candidate(args, rows, labels, epoch_s, ids, source)
+    from kestrel.offline.fraud_train import fit_fraud_model
 
-        settings = Settings.from_env()
-        data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
-        model = fit_fraud_model(data.rows, data.labels, data.epoch_s, data.ids, epochs=args.epochs,
-                                members=args.members, seed=args.seed,
-                                progress=_say)
-        model.report["source"] = {"broker": settings.broker, "labelled": data.labelled,
-                                  "assumed_genuine": data.assumed_genuine, "too_recent": data.left_out}
-    else:
-        model = _train_from_csv(args)
-        if model is None:
-            return 2
+    model = fit_fraud_model(rows, labels, epoch_s, ids, epochs=args.epochs, members=args.members, seed=args.seed,
+                            progress=_say)
+    model.report["source"] = source
     path = model.save(Path(args.out) / model.version)
     print(json.dumps({"model_version": model.version, "path": str(path), **model.report}))
     return 0
 
 
-def _train_from_csv(args: argparse.Namespace) -> Any:
+def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: Any, ids: Any,
+                     source: dict[str, Any]) -> int:
+    """Train with the newest rows held out, register the version, and ask the gate if ``--promote``."""
+    from kestrel.models.registry import Registry, promote
+    from kestrel.offline.fraud_registry import train_candidate
+    from kestrel.streams.cli.models import registry_root
+
+    registry = Registry(registry_root(args), "fraud")
+    model, record = train_candidate(rows, labels, epoch_s, ids, registry, args.out,
+                                    holdout_share=args.gate_share, seed=args.seed, epochs=args.epochs,
+                                    members=args.members, progress=_say)
+    out: dict[str, Any] = {"model_version": model.version, "path": record.path, "registry": str(registry.root),
+                           "metrics": record.metrics, "evaluation": record.evaluation, "source": source}
+    if args.promote:
+        out["promotion"] = promote(registry, record.version, why=args.why or "")
+        _say(f"champion: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
+             + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]))
+    print(json.dumps(_finite(out)))
+    return 0
+
+
+def _broker_training_set(args: argparse.Namespace) -> Any:
+    from kestrel.offline.fraud_logs import logged_training_set
+    from kestrel.streams.config import Settings
+
+    settings = Settings.from_env()
+    data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
+    source = {"broker": settings.broker, "labelled": data.labelled, "assumed_genuine": data.assumed_genuine,
+              "too_recent": data.left_out}
+    return data.rows, data.labels, data.epoch_s, data.ids, source
+
+
+def _csv_training_set(args: argparse.Namespace) -> Any:
     import numpy as np
 
     from kestrel.offline.fraud_dataset import feature_rows, payments_of, read_history
-    from kestrel.offline.fraud_train import fit_fraud_model
 
     frame = read_history(args.csv, _columns(args))
     labels = frame["label"].to_numpy(dtype=float)
@@ -78,10 +103,8 @@ def _train_from_csv(args: argparse.Namespace) -> Any:
         return None
     _say(f"{len(frame):,} payments, {int(labels.sum()):,} frauds; computing features point-in-time")
     rows = feature_rows(payments_of(frame), labels)
-    model = fit_fraud_model(rows, labels.astype(int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
-                            epochs=args.epochs, members=args.members, seed=args.seed, progress=_say)
-    model.report["source"] = {"csv": str(args.csv)}
-    return model
+    return (rows, labels.astype(int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
+            {"csv": str(args.csv)})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -131,6 +154,13 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--assume-genuine-after-days", type=float, default=7.0,
                    help="with --from-broker: an unlabelled payment older than this is genuine (label delay)")
     p.add_argument("--out", default="artifacts/fraud", help="artifacts root; the model goes to OUT/VERSION/")
+    p.add_argument("--registry", default=None,
+                   help="register the version in this registry (or KESTREL_REGISTRY with --promote): the newest "
+                        "--gate-share of the rows is then held out, and the candidate and the champion are both "
+                        "measured there for the gate")
+    p.add_argument("--gate-share", type=float, default=0.15, help="with --registry: the held-out newest share")
+    p.add_argument("--promote", action="store_true", help="register, then move champion if the gate passes")
+    p.add_argument("--why", default=None, help="with --promote: the reason, for the audit log")
     p.set_defaults(func=cmd_train)
 
     p = evaluate.add_parser("fraud", help="train on one window, replay the next with delayed labels, "

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_bench)
 
-    from kestrel.streams.cli import bench_e2e, fraud, recs
+    from kestrel.streams.cli import bench_e2e, fraud, models, recs
 
+    models.register(sub)
     fraud.register(train, evaluate, bench)
     recs.register(train, evaluate, bench)
     bench_e2e.register(bench)

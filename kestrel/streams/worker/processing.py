@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,7 +32,7 @@ from kestrel.feature_store.sets import (
     CARD_DEVICE,
     CARD_PROFILE,
     CARD_TERMINAL,
-    FRAUD_VECTOR_SETS,
+    FRAUD_FEATURE_SET_VERSION,
     TERMINAL_ACTIVITY,
     TERMINAL_RISK,
     USER_ACTIVITY,
@@ -41,6 +42,7 @@ from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
 from kestrel.models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
 from kestrel.models.policy import Policy
 from kestrel.models.popularity import PopularityRecommender
+from kestrel.models.registry import Registry, is_registry
 from kestrel.models.rules import RuleScorer
 from kestrel.models.scoring import FraudScore, FraudScorer
 from kestrel.streams.alerts.store import AlertDesk
@@ -55,8 +57,6 @@ from kestrel.streams.worker.shared_learner import SharedLearner
 
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
-# Order matters: the snapshots of a transaction batch come back set by set in this order.
-FEATURE_SET_VERSION = "+".join(fs.qualified_version for fs in FRAUD_VECTOR_SETS)
 
 
 DRIFT_MESSAGES = {
@@ -67,10 +67,20 @@ DRIFT_MESSAGES = {
 
 
 def load_fraud_scorer(settings: Settings) -> FraudScorer:
-    """The trained model named by ``KESTREL_FRAUD_MODEL`` (the newest version under it), else the rules."""
+    """The trained model named by ``KESTREL_FRAUD_MODEL``, else the rules.
+
+    A registry root serves the version its alias ``KESTREL_MODEL_ALIAS``
+    (default ``champion``) points at, checked against its registered
+    checksum; any other folder serves the newest artifact under it.
+    """
     if not settings.fraud_model:
         return RuleScorer()
-    path = latest_artifact(settings.fraud_model)
+    if is_registry(settings.fraud_model, "fraud"):
+        record = Registry(settings.fraud_model, "fraud").resolve(settings.model_alias)
+        record.verify()
+        path: Path | None = Path(record.path)
+    else:
+        path = latest_artifact(settings.fraud_model)
     if path is None:
         raise FileNotFoundError(f"KESTREL_FRAUD_MODEL={settings.fraud_model}: no model artifact (meta.json) there")
     policy = Policy.from_json(settings.fraud_policy) if settings.fraud_policy else Policy(review=0.5)
@@ -330,7 +340,7 @@ class Processor:
                          **({"contribution": r.contribution} if r.contribution is not None else {})}
                         for r in s.reasons],
             "model_version": version,
-            "feature_set": FEATURE_SET_VERSION, "features": f,
+            "feature_set": FRAUD_FEATURE_SET_VERSION, "features": f,
             "event_time": iso_of(e.epoch_s), "decided_at": decided_at or iso_of(now),
             "processing_ms": round((now - started) * 1000, 3),
         }

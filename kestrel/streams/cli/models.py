@@ -1,0 +1,169 @@
+"""``kestrel models list|show|promote|rollback|alias|history``: the registry from the command line.
+
+Argument parsing and printing only; the registry is :mod:`kestrel.models.registry`,
+the gate :mod:`kestrel.models.gate`. Every command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+DEFAULT_REGISTRY = "artifacts/registry"
+
+
+def registry_root(args: argparse.Namespace) -> str:
+    return args.registry or os.environ.get("KESTREL_REGISTRY") or DEFAULT_REGISTRY
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from kestrel.models.registry import Registry
+
+    return Registry(registry_root(args), args.kind)
+
+
+def _when(epoch: float | None) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M") if epoch else "-"
+
+
+def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc) if args.json else text)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    aliases = reg.aliases()
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        by_version.setdefault(version, []).append(alias)
+    records = reg.versions()
+    doc = {"kind": reg.kind, "root": str(reg.root), "aliases": aliases,
+           "versions": [{**r.to_json(), "aliases": by_version.get(r.version, [])} for r in records]}
+    primary = "average_precision" if reg.kind == "fraud" else "recall_at_20"
+    lines = [f"{'version':<36} {'aliases':<20} {primary:>18}  {'trained up to':<17} created"]
+    for r in records:
+        lines.append(f"{r.version:<36} {','.join(by_version.get(r.version, [])) or '-':<20} "
+                     f"{r.metrics.get(primary, float('nan')):>18.4f}  {_when(r.data_range.get('last_event')):<17} "
+                     f"{r.created_at}")
+    _print(args, doc, "\n".join(lines) if records else f"no {reg.kind} versions in {reg.root}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from kestrel.models.registry import RegistryError
+
+    reg = _registry(args)
+    try:
+        record = reg.resolve(args.name)
+    except RegistryError as exc:
+        _print(args, {"error": str(exc)}, str(exc))
+        return 1
+    doc = {**record.to_json(), "aliases": sorted(a for a, v in reg.aliases().items() if v == record.version)}
+    _print(args, doc, json.dumps(doc, indent=1))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from kestrel.models.gate import GatePolicy
+    from kestrel.models.registry import RegistryError, promote
+
+    reg = _registry(args)
+    overrides = {k: v for k, v in (("min_gain_abs", args.min_gain_abs), ("min_gain_rel", args.min_gain_rel))
+                 if v is not None}
+    try:
+        result = promote(reg, args.version, alias=args.alias, policy=GatePolicy.for_kind(reg.kind, **overrides),
+                         force=args.force, why=args.why or "")
+    except RegistryError as exc:
+        _print(args, {"error": str(exc)}, str(exc))
+        return 1
+    verdict = {"promote": "gate passed", "force": "FORCED past the gate",
+               "refused": "refused by the gate"}[result["action"]]
+    text = [f"{args.alias}: {result['from']} -> {result['to']} ({verdict})"]
+    text += [f"  - {reason}" for reason in result["reasons"]]
+    for check in result["gate"]["checks"]:
+        text.append(f"  {check['check']:<20} candidate {check.get('candidate')}  champion {check.get('champion')}"
+                    f"  {'ok' if check['passed'] else 'FAIL'}")
+    _print(args, result, "\n".join(text))
+    return 0 if result["moved"] else 3
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from kestrel.models.registry import RegistryError, rollback
+
+    reg = _registry(args)
+    try:
+        move = rollback(reg, args.alias, why=args.why or "")
+    except RegistryError as exc:
+        _print(args, {"error": str(exc)}, str(exc))
+        return 1
+    _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version} (rollback)")
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from kestrel.models.registry import RegistryError
+
+    reg = _registry(args)
+    if args.alias == "champion" and not args.force:
+        msg = "champion moves through the gate: use `kestrel models promote` (or --force, audited)"
+        _print(args, {"error": msg}, msg)
+        return 2
+    if not args.remove and not args.version:
+        _print(args, {"error": "give a version, or --remove"}, "give a version, or --remove")
+        return 2
+    try:
+        move = reg.move(args.alias, None if args.remove else args.version, why=args.why or "",
+                        action="force" if args.force else "alias")
+    except RegistryError as exc:
+        _print(args, {"error": str(exc)}, str(exc))
+        return 1
+    _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    moves = _registry(args).history()
+    lines = [f"{m.seq:>4} {m.at} {m.who:<12} {m.action:<9} {m.alias:<12} {m.from_version} -> {m.to_version}  {m.why}"
+             for m in moves]
+    _print(args, [m.to_json() for m in moves], "\n".join(lines) or "no alias moves yet")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="the model registry: versions, aliases (champion, shadow, ...), "
+                                           "the evaluation gate, the audit log").add_subparsers(dest="what",
+                                                                                                required=True)
+
+    def verb(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
+        p = models.add_parser(name, help=help_)
+        p.add_argument("--kind", choices=["fraud", "recs"], default="fraud")
+        p.add_argument("--registry", default=None,
+                       help=f"registry root (default KESTREL_REGISTRY or {DEFAULT_REGISTRY})")
+        p.add_argument("--json", action="store_true", help="one line of JSON")
+        p.set_defaults(func=func)
+        return p
+
+    verb("list", "registered versions and the aliases that point at them", cmd_list)
+    verb("show", "one version's record (metrics, data range, code version, checksum)", cmd_show) \
+        .add_argument("name", help="a version or an alias")
+    p = verb("promote", "move an alias (default champion) to a version if the gate passes; recorded either way",
+             cmd_promote)
+    p.add_argument("version")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--force", action="store_true", help="move even if the gate refuses (audited as forced)")
+    p.add_argument("--why", default=None, help="the reason, for the audit log")
+    p.add_argument("--min-gain-abs", type=float, default=None, help="primary metric margin, absolute")
+    p.add_argument("--min-gain-rel", type=float, default=None, help="primary metric margin, relative (0.01 = 1%%)")
+    p = verb("rollback", "point an alias back at the version it held before", cmd_rollback)
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--why", default=None)
+    p = verb("alias", "point any alias but champion at a version (shadow, challenger, ...)", cmd_alias)
+    p.add_argument("alias")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--remove", action="store_true")
+    p.add_argument("--force", action="store_true", help="allowed for champion too (audited as forced)")
+    p.add_argument("--why", default=None)
+    verb("history", "the audit log of alias moves (who, when, from, to, why, the gate's numbers)", cmd_history)
