@@ -212,8 +212,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
     delay_s = cfg.delay_days * DAY
 
     model = fit_fraud_model([rows[i] for i in train], y[train], t[train], ids[train].tolist(), epochs=cfg.epochs,
-                            members=cfg.members,
-                            seed=cfg.seed, progress=say)
+                            members=cfg.members, seed=cfg.seed, groups=cards[train], progress=say)
     import torch
 
     torch.set_num_threads(1)  # as the worker scores (see kestrel.streams.worker.processing.load_fraud_scorer)

@@ -59,6 +59,7 @@ class LoggedTrainingSet:
     labelled: int
     assumed_genuine: int
     left_out: int
+    cards: list[str | None]  # each row's card token: the selection rules' bootstrap groups
 
 
 def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
@@ -79,7 +80,7 @@ def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
     unique = {d["event_id"]: d for d in decisions if d.get("features")}
     ordered = sorted(unique.values(), key=lambda d: d["event_time"])
     newest = max((epoch_of(d["event_time"]) for d in ordered), default=0.0)
-    rows, labels, times, ids = [], [], [], []
+    rows, labels, times, ids, cards = [], [], [], [], []
     labelled = assumed = left_out = 0
     for d in ordered:
         t = epoch_of(d["event_time"])
@@ -96,8 +97,9 @@ def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
         labels.append(y)
         times.append(t)
         ids.append(d["event_id"])
+        cards.append(d.get("card"))
     return LoggedTrainingSet(rows, np.array(labels, dtype=np.int64), np.array(times), ids, labelled, assumed,
-                             left_out)
+                             left_out, cards)
 
 
 def logged_training_set(bootstrap: str, partitions: int, assume_genuine_after_s: float,

@@ -73,6 +73,7 @@ def window_metrics(model: FraudModel, x: np.ndarray, y: np.ndarray, policy: Poli
 def train_candidate(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str],
                     registry: Registry, out_root: str | Path, *, holdout_share: float = 0.15,
                     policy: Policy | None = None, seed: int = 0, epochs: int = 30, members: int = 5,
+                    groups: Sequence[Any] | None = None,
                     progress: Progress | None = None) -> tuple[FraudModel, ModelRecord]:
     """Train on all but the newest rows, score candidate and champion there, save and register the candidate.
 
@@ -88,7 +89,7 @@ def train_candidate(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                          f"{int(np.sum(y[cut:]))} frauds) needs 50+ rows with both classes")
     say(f"gate window: the newest {n - cut:,} payments ({int(np.sum(y[cut:])):,} frauds), held out of training")
     model = fit_fraud_model(rows[:cut], y[:cut], epoch_s[:cut], ids[:cut], epochs=epochs, members=members,
-                            seed=seed, progress=say)
+                            seed=seed, groups=None if groups is None else groups[:cut], progress=say)
     x_window, y_window = model_inputs(rows[cut:]), np.asarray(y[cut:])
     metrics = window_metrics(model, x_window, y_window, policy)
     say(f"candidate on the gate window: {metrics}")

@@ -30,9 +30,10 @@ from kestrel.models.fraud_trees import TREE_SETTINGS, fit_trees
 from kestrel.offline.paired_ap import paired_ap_gain
 
 Progress = Callable[[str], None]
-# The stacked river layer's step. Labels are case-control corrected (kestrel.models.fraud_online), so each step is
-# small; in replays of simulated histories 0.003 beat 0.01 (stationary and drifting) and 0.001 (drifting).
-LAYER_LR = 0.003
+# The stacked river layer's steps to choose from, on the validation window (select_layer_step). Labels are
+# case-control corrected (kestrel.models.fraud_online), so each step is small. The grid was fixed before any
+# test week was looked at: 0.003 was the single step used before the choice existed, with one step either side.
+LAYER_STEPS = (0.001, 0.003, 0.01)
 
 
 def river_warm_start(learner: OnlineFraudLearner, inputs: Sequence[Mapping[str, float]], y: np.ndarray,
@@ -83,6 +84,40 @@ def select_members(y_val: np.ndarray, network: np.ndarray, trees: np.ndarray,
                      "deployed": deployed}
 
 
+def select_layer_step(y_val: np.ndarray, scores: Mapping[float, np.ndarray],
+                      groups: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """The fixed rule for the river layer's step: the largest step not worse than the best beyond noise.
+
+    ``scores`` are each step's prequential scores on the validation rows in
+    time order (each row scored before its label is learned), so none has
+    seen the label it is judged on. Why the largest within noise: the
+    layer is there to follow patterns that change after training, which a
+    validation window of the training period cannot show; a small step
+    usually wins there by a hair (less noise) and then adapts slowly to a
+    new pattern. So a larger step is kept unless it costs validation AP
+    beyond noise (the 95% paired-bootstrap interval of its gain against the
+    best step lies entirely below zero). The stack rule (:func:`select_stack`)
+    then still has to show that the layer is not worse than the members alone.
+
+    >>> rng = np.random.default_rng(0); y = (rng.random(3000) < 0.05).astype(int)
+    >>> good = y + rng.normal(0, 0.6, 3000)
+    >>> pick = lambda s: select_layer_step(y, s, np.arange(3000))[0]
+    >>> pick({0.001: good, 0.003: good, 0.01: good}), pick({0.001: good, 0.01: y + rng.normal(0, 2, 3000)})
+    (0.01, 0.001)
+    """
+    from sklearn.metrics import average_precision_score
+
+    aps = {step: round(float(average_precision_score(y_val, z)), 4) for step, z in scores.items()}
+    best = max(aps, key=lambda step: (aps[step], -step))
+    gains = {step: paired_ap_gain(y_val, scores[step], scores[best], groups) for step in scores if step != best}
+    within = [best] + [step for step, g in gains.items() if g["ci95"][1] >= 0.0]
+    chosen = max(within)
+    return chosen, {"rule": "the largest step whose prequential validation AP is not below the best step's "
+                            "beyond noise (95% paired bootstrap)",
+                    "validation_ap": {str(k): v for k, v in sorted(aps.items())}, "best": best,
+                    "minus_best_ap": {str(k): g for k, g in sorted(gains.items())}, "chosen": chosen}
+
+
 def select_stack(y_val: np.ndarray, members: np.ndarray, stacked: np.ndarray,
                  groups: np.ndarray) -> tuple[bool, dict[str, Any]]:
     """The fixed rule for the river layer, decided on the validation window only (never on test weeks).
@@ -109,9 +144,15 @@ def select_stack(y_val: np.ndarray, members: np.ndarray, stacked: np.ndarray,
 
 
 def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: np.ndarray, ids: Sequence[str], *,
-                    epochs: int = 30, members: int = 5, seed: int = 0,
+                    epochs: int = 30, members: int = 5, seed: int = 0, groups: Sequence[Any] | None = None,
                     progress: Progress | None = None) -> FraudModel:
-    """Train every part of the fraud model from time-ordered rows with labels."""
+    """Train every part of the fraud model from time-ordered rows with labels.
+
+    ``groups`` (each row's card) is what the selection rules' bootstrap
+    resamples, so that a card's correlated payments (a spree) count as one
+    draw; without it each payment is its own group, which narrows the
+    intervals.
+    """
     say = progress or (lambda _m: None)
     started = time.time()
     x = model_inputs(rows)
@@ -134,7 +175,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     trees_val = fit_trees(x[fit], y[fit], seed=seed).log_odds(x[val])
     trees = fit_trees(x, y, seed=seed)  # refitted on all rows, as the network is
     platt_net, platt_trees = fit_platt(z_val, y[val]), fit_platt(trees_val, y[val])
-    groups = np.arange(n - cut)
+    groups = np.asarray(groups)[cut:n] if groups is not None else np.arange(n - cut)
     weights, chosen = select_members(y[val], platt_net[0] * z_val + platt_net[1],
                                      platt_trees[0] * trees_val + platt_trees[1], groups)
     aps = chosen["validation_ap"]
@@ -147,11 +188,15 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     mixed_val = mixed.base(z_val, trees_val)
     combination = Combination(platt_net, platt_trees, weights, fit_platt(mixed_val, y[val]))
     base_val = combination.base(z_val, trees_val)
-    model = FraudModel("pending", net, combination, OnlineFraudLearner(lr=LAYER_LR, base_weight=1.0), np.array([]),
-                       0.0, trees=trees)
-    say("river layer: warm start on the validation labels in time order")
+    model = FraudModel("pending", net, combination, OnlineFraudLearner(lr=LAYER_STEPS[0], base_weight=1.0),
+                       np.array([]), 0.0, trees=trees)
+    say(f"river layer: warm start on the validation labels in time order, steps {LAYER_STEPS}")
     val_inputs = model.online_inputs(x[val], base_val)
-    scores_val = river_warm_start(model.online, val_inputs, y[val], ids[cut:n])
+    layers = {step: OnlineFraudLearner(lr=step, base_weight=1.0) for step in LAYER_STEPS}
+    prequential = {step: river_warm_start(layer, val_inputs, y[val], ids[cut:n]) for step, layer in layers.items()}
+    step, step_choice = select_layer_step(y[val], prequential, groups)
+    model.online, scores_val = layers[step], prequential[step]
+    say(f"river layer step: prequential validation AP {step_choice['validation_ap']} -> {step}")
     members_val = 1.0 / (1.0 + np.exp(-base_val))
     keep, selection = select_stack(y[val], members_val, scores_val, groups)
     gain = selection["stack_minus_members_ap"]
@@ -170,7 +215,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                     "combination": combination.to_json(), "members": chosen,
                     "linear_weight": round(float(net.linear_weight), 4),
                     "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
-                    "selection": selection,
+                    "selection": selection, "layer_step": step_choice,
                     "seconds": round(time.time() - started, 1),
                     "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "first_event": float(epoch_s[0]), "last_event": float(epoch_s[-1])}
@@ -197,7 +242,8 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
         frame = read_history(csv, SIMULATED_COLUMNS)
     rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
     model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
-                            frame["event_id"].tolist(), epochs=epochs, members=3, seed=0, progress=progress)
+                            frame["event_id"].tolist(), epochs=epochs, members=3, seed=0,
+                            groups=frame["card_id"].to_numpy(), progress=progress)
     model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "n_cards": n_cards,
                               "seed": seed}
     model.save(Path(out_root) / model.version)

@@ -318,3 +318,20 @@ def test_the_member_rule_never_deploys_a_blend_worse_than_its_best_member(networ
     # what is deployed is never below the better member beyond the interval's width
     assert average_precision_score(y, deployed_scores) >= best - (gain["ci95"][1] - gain["ci95"][0])
     assert (gain["ci95"][1] < 0) is (deployed != "network + trees")
+
+
+@pytest.mark.parametrize(("noise", "chosen"), [
+    ({0.001: 0.6, 0.003: 0.6, 0.01: 0.6}, 0.01),   # no difference the window can show: the most adaptive step
+    ({0.001: 0.6, 0.003: 0.6, 0.01: 2.0}, 0.003),  # the largest step clearly worse: the next one
+    ({0.001: 2.0, 0.003: 0.6, 0.01: 2.0}, 0.003),  # one step clearly best: it
+])
+def test_the_layer_step_rule_keeps_the_largest_step_that_costs_nothing_beyond_noise(noise, chosen):
+    from kestrel.offline.fraud_train import select_layer_step
+
+    rng = np.random.default_rng(8)
+    y = (rng.random(5000) < 0.05).astype(int)
+    signal = y + rng.normal(0, 0.3, 5000)  # shared by all steps: they differ by their own noise only
+    scores = {step: signal + rng.normal(0, sd, 5000) for step, sd in noise.items()}
+    step, report = select_layer_step(y, scores, np.arange(5000) // 2)
+    assert step == chosen and report["chosen"] == chosen
+    assert report["minus_best_ap"].keys() == {str(s) for s in noise if s != report["best"]}

@@ -46,20 +46,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _broker_training_set(args) if args.from_broker else _csv_training_set(args)
     if data is None:
         return 2
-    rows, labels, epoch_s, ids, source = data
+    rows, labels, epoch_s, ids, cards, source = data
     if args.registry or args.promote:
-        return _train_candidate(args, rows, labels, epoch_s, ids, source)
+        return _train_candidate(args, rows, labels, epoch_s, ids, cards, source)
     from kestrel.offline.fraud_train import fit_fraud_model
 
     model = fit_fraud_model(rows, labels, epoch_s, ids, epochs=args.epochs, members=args.members, seed=args.seed,
-                            progress=_say)
+                            groups=cards, progress=_say)
     model.report["source"] = source
     path = model.save(Path(args.out) / model.version)
     print(json.dumps({"model_version": model.version, "path": str(path), **model.report}))
     return 0
 
 
-def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: Any, ids: Any,
+def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: Any, ids: Any, cards: Any,
                      source: dict[str, Any]) -> int:
     """Train with the newest rows held out, register the version, and ask the gate if ``--promote``."""
     from kestrel.models.registry import Registry, promote
@@ -69,7 +69,7 @@ def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: 
     registry = Registry(registry_root(args), "fraud")
     model, record = train_candidate(rows, labels, epoch_s, ids, registry, args.out,
                                     holdout_share=args.gate_share, seed=args.seed, epochs=args.epochs,
-                                    members=args.members, progress=_say)
+                                    members=args.members, groups=cards, progress=_say)
     out: dict[str, Any] = {"model_version": model.version, "path": record.path, "registry": str(registry.root),
                            "metrics": record.metrics, "evaluation": record.evaluation, "source": source}
     if args.promote:
@@ -88,7 +88,7 @@ def _broker_training_set(args: argparse.Namespace) -> Any:
     data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
     source = {"broker": settings.broker, "labelled": data.labelled, "assumed_genuine": data.assumed_genuine,
               "too_recent": data.left_out}
-    return data.rows, data.labels, data.epoch_s, data.ids, source
+    return data.rows, data.labels, data.epoch_s, data.ids, data.cards, source
 
 
 def _csv_training_set(args: argparse.Namespace) -> Any:
@@ -104,7 +104,7 @@ def _csv_training_set(args: argparse.Namespace) -> Any:
     _say(f"{len(frame):,} payments, {int(labels.sum()):,} frauds; computing features point-in-time")
     rows = feature_rows(payments_of(frame), labels)
     return (rows, labels.astype(int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
-            {"csv": str(args.csv)})
+            frame["card_id"].to_numpy(), {"csv": str(args.csv)})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
