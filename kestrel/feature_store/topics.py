@@ -16,10 +16,12 @@ OPERATOR_EVENTS = "alerts.operator"  # for operators: drift of the online fraud 
 RECS_REQUESTS = "recs.requests"  # {"request_id", "user_id", "k", ...} -> an answer on RECS_RESPONSES
 RECS_RESPONSES = "recs.responses"
 RECS_TOPICS = (RECS_REQUESTS, RECS_RESPONSES)
+MODEL_UPDATES = "models.updates"  # registry alias moves, read by every worker (no group): hot swap
+CONTROL_TOPICS = (MODEL_UPDATES,)
 
 INPUT_TOPICS = (TRANSACTIONS, INTERACTIONS, LABELS)
 OUTPUT_TOPICS = (DEADLETTER, FRAUD_DECISIONS, RECOMMENDATION_DECISIONS, TRAINING_EXAMPLES, ALERTS, OPERATOR_EVENTS)
-ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + RECS_TOPICS
+ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + RECS_TOPICS + CONTROL_TOPICS
 
 EVENT_TYPE_TOPIC = {"transaction": TRANSACTIONS, "interaction": INTERACTIONS, "label": LABELS}
 TOPIC_EVENT_TYPE = {topic: kind for kind, topic in EVENT_TYPE_TOPIC.items()}

@@ -44,6 +44,9 @@ class Metrics:
                                       "or network, retried until they pass; poison: retried a bounded number of "
                                       "times, then split and the failing records dead-lettered).", ["topic", "kind"],
                                       registry=r)
+        self.model_swaps = Counter("kestrel_model_swaps", "Fraud model versions heard on models.updates, by "
+                                   "result (swapped in, or failed to load: the old version kept).", ["result"],
+                                   registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

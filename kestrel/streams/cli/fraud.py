@@ -74,6 +74,11 @@ def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: 
                            "metrics": record.metrics, "evaluation": record.evaluation, "source": source}
     if args.promote:
         out["promotion"] = promote(registry, record.version, why=args.why or "")
+        if out["promotion"]["moved"]:
+            from kestrel.streams.cli.models import announce_move
+
+            out["promotion"]["announced"] = announce_move(args, "fraud", "champion", record.version,
+                                                          out["promotion"]["seq"])
         _say(f"champion: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
              + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]))
     print(json.dumps(_finite(out)))

@@ -33,6 +33,16 @@ def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
     print(json.dumps(doc) if args.json else text)
 
 
+def announce_move(args: argparse.Namespace, kind: str, alias: str, version: str | None, seq: int) -> bool | None:
+    """Tell the workers (``models.updates`` on ``--broker`` / KESTREL_BROKER); None when no broker is named."""
+    broker = getattr(args, "broker", None) or os.environ.get("KESTREL_BROKER")
+    if not broker:
+        return None
+    from kestrel.streams.worker.model_updates import announce
+
+    return announce(broker, kind, alias, version, str(os.path.abspath(registry_root(args))), seq)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
     aliases = reg.aliases()
@@ -79,6 +89,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         _print(args, {"error": str(exc)}, str(exc))
         return 1
+    if result["moved"]:
+        result["announced"] = announce_move(args, reg.kind, args.alias, result["to"], result["seq"])
     verdict = {"promote": "gate passed", "force": "FORCED past the gate",
                "refused": "refused by the gate"}[result["action"]]
     text = [f"{args.alias}: {result['from']} -> {result['to']} ({verdict})"]
@@ -99,6 +111,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         _print(args, {"error": str(exc)}, str(exc))
         return 1
+    announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
     _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version} (rollback)")
     return 0
 
@@ -120,6 +133,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         _print(args, {"error": str(exc)}, str(exc))
         return 1
+    announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
     _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version}")
     return 0
 
@@ -143,6 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--registry", default=None,
                        help=f"registry root (default KESTREL_REGISTRY or {DEFAULT_REGISTRY})")
         p.add_argument("--json", action="store_true", help="one line of JSON")
+        p.add_argument("--broker", default=None,
+                       help="announce alias moves to the workers here (default KESTREL_BROKER; none: not announced)")
         p.set_defaults(func=func)
         return p
 

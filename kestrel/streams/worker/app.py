@@ -15,14 +15,19 @@ import logging
 from typing import Any
 
 import faust
+import orjson
 
 from kestrel.feature_store import topics
+from kestrel.models.registry import is_registry
 from kestrel.streams.config import Settings
+from kestrel.streams.records import Output
 from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
 from kestrel.streams.worker.heap import settle_heap
+from kestrel.streams.worker.model_updates import ModelWatcher
+from kestrel.streams.worker.processing import fraud_policy
 from kestrel.streams.worker.runtime import Runtime, take_batches
 
 log = logging.getLogger("kestrel.worker")
@@ -57,6 +62,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     install_views(app, runtime)
     install_alert_views(app, runtime)
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
+    if is_registry(settings.fraud_model, "fraud"):
+        _install_model_watcher(app, runtime)
 
     @app.task
     async def warm_up() -> None:
@@ -76,6 +83,34 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 delay = min(delay * 2, 5.0)
 
     return app
+
+
+def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
+    """Hot swap of the fraud model when its registry alias moves (see model_updates.py)."""
+    settings = runtime.settings
+
+    async def report(doc: dict[str, Any]) -> None:
+        await runtime.send([Output(topics.OPERATOR_EVENTS, b"models", orjson.dumps(doc), "")])
+
+    def swap(scorer: Any) -> None:
+        runtime.processor.swap_scorer(scorer)
+
+    @app.task
+    async def watch_models() -> None:
+        processor = runtime.processor
+        watcher = ModelWatcher(settings.broker, settings.fraud_model, settings.model_alias, fraud_policy(settings),
+                               current=lambda: processor.scorer.version, swap=swap, report=report,
+                               on_result=lambda result: runtime.metrics.model_swaps.labels(result).inc())
+        delay = 0.5
+        while True:
+            try:
+                await watcher.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model watcher stopped; restarting in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:

@@ -66,6 +66,11 @@ DRIFT_MESSAGES = {
 }
 
 
+def fraud_policy(settings: Settings) -> Policy:
+    """``KESTREL_FRAUD_POLICY``, else review at 0.5: the thresholds every served model version gets."""
+    return Policy.from_json(settings.fraud_policy) if settings.fraud_policy else Policy(review=0.5)
+
+
 def load_fraud_scorer(settings: Settings) -> FraudScorer:
     """The trained model named by ``KESTREL_FRAUD_MODEL``, else the rules.
 
@@ -83,7 +88,7 @@ def load_fraud_scorer(settings: Settings) -> FraudScorer:
         path = latest_artifact(settings.fraud_model)
     if path is None:
         raise FileNotFoundError(f"KESTREL_FRAUD_MODEL={settings.fraud_model}: no model artifact (meta.json) there")
-    policy = Policy.from_json(settings.fraud_policy) if settings.fraud_policy else Policy(review=0.5)
+    policy = fraud_policy(settings)
     import torch
 
     # A micro-batch through a small MLP is 5x faster on one thread than on two that contend with the event
@@ -149,6 +154,15 @@ class Processor:
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
         self._timing = {kind: (metrics.decision_latency.labels(kind), metrics.event_age.labels(kind))
                         for kind in ("fraud", "recommendation", "label")}
+
+    def swap_scorer(self, scorer: ModelScorer) -> None:
+        """Serve another fraud model version from the next batch on (a batch in flight keeps its own).
+
+        The scorer and its shared online learner change together, in one
+        step between two awaits of the event loop.
+        """
+        learner = SharedLearner(self.client, self.keys, scorer, self.settings.decision_log_ttl_s)
+        self.scorer, self.learner = scorer, learner
 
     # -- entry point -------------------------------------------------------
     async def process(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
@@ -283,7 +297,8 @@ class Processor:
         events = [e for _, e in valid]
         risks = asyncio.ensure_future(self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
                                                                  [e.epoch_s for e in events]))
-        learner = await self.learner.current() if self.learner is not None else None
+        scorer, shared = self.scorer, self.learner  # the versions this batch is decided by, even if swapped meanwhile
+        learner = await shared.current() if shared is not None else None
 
         async def decide(applied: list[tuple[bool, list[Snapshot]]]) -> tuple[list[Output], list[dict[str, Any]]]:
             """The batch's decisions from its feature vectors (no side effects: run again if the commit is
@@ -293,14 +308,14 @@ class Processor:
                                                                                  strict=True):
                 vector = {**card, **terminal, **risk, **card_terminal, **card_device}  # FRAUD_VECTOR_SETS order
                 feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
-            scores = (self.scorer.score_batch(events, feats, learner) if learner is not None
-                      else self.scorer.score_batch(events, feats))
+            scores = (scorer.score_batch(events, feats, learner) if learner is not None
+                      else scorer.score_batch(events, feats))
             now = time.time()
             outputs, docs = [], []
             decided_at = iso_of(now)  # one time for the batch
             for e, f, s in zip(events, feats, scores, strict=True):
                 card = self.token("card", e.card_id)
-                doc = self._decision_doc(e, f, s, self.scorer.version, started, now, card=card,
+                doc = self._decision_doc(e, f, s, scorer.version, started, now, card=card,
                                          decided_at=decided_at)
                 docs.append(doc)
                 outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
