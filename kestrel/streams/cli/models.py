@@ -138,6 +138,39 @@ def cmd_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The served version against its shadow on the same live payments (decision log + labels, from the broker)."""
+    from kestrel.feature_store import topics
+    from kestrel.models.registry import RegistryError
+    from kestrel.offline.fraud_logs import read_topic
+    from kestrel.offline.shadow_compare import compare_shadow
+    from kestrel.streams.config import Settings
+
+    reg = _registry(args)
+    try:
+        a, b = (reg.resolve(name).version for name in (args.a, args.b))
+    except RegistryError as exc:
+        _print(args, {"error": str(exc)}, str(exc))
+        return 1
+    settings = Settings.from_env()
+    broker = args.broker or settings.broker
+    decisions = read_topic(broker, topics.FRAUD_DECISIONS, settings.partitions)
+    examples = [e for e in read_topic(broker, topics.TRAINING_EXAMPLES, settings.partitions)
+                if e.get("type") == "training_example"]
+    report = compare_shadow(decisions, examples, a, b)
+    lines = [f"{args.a} = {a}, {args.b} = {b}: {report['events']:,} payments scored by both, "
+             f"{report['labelled']:,} labelled"]
+    if report["events"]:
+        lines.append(f"actions agree on {report['action_agreement']:.1%}; score rank correlation "
+                     f"{report['score_rank_correlation']}")
+        for name, m in report["versions"].items():
+            lines.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
+    else:
+        lines.append(report["note"])
+    _print(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     moves = _registry(args).history()
     lines = [f"{m.seq:>4} {m.at} {m.who:<12} {m.action:<9} {m.alias:<12} {m.from_version} -> {m.to_version}  {m.why}"
@@ -182,4 +215,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remove", action="store_true")
     p.add_argument("--force", action="store_true", help="allowed for champion too (audited as forced)")
     p.add_argument("--why", default=None)
+    p = verb("compare", "two versions on the same live payments: the served one and its shadow (agreement, "
+                        "score distributions, and AP and alert precision once labels arrive)", cmd_compare)
+    p.add_argument("a", help="a version or alias (e.g. champion)")
+    p.add_argument("b", help="a version or alias (e.g. shadow)")
     verb("history", "the audit log of alias moves (who, when, from, to, why, the gate's numbers)", cmd_history)

@@ -26,7 +26,7 @@ from kestrel.streams.web.alerts import install_alert_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
 from kestrel.streams.worker.heap import settle_heap
-from kestrel.streams.worker.model_updates import ModelWatcher
+from kestrel.streams.worker.model_updates import ModelWatcher, Served
 from kestrel.streams.worker.processing import fraud_policy
 from kestrel.streams.worker.runtime import Runtime, take_batches
 
@@ -92,14 +92,15 @@ def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
     async def report(doc: dict[str, Any]) -> None:
         await runtime.send([Output(topics.OPERATOR_EVENTS, b"models", orjson.dumps(doc), "")])
 
-    def swap(scorer: Any) -> None:
-        runtime.processor.swap_scorer(scorer)
-
     @app.task
     async def watch_models() -> None:
         processor = runtime.processor
-        watcher = ModelWatcher(settings.broker, settings.fraud_model, settings.model_alias, fraud_policy(settings),
-                               current=lambda: processor.scorer.version, swap=swap, report=report,
+        served = [Served(settings.model_alias, lambda: processor.scorer.version,
+                         lambda scorer: processor.swap_scorer(scorer) if scorer is not None else None)]
+        if settings.shadow_alias:
+            served.append(Served(settings.shadow_alias, lambda: processor.shadow.version if processor.shadow else None,
+                                 processor.set_shadow, required=False))
+        watcher = ModelWatcher(settings.broker, settings.fraud_model, served, fraud_policy(settings), report=report,
                                on_result=lambda result: runtime.metrics.model_swaps.labels(result).inc())
         delay = 0.5
         while True:

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -84,26 +85,36 @@ def load_checked_scorer(record: ModelRecord, policy: Policy) -> ModelScorer:
     return scorer
 
 
-class ModelWatcher:
-    """Listens on ``models.updates`` and swaps the worker's fraud scorer when its alias moves.
+@dataclass
+class Served:
+    """One alias a worker serves: what version it serves now, and how to put another one in place.
 
-    ``swap(scorer)`` installs a loaded scorer (on the event loop);
-    ``report(doc)`` sends an operator event.
+    ``required``: the alias must always resolve (the champion: if it does not,
+    the worker keeps what it serves); otherwise a removed alias unloads
+    (``install(None)``: the shadow stops).
     """
 
-    def __init__(self, bootstrap: str, registry_root: str, alias: str, policy: Policy,
-                 current: Callable[[], str], swap: Callable[[ModelScorer], None],
+    alias: str
+    current: Callable[[], str | None]
+    install: Callable[[ModelScorer | None], None]
+    required: bool = True
+
+
+class ModelWatcher:
+    """Listens on ``models.updates`` and swaps what the worker serves when one of its aliases moves.
+
+    ``report(doc)`` sends an operator event; ``on_result`` counts outcomes.
+    """
+
+    def __init__(self, bootstrap: str, registry_root: str, served: list[Served], policy: Policy,
                  report: Callable[[dict[str, Any]], Awaitable[None]], on_result: Callable[[str], None]) -> None:
         self.bootstrap = bootstrap
         self.registry = Registry(registry_root, "fraud")
-        self.registry_root = registry_root
-        self.alias = alias
+        self.served = {s.alias: s for s in served}
         self.policy = policy
-        self.current = current
-        self.swap = swap
         self.report = report
         self.on_result = on_result
-        self.failed: set[str] = set()  # versions whose load failed: not retried until the alias moves again
+        self.failed: set[tuple[str, str]] = set()  # (alias, version) loads that failed: not retried until it moves
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
@@ -113,13 +124,15 @@ class ModelWatcher:
             parts = await self._partitions(consumer)
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
-            await self.check()  # a move made while this worker was starting
+            for alias in self.served:  # a move made while this worker was starting
+                await self.check(alias)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000)
-                heard = [orjson.loads(r.value) for recs in batches.values() for r in recs if r.value]
-                if any(d.get("kind") == "fraud" and d.get("alias") == self.alias for d in heard):
-                    self.failed.clear()  # a new move: a version that failed before may be fixed now
-                    await self.check()
+                heard = {d.get("alias") for recs in batches.values() for r in recs if r.value
+                         for d in [orjson.loads(r.value)] if d.get("kind") == "fraud"}
+                for alias in heard & set(self.served):
+                    self.failed = {f for f in self.failed if f[0] != alias}  # it moved: try again
+                    await self.check(alias)
         finally:
             await consumer.stop()
 
@@ -131,31 +144,34 @@ class ModelWatcher:
             await consumer._client.force_metadata_update()
             await asyncio.sleep(0.5)
 
-    async def check(self) -> None:
-        """Resolve the alias; load, check and swap in its version if it is not the one served."""
-        try:
-            record = self.registry.resolve(self.alias)
-        except Exception as exc:  # the alias was removed, or the registry is unreadable: keep serving
-            log.warning("fraud alias %s not resolvable (%s); keeping %s", self.alias, exc, self.current())
+    async def check(self, alias: str) -> None:
+        """Resolve ``alias``; load, check and install its version if it is not the one served."""
+        served = self.served[alias]
+        version = self.registry.aliases().get(alias)
+        if version is None:
+            if served.required:
+                log.warning("fraud alias %s points nowhere; keeping %s", alias, served.current())
+            elif served.current() is not None:
+                served.install(None)
+                self.on_result("unloaded")
+                log.warning("fraud alias %s removed: no longer served", alias)
             return
-        if record.version == self.current() or record.version in self.failed:
+        if version == served.current() or (alias, version) in self.failed:
             return
         started = time.monotonic()
         try:
-            scorer = await asyncio.to_thread(load_checked_scorer, record, self.policy)
+            scorer = await asyncio.to_thread(load_checked_scorer, self.registry.get(version), self.policy)
         except Exception as exc:
-            self.failed.add(record.version)
+            self.failed.add((alias, version))
             self.on_result("failed")
-            log.exception("fraud model %s (alias %s) failed to load; keeping %s", record.version, self.alias,
-                          self.current())
-            await self.report({"type": "model_load_failed", "kind": "fraud", "alias": self.alias,
-                               "version": record.version, "serving": self.current(), "error": repr(exc)[:500],
-                               "at": iso_of(time.time()),
-                               "message": f"{record.version} could not be loaded; decisions stay on "
-                                          f"{self.current()}. Check the artifact, then move the alias again."})
+            log.exception("fraud model %s (alias %s) failed to load; keeping %s", version, alias, served.current())
+            await self.report({"type": "model_load_failed", "kind": "fraud", "alias": alias, "version": version,
+                               "serving": served.current(), "error": repr(exc)[:500], "at": iso_of(time.time()),
+                               "message": f"{version} could not be loaded for {alias}; {alias} stays on "
+                                          f"{served.current()}. Check the artifact, then move the alias again."})
             return
-        previous = self.current()
-        self.swap(scorer)
+        previous = served.current()
+        served.install(scorer)
         self.on_result("swapped")
-        log.warning("fraud model swapped: %s -> %s (alias %s, loaded in %.1fs)", previous, record.version,
-                    self.alias, time.monotonic() - started)
+        log.warning("fraud model for %s: %s -> %s (loaded in %.1fs)", alias, previous, version,
+                    time.monotonic() - started)

@@ -149,6 +149,7 @@ class Processor:
         # the online learner shared by all workers, when the scorer is a trained model (rules do not learn)
         self.learner = SharedLearner(client, self.keys, self.scorer, settings.decision_log_ttl_s) \
             if isinstance(self.scorer, ModelScorer) else None
+        self.shadow: ModelScorer | None = None  # scored beside the served model, logged, never acted on
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
@@ -163,6 +164,11 @@ class Processor:
         """
         learner = SharedLearner(self.client, self.keys, scorer, self.settings.decision_log_ttl_s)
         self.scorer, self.learner = scorer, learner
+
+    def set_shadow(self, scorer: ModelScorer | None) -> None:
+        """Score every payment with ``scorer`` too, from the next batch on (None: stop). Its score and the
+        action it would have taken go in the decision's ``shadow``; nothing acts on them."""
+        self.shadow = scorer
 
     # -- entry point -------------------------------------------------------
     async def process(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
@@ -297,7 +303,8 @@ class Processor:
         events = [e for _, e in valid]
         risks = asyncio.ensure_future(self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
                                                                  [e.epoch_s for e in events]))
-        scorer, shared = self.scorer, self.learner  # the versions this batch is decided by, even if swapped meanwhile
+        # the versions this batch is decided (and shadowed) by, even if one is swapped meanwhile
+        scorer, shared, shadow = self.scorer, self.learner, self.shadow
         learner = await shared.current() if shared is not None else None
 
         async def decide(applied: list[tuple[bool, list[Snapshot]]]) -> tuple[list[Output], list[dict[str, Any]]]:
@@ -310,6 +317,7 @@ class Processor:
                 feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
             scores = (scorer.score_batch(events, feats, learner) if learner is not None
                       else scorer.score_batch(events, feats))
+            shadowed = shadow.score_batch(events, feats) if shadow is not None else None
             now = time.time()
             outputs, docs = [], []
             decided_at = iso_of(now)  # one time for the batch
@@ -317,6 +325,9 @@ class Processor:
                 card = self.token("card", e.card_id)
                 doc = self._decision_doc(e, f, s, scorer.version, started, now, card=card,
                                          decided_at=decided_at)
+                if shadowed is not None:
+                    other = shadowed[len(docs)]
+                    doc["shadow"] = {"model_version": shadow.version, "score": other.score, "action": other.action}
                 docs.append(doc)
                 outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
                                       self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
