@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,25 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return run_produce(args)
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    """Archive every topic to Parquet until stopped (or idle), or show what the archive holds."""
+    from kestrel.offline.archive import Archiver, read_archive
+
+    if args.show:
+        table = read_archive(args.root)
+        counts: dict[str, int] = {}
+        for topic in table.column("topic").to_pylist():
+            counts[topic] = counts.get(topic, 0) + 1
+        print(json.dumps({"root": args.root, "records": table.num_rows, "by_topic": counts}))
+        return 0
+    settings = Settings.from_env()
+    archiver = Archiver(settings.broker, args.root, group_id=args.group, flush_rows=args.flush_rows,
+                        flush_s=args.flush_s, idle_exit_s=args.idle_exit_s,
+                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(archiver.run()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kestrel.streams.cli.demo import run_demo
 
@@ -242,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="send simulated events or replay a CSV to the broker")
     add_produce_args(p)
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("archive", help="write every topic to Parquet (by topic and event date), committing "
+                                       "offsets only after the files are durable; --show: what it holds")
+    p.add_argument("--root", default=os.environ.get("KESTREL_ARCHIVE", "artifacts/archive"),
+                   help="a folder or an fsspec URL (default KESTREL_ARCHIVE or artifacts/archive)")
+    p.add_argument("--group", default="kestrel-archive", help="consumer group (its offsets are the archive's)")
+    p.add_argument("--flush-rows", type=int, default=50_000)
+    p.add_argument("--flush-s", type=float, default=10.0, help="flush at least this often")
+    p.add_argument("--idle-exit-s", type=float, default=0.0, help="stop after this long with nothing new (0: never)")
+    p.add_argument("--show", action="store_true", help="count the archived records (duplicates removed)")
+    p.set_defaults(func=cmd_archive)
 
     from kestrel.streams.cli.demo import add_demo_args
 
