@@ -153,6 +153,7 @@ class Archiver:
     rows: list[dict[str, Any]] = field(default_factory=list)
     archived: int = 0
     files: int = 0
+    _last_flush: float = 0.0
 
     def run(self) -> dict[str, Any]:
         from confluent_kafka import Consumer
@@ -165,6 +166,7 @@ class Archiver:
         started = time.monotonic()
         oldest = last_seen = time.monotonic()
         assigned = False
+        first_record = None
         try:
             while True:
                 batch = consumer.consume(5000, timeout=0.2)
@@ -177,6 +179,8 @@ class Archiver:
                     _, ts = msg.timestamp()
                     self.rows.append(row_of(ArchivedRecord(msg.topic(), msg.partition(), msg.offset(), ts,
                                                            msg.key(), msg.value() or b"")))
+                if batch and first_record is None:
+                    first_record = now
                 if batch or not assigned:  # idleness counts from the group join (tansu's takes seconds)
                     last_seen = now
                     assigned = assigned or bool(consumer.assignment())
@@ -188,8 +192,9 @@ class Archiver:
         finally:
             consumer.close()
         elapsed = time.monotonic() - started
+        busy = (self._last_flush - first_record) if first_record is not None else 0.0
         return {"archived": self.archived, "files": self.files, "seconds": round(elapsed, 1),
-                "rows_per_s": round(self.archived / max(elapsed - self.idle_exit_s, 1e-9), 1)}
+                "rows_per_s": round(self.archived / busy, 1) if busy > 0 else None}  # first record to last file
 
     def _flush(self, writer: ArchiveWriter, consumer: Any) -> None:
         paths = writer.write(self.rows)
@@ -199,6 +204,7 @@ class Archiver:
         if self.progress:
             self.progress(f"archived {self.archived:,} records in {self.files:,} files")
         self.rows = []
+        self._last_flush = time.monotonic()
 
 
 def read_archive(root: str, topic: str | None = None, dates: tuple[str, str] | None = None) -> pa.Table:
