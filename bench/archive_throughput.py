@@ -44,7 +44,7 @@ def main() -> int:
         producer.flush(60)
         print(f"backlog of {args.records:,} records produced", file=sys.stderr)
         cpu0 = time.process_time()
-        result = Archiver(broker.bootstrap, root, topics=[topics.FRAUD_DECISIONS], idle_exit_s=2.0,
+        result = Archiver(broker.bootstrap, root, None, topics=[topics.FRAUD_DECISIONS], idle_exit_s=2.0,
                           progress=lambda m: print(f"\r{m}", end="", file=sys.stderr)).run()
         cpu = time.process_time() - cpu0
         print(file=sys.stderr)

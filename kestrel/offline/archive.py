@@ -14,6 +14,12 @@ again in another file, so a reader removes duplicates: by ``event_id`` where
 the record has one (which also drops a producer's duplicate sends), else by
 the record's (topic, partition, offset). :func:`read_archive` does both.
 
+Identifiers never reach the archive raw: the input events' ``card_id``,
+``customer_id``, ``user_id`` and ``ip`` are replaced by keyed tokens (the
+worker's, so archived events join to decisions' ``card``) and ``geo`` is
+dropped, before the row is built. Input that is
+not JSON (kept for the dead-letter trail) is archived as it came.
+
 Each row keeps the record as it was (``value``: its JSON bytes, ``key``),
 where it came from (``topic``, ``partition``, ``offset``, ``timestamp_ms``)
 and the fields every reader filters on (``event_id``, ``type``,
@@ -35,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kestrel.feature_store import topics
+from kestrel.feature_store.keys import KeyedHasher
 
 ARCHIVED_TOPICS = topics.INPUT_TOPICS + topics.OUTPUT_TOPICS
 SCHEMA = pa.schema([
@@ -56,14 +63,29 @@ class ArchivedRecord:
     value: bytes
 
 
-def row_of(rec: ArchivedRecord) -> dict[str, Any]:
-    """The archive row of one record; a value that is not a JSON object is kept as bytes, its fields empty."""
+# input fields replaced by the worker's keyed tokens, and personal fields no training set needs, dropped
+TOKENISED = {"card_id": "card", "customer_id": "customer", "user_id": "user", "ip": "ip"}
+DROPPED = ("geo",)
+
+
+def row_of(rec: ArchivedRecord, hasher: KeyedHasher | None = None) -> dict[str, Any]:
+    """The archive row of one record; a value that is not a JSON object is kept as bytes, its fields empty.
+
+    With ``hasher``, an input event's identifiers are tokenised first (see the module docstring).
+    """
     try:
         doc = orjson.loads(rec.value)
     except orjson.JSONDecodeError:
         doc = None
     if not isinstance(doc, dict):
         doc = {}
+    elif hasher is not None and rec.topic in topics.INPUT_TOPICS and any(f in doc for f in (*TOKENISED, *DROPPED)):
+        for name, entity in TOKENISED.items():
+            if doc.get(name) is not None:
+                doc[name] = hasher.token(entity, str(doc[name]))
+        for name in DROPPED:
+            doc.pop(name, None)
+        rec = ArchivedRecord(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key, orjson.dumps(doc))
     event_time = next((str(doc[f]) for f in TIME_FIELDS if doc.get(f)), None)
     event_id = doc.get("event_id")
     return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": rec.timestamp_ms,
@@ -144,6 +166,7 @@ class Archiver:
 
     bootstrap: str
     root: str
+    hasher: KeyedHasher | None
     group_id: str = "kestrel-archive"
     topics: Sequence[str] = ARCHIVED_TOPICS
     flush_rows: int = 50_000
@@ -178,7 +201,7 @@ class Archiver:
                         oldest = now
                     _, ts = msg.timestamp()
                     self.rows.append(row_of(ArchivedRecord(msg.topic(), msg.partition(), msg.offset(), ts,
-                                                           msg.key(), msg.value() or b"")))
+                                                           msg.key(), msg.value() or b""), self.hasher))
                 if batch and first_record is None:
                     first_record = now
                 if batch or not assigned:  # idleness counts from the group join (tansu's takes seconds)

@@ -63,8 +63,11 @@ class LoggedTrainingSet:
 
 
 def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
-                assume_genuine_after_s: float) -> LoggedTrainingSet:
+                assume_genuine_after_s: float, as_of: float | None = None) -> LoggedTrainingSet:
     """Decisions (one per event_id, features as logged) with labels; time-ordered.
+
+    ``as_of``: the moment the set is built for (default: the newest
+    decision); the label delay is counted back from it.
 
     >>> d = [{"event_id": e, "event_time": t, "features": {"amount": 1.0}} for e, t in
     ...      [("a", "2026-01-01T00:00:00Z"), ("b", "2026-01-05T00:00:00Z"), ("c", "2026-01-09T00:00:00Z")]]
@@ -79,7 +82,7 @@ def join_logged(decisions: list[dict[str, Any]], examples: list[dict[str, Any]],
             latest_label[tid] = (when, int(ex["label"]))
     unique = {d["event_id"]: d for d in decisions if d.get("features")}
     ordered = sorted(unique.values(), key=lambda d: d["event_time"])
-    newest = max((epoch_of(d["event_time"]) for d in ordered), default=0.0)
+    newest = as_of if as_of is not None else max((epoch_of(d["event_time"]) for d in ordered), default=0.0)
     rows, labels, times, ids, cards = [], [], [], [], []
     labelled = assumed = left_out = 0
     for d in ordered:

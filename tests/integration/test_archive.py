@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import Producer
 
 from kestrel.feature_store import topics
+from kestrel.feature_store.keys import KeyedHasher
 from kestrel.offline.archive import decode, read_archive
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,8 @@ def test_archive_survives_sigkill_without_loss_or_duplicates(settings, tmp_path)
     def produce(start: int, n: int) -> None:
         for i in range(start, start + n):
             day = 1 + i % 3  # three event dates: three folders per topic
-            txn = {"type": "transaction", "event_id": f"t{i}", "timestamp": f"2026-11-0{day}T10:00:00Z"}
+            txn = {"type": "transaction", "event_id": f"t{i}", "timestamp": f"2026-11-0{day}T10:00:00Z",
+                   "card_id": f"4000{i:012d}"}
             producer.produce(topics.TRANSACTIONS, key=f"c{i % 50}".encode(), value=orjson.dumps(txn))
             decision = {"type": "fraud_decision", "event_id": f"t{i}", "event_time": txn["timestamp"], "score": 0.1}
             producer.produce(topics.FRAUD_DECISIONS, key=f"c{i % 50}".encode(), value=orjson.dumps(decision))
@@ -71,6 +73,10 @@ def test_archive_survives_sigkill_without_loss_or_duplicates(settings, tmp_path)
             [e for e in table.column("event_id").to_pylist() if e is not None]
         assert sorted(got) == sorted(ids), topic  # every record once: none lost, none twice
     raw = read_archive(str(root), topics.TRANSACTIONS)
+    hasher = KeyedHasher(settings.hash_key.encode())
+    cards = {d["event_id"]: d["card_id"] for d in decode(raw) if d.get("card_id")}
+    assert cards["t12"] == hasher.token("card", "4000000000000012")  # tokenised as the worker does
+    assert not any(c.startswith("4000") for c in cards.values())
     assert raw.num_rows == len(sent[topics.TRANSACTIONS]) + 1  # plus the malformed one, kept as bytes
     assert b"{not json" in raw.column("value").to_pylist()
     assert sorted({p.parent.name for p in root.glob(f"topic={topics.TRANSACTIONS}/*/*.parquet")}) >= \

@@ -40,10 +40,11 @@ def _say(message: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.from_broker == bool(args.csv):
-        _say("give either --csv FILE or --from-broker")
+    if sum((bool(args.csv), args.from_broker, bool(args.from_archive))) != 1:
+        _say("give one of --csv FILE, --from-broker, --from-archive ROOT")
         return 2
-    data = _broker_training_set(args) if args.from_broker else _csv_training_set(args)
+    data = (_broker_training_set(args) if args.from_broker else _archive_training_set(args) if args.from_archive
+            else _csv_training_set(args))
     if data is None:
         return 2
     rows, labels, epoch_s, ids, cards, source = data
@@ -93,6 +94,23 @@ def _broker_training_set(args: argparse.Namespace) -> Any:
     data = logged_training_set(settings.broker, settings.partitions, args.assume_genuine_after_days * 86400, _say)
     source = {"broker": settings.broker, "labelled": data.labelled, "assumed_genuine": data.assumed_genuine,
               "too_recent": data.left_out}
+    return data.rows, data.labels, data.epoch_s, data.ids, data.cards, source
+
+
+def _archive_training_set(args: argparse.Namespace) -> Any:
+    import time
+
+    from kestrel.feature_store.schemas import epoch_of
+    from kestrel.offline.training_sets import fraud_training_set
+
+    cutoff = epoch_of(args.cutoff) if args.cutoff else time.time()
+    data = fraud_training_set(args.from_archive, cutoff, args.assume_genuine_after_days * 86400)
+    _say(f"archive {args.from_archive} as of {args.cutoff or 'now'}: {len(data.ids):,} payments, {data.labelled:,} "
+         f"labelled, {data.assumed_genuine:,} taken as genuine, {data.left_out:,} too recent")
+    if not data.ids:
+        return None
+    source = {"archive": args.from_archive, "cutoff": cutoff, "labelled": data.labelled,
+              "assumed_genuine": data.assumed_genuine, "too_recent": data.left_out}
     return data.rows, data.labels, data.epoch_s, data.ids, data.cards, source
 
 
@@ -156,8 +174,14 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     _add_columns(p, csv_required=False)
     p.add_argument("--from-broker", action="store_true",
                    help="decisions.fraud (features as logged) joined to training.examples, from KESTREL_BROKER")
+    p.add_argument("--from-archive", default=None, metavar="ROOT",
+                   help="decisions (features as logged) and labels from the event archive (kestrel archive), "
+                        "point in time at --cutoff")
+    p.add_argument("--cutoff", default=None, help="with --from-archive: ISO time the set is built as of "
+                                                   "(default now): later decisions and labels are left out")
     p.add_argument("--assume-genuine-after-days", type=float, default=7.0,
-                   help="with --from-broker: an unlabelled payment older than this is genuine (label delay)")
+                   help="with --from-broker/--from-archive: an unlabelled payment older than this is genuine "
+                        "(label delay)")
     p.add_argument("--out", default="artifacts/fraud", help="artifacts root; the model goes to OUT/VERSION/")
     p.add_argument("--registry", default=None,
                    help="register the version in this registry (or KESTREL_REGISTRY with --promote): the newest "

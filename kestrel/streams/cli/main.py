@@ -184,7 +184,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
         print(json.dumps({"root": args.root, "records": table.num_rows, "by_topic": counts}))
         return 0
     settings = Settings.from_env()
-    archiver = Archiver(settings.broker, args.root, group_id=args.group, flush_rows=args.flush_rows,
+    from kestrel.feature_store.keys import KeyedHasher
+
+    archiver = Archiver(settings.broker, args.root, KeyedHasher(settings.hash_key.encode()), group_id=args.group,
+                        flush_rows=args.flush_rows,
                         flush_s=args.flush_s, idle_exit_s=args.idle_exit_s,
                         progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(archiver.run()))
