@@ -72,3 +72,30 @@ def test_train_register_gate_promote_and_serve_the_champion(tmp_path):
         load_fraud_scorer(Settings(fraud_model=str(reg_root)))
     history_out = _kestrel("models", "history", "--registry", str(reg_root))
     assert history_out.returncode == 0 and "first model" in history_out.stdout
+
+
+def test_the_unattended_loop_reports_every_run_and_a_failed_run_promotes_nothing(tmp_path):
+    import pandas as pd
+
+    history = tmp_path / "history.csv.gz"
+    proc = _kestrel("produce", "--history-csv", str(history), "--days", "6", "--payments-per-day", "2000",
+                    "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    reg_root, reports = tmp_path / "registry", tmp_path / "runs"
+    loop = ["train", "fraud", "--out", str(tmp_path / "artifacts"), "--registry", str(reg_root), "--promote",
+            "--every", "1s", "--max-runs", "1", "--reports", str(reports), *COLUMNS]
+    first = _json(_kestrel(*loop, "--csv", str(history)))
+    assert first["ok"] and first["promotion"] == "promote"
+    champion = Registry(reg_root, "fraud").aliases()["champion"]
+    report = Path(first["report"]).read_text()
+    assert champion in report and "| average_precision |" in report and "promote" in report
+
+    no_fraud = tmp_path / "no-fraud.csv.gz"
+    frame = pd.read_csv(history)
+    frame["is_fraud"] = 0  # a broken export: nothing to learn from
+    frame.to_csv(no_fraud, index=False)
+    failed = _json(_kestrel(*loop, "--csv", str(no_fraud)))
+    assert not failed["ok"] and failed["promotion"] is None
+    assert Registry(reg_root, "fraud").aliases()["champion"] == champion  # production untouched
+    assert "Failed: nothing was registered or promoted" in Path(failed["report"]).read_text()
+    assert len(list(reports.glob("*.md"))) == 2 and len(Registry(reg_root, "fraud").versions()) == 1

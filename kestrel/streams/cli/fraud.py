@@ -43,13 +43,100 @@ def cmd_train(args: argparse.Namespace) -> int:
     if sum((bool(args.csv), args.from_broker, bool(args.from_archive))) != 1:
         _say("give one of --csv FILE, --from-broker, --from-archive ROOT")
         return 2
+    if args.every:
+        return _train_every(args)
+    return _train_once(args)
+
+
+def _train_every(args: argparse.Namespace) -> int:
+    """The unattended loop: train, register, gate, promote, every ``--every``; a failed run changes nothing.
+
+    Each run writes ``REPORTS/<started>.md`` and ``.json`` (what it trained on, the metrics of candidate and
+    champion on the same window, the gate's checks, what moved), also when it failed.
+    """
+    import time
+    import traceback
+    from datetime import UTC, datetime
+
+    from kestrel.streams.cli.models import registry_root
+
+    if not args.promote:
+        _say("--every runs the whole loop: add --promote (and --registry)")
+        return 2
+    period = _duration_s(args.every)
+    reports = Path(args.reports or Path(registry_root(args)) / "runs")
+    reports.mkdir(parents=True, exist_ok=True)
+    runs = 0
+    while args.max_runs == 0 or runs < args.max_runs:
+        started = time.time()
+        stamp = datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
+        _say(f"[{stamp}] training run {runs + 1}")
+        try:
+            outcome = _train_once(args, quiet=True)
+            doc = {"started": stamp, "ok": outcome is not None and outcome.get("model_version") is not None,
+                   **(outcome or {"error": "no training data"})}
+        except Exception as exc:  # nothing was promoted: a failed run never touches what workers serve
+            doc = {"started": stamp, "ok": False, "error": repr(exc), "traceback": traceback.format_exc()}
+        (reports / f"{stamp}.json").write_text(json.dumps(_finite(doc), indent=1))
+        (reports / f"{stamp}.md").write_text(run_report(doc))
+        print(json.dumps(_finite({"started": stamp, "ok": doc["ok"], "report": str(reports / f"{stamp}.md"),
+                                  "promotion": (doc.get("promotion") or {}).get("action")})), flush=True)
+        runs += 1
+        if args.max_runs and runs >= args.max_runs:
+            break
+        time.sleep(max(0.0, started + period - time.time()))
+    return 0
+
+
+def _duration_s(text: str) -> float:
+    """``6h``, ``30m``, ``90s``, ``1d`` or seconds.
+
+    >>> _duration_s("6h"), _duration_s("30m"), _duration_s("45")
+    (21600.0, 1800.0, 45.0)
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def run_report(doc: dict[str, Any]) -> str:
+    """A training run's report in Markdown: data, candidate against champion, the gate, what moved."""
+    lines = [f"# Fraud training run {doc.get('started')}", ""]
+    if not doc.get("ok"):
+        lines += ["**Failed: nothing was registered or promoted.**", "", "```", str(doc.get("error")), "```"]
+        return "\n".join(lines) + "\n"
+    promotion = doc.get("promotion") or {}
+    lines += [f"- candidate: `{doc['model_version']}` ({doc.get('path')})",
+              f"- trained on: {json.dumps(doc.get('source'))}",
+              f"- gate window: {json.dumps((doc.get('evaluation') or {}).get('window'))}",
+              f"- champion before: `{promotion.get('from')}`; after: `{promotion.get('to')}` "
+              f"(**{promotion.get('action')}**)", ""]
+    champion = (doc.get("evaluation") or {}).get("champion_metrics") or {}
+    lines += ["| metric | candidate | champion |", "| --- | --- | --- |"]
+    for name, value in (doc.get("metrics") or {}).items():
+        lines.append(f"| {name} | {value} | {champion.get(name, '-')} |")
+    lines += ["", "Gate checks:", ""]
+    for check in (promotion.get("gate") or {}).get("checks", []):
+        lines.append(f"- {check['check']}: {'pass' if check['passed'] else 'FAIL'} "
+                     f"({', '.join(f'{k} {v}' for k, v in check.items() if k not in ('check', 'passed'))})")
+    lines += [f"- refused: {r}" for r in promotion.get("reasons", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _train_once(args: argparse.Namespace, quiet: bool = False) -> Any:
+    """One training run; prints its JSON line and returns 0, or (``quiet``) returns the document."""
     data = (_broker_training_set(args) if args.from_broker else _archive_training_set(args) if args.from_archive
             else _csv_training_set(args))
     if data is None:
-        return 2
+        return None if quiet else 2
     rows, labels, epoch_s, ids, cards, source = data
     if args.registry or args.promote:
-        return _train_candidate(args, rows, labels, epoch_s, ids, cards, source)
+        out = _train_candidate(args, rows, labels, epoch_s, ids, cards, source)
+        if quiet:
+            return out
+        print(json.dumps(_finite(out)))
+        return 0
     from kestrel.offline.fraud_train import fit_fraud_model
 
     model = fit_fraud_model(rows, labels, epoch_s, ids, epochs=args.epochs, members=args.members, seed=args.seed,
@@ -61,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: Any, ids: Any, cards: Any,
-                     source: dict[str, Any]) -> int:
+                     source: dict[str, Any]) -> dict[str, Any]:
     """Train with the newest rows held out, register the version, and ask the gate if ``--promote``."""
     from kestrel.models.registry import Registry, promote
     from kestrel.offline.fraud_registry import train_candidate
@@ -82,8 +169,7 @@ def _train_candidate(args: argparse.Namespace, rows: Any, labels: Any, epoch_s: 
                                                           out["promotion"]["seq"])
         _say(f"champion: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
              + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]))
-    print(json.dumps(_finite(out)))
-    return 0
+    return out
 
 
 def _broker_training_set(args: argparse.Namespace) -> Any:
@@ -190,6 +276,11 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--gate-share", type=float, default=0.15, help="with --registry: the held-out newest share")
     p.add_argument("--promote", action="store_true", help="register, then move champion if the gate passes")
     p.add_argument("--why", default=None, help="with --promote: the reason, for the audit log")
+    p.add_argument("--every", default=None, metavar="PERIOD",
+                   help="run unattended: train, register, gate and promote every PERIOD (6h, 30m, ...); a failed "
+                        "run promotes nothing; a report per run under --reports")
+    p.add_argument("--reports", default=None, help="with --every: report folder (default REGISTRY/runs)")
+    p.add_argument("--max-runs", type=int, default=0, help="with --every: stop after this many runs (0: never)")
     p.set_defaults(func=cmd_train)
 
     p = evaluate.add_parser("fraud", help="train on one window, replay the next with delayed labels, "
