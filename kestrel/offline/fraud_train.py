@@ -224,13 +224,10 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     return model
 
 
-def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments_per_day: float = 3000.0,
-                               seed: int = 1, epochs: int = 8, n_cards: int = 1000,
-                               progress: Progress | None = None) -> FraudModel:
-    """Simulate a labelled payment history (default fraud mix) and train on it; saved under ``out_root``.
-
-    What the demo does on its first run, and what tests use: a real model in seconds, no data download.
-    """
+def simulated_training_rows(days: float, payments_per_day: float, seed: int,
+                            n_cards: int = 1000) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray, list[str],
+                                                          np.ndarray]:
+    """A simulated labelled history (default fraud mix) as training rows: (rows, labels, epoch_s, ids, cards)."""
     import tempfile
 
     from kestrel.offline.fraud_dataset import SIMULATED_COLUMNS, feature_rows, payments_of, read_history
@@ -241,9 +238,19 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
         write_history(str(csv), days, payments_per_day, seed=seed, n_cards=n_cards)
         frame = read_history(csv, SIMULATED_COLUMNS)
     rows = feature_rows(payments_of(frame), frame["label"].to_numpy(dtype=float))
-    model = fit_fraud_model(rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(),
-                            frame["event_id"].tolist(), epochs=epochs, members=3, seed=0,
-                            groups=frame["card_id"].to_numpy(), progress=progress)
+    return (rows, frame["label"].to_numpy(dtype=int), frame["epoch_s"].to_numpy(), frame["event_id"].tolist(),
+            frame["card_id"].to_numpy())
+
+
+def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments_per_day: float = 3000.0,
+                               seed: int = 1, epochs: int = 8, n_cards: int = 1000,
+                               progress: Progress | None = None) -> FraudModel:
+    """Simulate a labelled payment history (default fraud mix) and train on it; saved under ``out_root``.
+
+    What the demo does on its first run, and what tests use: a real model in seconds, no data download.
+    """
+    rows, y, epoch_s, ids, cards = simulated_training_rows(days, payments_per_day, seed, n_cards)
+    model = fit_fraud_model(rows, y, epoch_s, ids, epochs=epochs, members=3, seed=0, groups=cards, progress=progress)
     model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "n_cards": n_cards,
                               "seed": seed}
     model.save(Path(out_root) / model.version)

@@ -61,6 +61,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recs-model", default="auto", metavar="auto|trending|PATH",
                    help="auto: KESTREL_RECS_MODEL, else artifacts/recs-demo (a two-tower trained on simulated "
                         "interactions on the first run, ~15 s); trending: no model; PATH: an artifact (root)")
+    p.add_argument("--promote-midway", action="store_true",
+                   help="serve the fraud model from a registry, train a second version halfway through the stream, "
+                        "promote it through the gate (or report why the gate refused) and hot-swap the worker")
     p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
 
 
@@ -75,6 +78,7 @@ class Collector:
     latencies_ms: list[float] = field(default_factory=list)
     actions: Counter = field(default_factory=Counter)
     fraud_actions: dict[str, str] = field(default_factory=dict)
+    versions: Counter = field(default_factory=Counter)  # fraud decisions by the model version that made them
     dl_reasons: Counter = field(default_factory=Counter)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,6 +109,8 @@ class Collector:
             if kind == "fraud":
                 self.actions[doc.get("action")] += 1
                 self.fraud_actions[event_id] = doc.get("action")
+                if self.seen[kind][event_id] == 1:
+                    self.versions[doc.get("model_version")] += 1
             elif kind == "deadletter":
                 self.dl_reasons[doc.get("reason")] += 1
 
@@ -285,6 +291,12 @@ def run_demo(args: argparse.Namespace) -> int:
         session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
     settings = settings.with_(fraud_model=demo_fraud_model(args.fraud_model, args.seed, say))
     say(f"fraud scorer: {settings.fraud_model or 'rules baseline'}")
+    promotion = None
+    if args.promote_midway:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"kestrel-demo-{run_id}-"))
+        settings = settings.with_(fraud_model=str(demo_registry(settings.fraud_model, run_dir / "registry")))
+        promotion = MidwayPromotion(run_dir / "registry", settings.broker, args.seed, say)
+        say(f"model registry for this run: {run_dir / 'registry'} (champion: the demo's model)")
     settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
     say(f"recommender: {settings.recs_model or 'trending items only'}")
     log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
@@ -297,7 +309,7 @@ def run_demo(args: argparse.Namespace) -> int:
         web = f"http://{settings.web_host}:{settings.web_port}"
         _wait_ready(web, worker, timeout_s=60)
         say(f"worker: pid {worker.pid}, {web} (log {log_path})")
-        summary = _stream(args, settings, web, worker)
+        summary = _stream(args, settings, web, worker, promotion)
     finally:
         if worker is not None:
             stop_worker(worker)
@@ -314,7 +326,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if summary.get("lost", 1) == 0 and summary.get("duplicates", 1) == 0 else 1
 
 
-def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subprocess.Popen) -> dict[str, Any]:
+def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subprocess.Popen,
+            promotion: MidwayPromotion | None = None) -> dict[str, Any]:
     sim = Simulator(SimConfig(seed=args.seed, invalid_share=args.invalid_share, label_delay_s=args.label_delay,
                               max_event_bytes=settings.max_event_bytes))
     sent_at: dict[str, float] = {}
@@ -339,9 +352,26 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
     # Generate up front, so the send loop measures the pipeline and not the simulator.
     planned = args.events or int(max(args.rate, 1000) * args.duration)
     print(f"simulating {planned:,} events ...", file=sys.stderr)
-    stream = list(itertools.islice(sim.records(), planned))
+    # with a promotion, up to four times as many: the stream goes on until the new version has decided a share
+    stream = list(itertools.islice(sim.records(), planned * (4 if promotion else 1)))
     started = time.monotonic()
-    for rec in paced(iter(stream), args.rate, args.events, args.duration):
+    extra_after: int | None = None  # with a promotion: stop this many events after it settled
+
+    def more() -> bool:
+        nonlocal extra_after
+        if promotion is None or sent < planned:
+            return sent < planned
+        if not promotion.done.is_set():
+            return True
+        if extra_after is None:
+            extra_after = sent + planned // 4
+        return sent < extra_after
+
+    for rec in paced(iter(stream), args.rate, 0, args.duration):
+        if not more():
+            break
+        if promotion is not None and promotion.thread is None and sent >= planned // 2:
+            promotion.start()
         sent_at[rec.event_id] = time.monotonic()
         send(producer, rec)
         sent += 1
@@ -365,6 +395,7 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
     collector.stop.set()
     thread.join()
     asker.close()
+    swaps = _worker_swaps(web) if promotion is not None else None
     progress.show(line("done"), force=True)
     progress.done()
     seen = collector.all_ids()
@@ -392,6 +423,8 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         "actions": dict(collector.actions),
         **_fraud_summary(stream, collector),
         "deadletter_reasons": dict(collector.dl_reasons),
+        **({"swaps": swaps, "decisions_by_version": dict(collector.versions), "promotion": promotion.result}
+           if promotion is not None else {}),
     }
 
 
@@ -456,6 +489,91 @@ def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
         subprocess.run([sys.executable, "-m", "kestrel", "train", "recs", "--simulate", "100000",
                         "--seed", str(seed), "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
     return str(root)
+
+
+class MidwayPromotion:
+    """``--promote-midway``: a second fraud version trained while the stream runs, put through the gate.
+
+    The demo's worker serves a registry (made for the run) whose ``champion``
+    is the demo's model. Halfway through the stream a thread trains a
+    candidate on another simulated history of the demo's traffic, registers
+    it with its held-out window (the champion measured on the same one),
+    asks the gate, and announces the move if it passed; the worker hot-swaps.
+    The result says what the gate decided and why.
+    """
+
+    def __init__(self, registry_root: Path, broker: str, seed: int, say: Callable[[str], None]) -> None:
+        self.registry_root, self.broker, self.seed, self.say = registry_root, broker, seed, say
+        self.result: dict[str, Any] = {}
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="promote-midway", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import multiprocessing
+
+        started = time.monotonic()
+        try:  # in another process: training would hold this one's GIL and delay the sender and the collector
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                self.result = pool.apply(train_and_promote, (str(self.registry_root), self.broker, self.seed))
+            self.say(f"midway promotion: {self.result['candidate']} {self.result['gate']}"
+                     + "".join(f" ({r})" for r in self.result["reasons"]))
+        except Exception as exc:  # the demo goes on with its champion
+            self.result = {"error": repr(exc)}
+            self.say(f"midway promotion failed: {exc!r}")
+        finally:
+            self.result["seconds"] = round(time.monotonic() - started, 1)
+            self.done.set()
+
+
+def train_and_promote(registry_root: str, broker: str, seed: int) -> dict[str, Any]:
+    """Train a candidate on 12 simulated hours of the demo's traffic, register it, ask the gate, announce."""
+    from kestrel.models.registry import Registry, promote
+    from kestrel.offline.fraud_registry import train_candidate
+    from kestrel.offline.fraud_train import simulated_training_rows
+    from kestrel.streams.worker.model_updates import announce
+
+    registry = Registry(registry_root, "fraud")
+    per_day = SimConfig().events_per_sim_second * SimConfig().transaction_share * 86400
+    rows, y, epoch_s, ids, cards = simulated_training_rows(0.5, per_day, seed=seed + 2000, n_cards=SimConfig().n_cards)
+    _, record = train_candidate(rows, y, epoch_s, ids, registry, Path(registry_root).parent / "artifacts",
+                                epochs=8, members=3, groups=cards)
+    outcome = promote(registry, record.version, why="kestrel demo --promote-midway")
+    if outcome["moved"]:
+        announce(broker, "fraud", "champion", record.version, registry_root, outcome["seq"])
+    return {"candidate": record.version, "gate": outcome["action"], "reasons": outcome["reasons"],
+            "candidate_ap": record.metrics.get("average_precision"),
+            "champion_ap": (record.evaluation.get("champion_metrics") or {}).get("average_precision")}
+
+
+def demo_registry(fraud_model: str, root: Path) -> Path:
+    """A registry for one run whose ``champion`` is the demo's fraud model."""
+    from kestrel.models.fraud_model import latest_artifact
+    from kestrel.models.registry import ModelRecord, Registry
+
+    artifact = latest_artifact(fraud_model)
+    if artifact is None:
+        raise FileNotFoundError(f"--promote-midway needs a trained fraud model; none at {fraud_model}")
+    version = json.loads((artifact / "meta.json").read_text())["version"]
+    registry = Registry(root, "fraud")
+    registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
+    registry.move("champion", version, action="force", why="the demo's starting model")
+    return root
+
+
+def _worker_swaps(web: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{web}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return -1
+    for line in text.splitlines():
+        if line.startswith('kestrel_model_swaps_total{result="swapped"}'):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
