@@ -39,6 +39,26 @@ def test_demo_reconciles_every_event(redis_url):
     assert "embedded tansu" in proc.stderr and "redis:" in proc.stderr
 
 
+def test_demo_promotes_a_second_version_midway_through_the_gate(redis_url):
+    env = {k: v for k, v in os.environ.items() if k != "KESTREL_BROKER"}
+    env["REDIS_URL"] = redis_url
+    proc = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--events", "3000", "--rate", "800",
+                           "--recs-every", "0", "--promote-midway", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["lost"] == 0 and summary["duplicates"] == 0
+    assert summary["events_sent"] == 3000 + 750  # the stream's last quarter waits for the gate's decision
+    promotion, versions = summary["promotion"], summary["decisions_by_version"]
+    assert promotion["gate"] in ("promote", "refused"), promotion
+    assert sum(versions.values()) == summary["fraud_decisions"]
+    if promotion["gate"] == "promote":  # swapped: the later payments were decided by the new version
+        assert summary["swaps"] == 1 and versions.get(promotion["candidate"], 0) > 0 and len(versions) == 2
+        assert promotion["candidate_ap"] > promotion["champion_ap"]
+    else:  # refused: the reasons say why, and nothing moved
+        assert summary["swaps"] == 0 and len(versions) == 1 and promotion["reasons"]
+
+
 def test_csv_replay_in_time_order_with_column_mapping(settings, worker, outputs, tmp_path):
     rows = [
         ("TX_ID", "CUSTOMER", "TERMINAL", "TX_AMOUNT", "TX_DATETIME"),

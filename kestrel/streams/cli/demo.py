@@ -352,39 +352,39 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
     # Generate up front, so the send loop measures the pipeline and not the simulator.
     planned = args.events or int(max(args.rate, 1000) * args.duration)
     print(f"simulating {planned:,} events ...", file=sys.stderr)
-    # with a promotion, up to four times as many: the stream goes on until the new version has decided a share
-    stream = list(itertools.islice(sim.records(), planned * (4 if promotion else 1)))
+    # With a promotion, a quarter more: sent once the candidate's training and the gate are done (the stream
+    # pauses for them if it gets there first), so that a promoted version decides a share of the run.
+    tail = planned // 4 if promotion else 0
+    stream = list(itertools.islice(sim.records(), planned + tail))
     started = time.monotonic()
-    extra_after: int | None = None  # with a promotion: stop this many events after it settled
+    paused = 0.0
 
-    def more() -> bool:
-        nonlocal extra_after
-        if promotion is None or sent < planned:
-            return sent < planned
-        if not promotion.done.is_set():
-            return True
-        if extra_after is None:
-            extra_after = sent + planned // 4
-        return sent < extra_after
+    def send_paced(records: list[SimRecord]) -> None:
+        nonlocal sent, invalid, last_user
+        for rec in paced(iter(records), args.rate, 0, args.duration):
+            if promotion is not None and promotion.thread is None and sent >= planned // 2:
+                promotion.start()
+            sent_at[rec.event_id] = time.monotonic()
+            send(producer, rec)
+            sent += 1
+            invalid += not rec.valid
+            if rec.kind == "interaction" and rec.event is not None:
+                last_user = rec.event.user_id
+            if args.recs_every and sent % args.recs_every == 0 and last_user:
+                asker.ask(last_user)
+            progress.show(lambda: line("streaming"))
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker died with code {worker.returncode}")
 
-    for rec in paced(iter(stream), args.rate, 0, args.duration):
-        if not more():
-            break
-        if promotion is not None and promotion.thread is None and sent >= planned // 2:
-            promotion.start()
-        sent_at[rec.event_id] = time.monotonic()
-        send(producer, rec)
-        sent += 1
-        invalid += not rec.valid
-        if rec.kind == "interaction" and rec.event is not None:
-            last_user = rec.event.user_id
-        if args.recs_every and sent % args.recs_every == 0 and last_user:
-            asker.ask(last_user)
-        progress.show(lambda: line("streaming"))
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker died with code {worker.returncode}")
+    send_paced(stream[:planned])
+    if promotion is not None:
+        wait_from = time.monotonic()
+        while not promotion.done.wait(0.2):  # nothing in flight meanwhile: latencies are not affected
+            progress.show(lambda: line("paused until the candidate is trained and gated"))
+        paused = time.monotonic() - wait_from
+        send_paced(stream[planned:])  # paced afresh: no burst to catch up
     producer.flush()
-    send_elapsed = time.monotonic() - started
+    send_elapsed = time.monotonic() - started - paused
     deadline = time.monotonic() + args.drain_timeout
     while time.monotonic() < deadline:
         if set(sent_at) <= set(collector.all_ids()):
@@ -529,18 +529,28 @@ class MidwayPromotion:
             self.done.set()
 
 
-def train_and_promote(registry_root: str, broker: str, seed: int) -> dict[str, Any]:
-    """Train a candidate on 12 simulated hours of the demo's traffic, register it, ask the gate, announce."""
+def train_and_promote(registry_root: str, broker: str, seed: int, days: float = 0.75, epochs: int = 4,
+                      members: int = 2) -> dict[str, Any]:
+    """Train a candidate on ``days`` of simulated demo traffic, register it, ask the gate, announce if it passed.
+
+    Smaller than the first run's model (fewer epochs and members) so that it is ready while the stream still
+    runs on two shared cores, trained on more hours than the champion's twelve.
+    """
+    import torch
+
     from kestrel.models.registry import Registry, promote
     from kestrel.offline.fraud_registry import train_candidate
     from kestrel.offline.fraud_train import simulated_training_rows
     from kestrel.streams.worker.model_updates import announce
 
+    torch.set_num_threads(1)  # the stream's worker, broker and Redis share the cores: they go first
+    os.nice(10)
     registry = Registry(registry_root, "fraud")
     per_day = SimConfig().events_per_sim_second * SimConfig().transaction_share * 86400
-    rows, y, epoch_s, ids, cards = simulated_training_rows(0.5, per_day, seed=seed + 2000, n_cards=SimConfig().n_cards)
+    rows, y, epoch_s, ids, cards = simulated_training_rows(days, per_day, seed=seed + 2000,
+                                                           n_cards=SimConfig().n_cards)
     _, record = train_candidate(rows, y, epoch_s, ids, registry, Path(registry_root).parent / "artifacts",
-                                epochs=8, members=3, groups=cards)
+                                epochs=epochs, members=members, groups=cards)
     outcome = promote(registry, record.version, why="kestrel demo --promote-midway")
     if outcome["moved"]:
         announce(broker, "fraud", "champion", record.version, registry_root, outcome["seq"])
