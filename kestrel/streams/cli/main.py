@@ -194,6 +194,18 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiments_bucket(args: argparse.Namespace) -> int:
+    """The unit's bucket in [0, 1) for an experiment seed (GrowthBook's hash), for scripts."""
+    from kestrel.models.assignment import bucket
+
+    value = bucket(args.seed, args.id, args.hash_version)
+    if value is None:
+        print(f"unknown hash version {args.hash_version}", file=sys.stderr)
+        return 2
+    print(value)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kestrel.streams.cli.demo import run_demo
 
@@ -265,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="send simulated events or replay a CSV to the broker")
     add_produce_args(p)
     p.set_defaults(func=cmd_produce)
+
+    experiments = sub.add_parser("experiments", help="A/B experiments (GrowthBook-compatible assignment)") \
+        .add_subparsers(dest="what", required=True)
+    p = experiments.add_parser("bucket", help="print a unit's bucket in [0, 1) for an experiment seed")
+    p.add_argument("--seed", required=True)
+    p.add_argument("--id", required=True, help="the unit's hash attribute value (user, card, customer)")
+    p.add_argument("--hash-version", type=int, default=2)
+    p.set_defaults(func=cmd_experiments_bucket)
 
     p = sub.add_parser("archive", help="write every topic to Parquet (by topic and event date), committing "
                                        "offsets only after the files are durable; --show: what it holds")
