@@ -206,6 +206,20 @@ def cmd_experiments_bucket(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiments_simulate(args: argparse.Namespace) -> int:
+    """Seeded A/A, A/B and broken-split experiments through the statistics, peeking after every look."""
+    from kestrel.models.experiment_stats import simulate
+
+    result = simulate(runs=args.runs, units=args.units, look_every=args.look_every, base_rate=args.base_rate,
+                      effect=args.effect, alpha=args.alpha, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>36}  {value}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kestrel.streams.cli.demo import run_demo
 
@@ -285,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, help="the unit's hash attribute value (user, card, customer)")
     p.add_argument("--hash-version", type=int, default=2)
     p.set_defaults(func=cmd_experiments_bucket)
+    p = experiments.add_parser("simulate", help="A/A false positives under peeking (always-valid vs a naive "
+                                                "z-test), A/B power, SRM detection; one JSON line with --json")
+    p.add_argument("--runs", type=int, default=1000)
+    p.add_argument("--units", type=int, default=20_000)
+    p.add_argument("--look-every", type=int, default=1000)
+    p.add_argument("--base-rate", type=float, default=0.10)
+    p.add_argument("--effect", type=float, default=0.02, help="B's absolute lift in the A/B runs")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experiments_simulate)
 
     p = sub.add_parser("archive", help="write every topic to Parquet (by topic and event date), committing "
                                        "offsets only after the files are durable; --show: what it holds")
