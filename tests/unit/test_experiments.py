@@ -1,0 +1,72 @@
+"""The router's decision for one unit: a table of cases, and definitions that are refused."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from kestrel.models.assignment import assign
+from kestrel.models.experiments import Experiment, Variant, in_holdout, route
+
+
+def _exp(**change) -> Experiment:
+    doc = {"key": "fraud-threshold", "target": "fraud", "hash_attribute": "card", "seed": "fraud-threshold",
+           "variants": [{"key": "control", "params": {"review_threshold": 0.5}},
+                        {"key": "lower", "params": {"review_threshold": 0.4}}],
+           "status": "running", "primary_metric": "alert_precision", **change}
+    return Experiment.model_validate(doc)
+
+
+@pytest.mark.parametrize(("change", "attributes", "reason"), [
+    ({}, {"card": "tok-1"}, "assigned"),
+    ({"status": "draft"}, {"card": "tok-1"}, "not running"),
+    ({"status": "stopped"}, {"card": "tok-1"}, "not running"),
+    ({}, {"user": "u-1"}, "no hash attribute"),
+    ({}, {"card": ""}, "no hash attribute"),
+    ({"filters": [{"attribute": "region", "values": ["north"]}]}, {"card": "tok-1", "region": "south"}, "filtered"),
+    ({"filters": [{"attribute": "region", "values": ["north"]}]}, {"card": "tok-1", "region": "north"}, "assigned"),
+    ({"coverage": 0.0}, {"card": "tok-1"}, "coverage"),
+    ({"holdout": 0.999}, {"card": "tok-1"}, "holdout"),
+])
+def test_route(change, attributes, reason):
+    routed = route(_exp(**change), attributes)
+    assert routed.reason == reason
+    assert (routed.variant is not None) is (reason == "assigned")
+
+
+def test_the_router_gives_growthbooks_variant_and_respects_namespaces():
+    exp = _exp(variants=[{"key": "a", "weight": 0.2}, {"key": "b", "weight": 0.8}])
+    for i in range(200):
+        unit = f"tok-{i}"
+        assert route(exp, {"card": unit}).index == assign("fraud-threshold", unit, (0.2, 0.8))
+    units = [f"tok-{i}" for i in range(4000)]
+    left = _exp(namespace=("fraud", 0.0, 0.5))
+    right = _exp(key="other", seed="other", namespace=("fraud", 0.5, 1.0))
+    both = [u for u in units if route(left, {"card": u}).variant and route(right, {"card": u}).variant]
+    assert not both
+    assert {route(left, {"card": u}).reason for u in units} == {"assigned", "namespace"}
+
+
+def test_the_holdout_is_the_same_units_for_every_experiment():
+    units = [f"u-{i}" for i in range(10_000)]
+    held = {u for u in units if in_holdout(u, 0.05)}
+    assert abs(len(held) / len(units) - 0.05) < 0.01
+    other = _exp(key="x", seed="x", holdout=0.05)
+    assert {u for u in units if route(other, {"card": u}).reason == "holdout"} == held
+
+
+@pytest.mark.parametrize("change", [
+    {"variants": [{"key": "a"}]},                                        # one variant is not an experiment
+    {"variants": [{"key": "a"}, {"key": "a"}]},                          # keys must be unique
+    {"variants": [{"key": "a", "weight": 0.7}, {"key": "b", "weight": 0.7}]},  # weights must sum to 1
+    {"variants": [{"key": "a", "weight": 1.0}, {"key": "b"}]},           # all or none
+    {"coverage": 1.5}, {"namespace": ("ns", 0.6, 0.4)}, {"target": "ads"}, {"unknown_field": 1},
+])
+def test_definitions_that_are_refused(change):
+    with pytest.raises(pydantic.ValidationError):
+        _exp(**change)
+
+
+def test_variant_keys_are_safe_names():
+    with pytest.raises(pydantic.ValidationError):
+        Variant(key="a b")
