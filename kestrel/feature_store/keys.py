@@ -116,6 +116,10 @@ class KeySpace:
     def alerts(self) -> AlertKeys:
         return AlertKeys(self.prefix)
 
+    @property
+    def experiments(self) -> ExperimentKeys:
+        return ExperimentKeys(self.prefix)
+
     def early_labels(self, transaction_id: str) -> str:
         """Labels that arrived before their transaction was decided (a hash: label id -> label), joined later."""
         return f"{self.prefix}:early-labels:{transaction_id}"
@@ -149,6 +153,25 @@ class AlertKeys:
 
     def applied(self, event_id: str) -> str:
         return f"{self.prefix}:alerts:applied:{event_id}"
+
+
+@dataclass(frozen=True)
+class ExperimentKeys:
+    """Experiment definitions (one hash: key -> JSON), their revision counter and their audit stream."""
+
+    prefix: str
+
+    @property
+    def definitions(self) -> str:
+        return f"{self.prefix}:exp:defs"
+
+    @property
+    def revision(self) -> str:
+        return f"{self.prefix}:exp:rev"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}:exp:audit"
 
 
 def escape_glob(pattern: str) -> str:

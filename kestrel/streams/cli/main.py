@@ -194,32 +194,6 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_experiments_bucket(args: argparse.Namespace) -> int:
-    """The unit's bucket in [0, 1) for an experiment seed (GrowthBook's hash), for scripts."""
-    from kestrel.models.assignment import bucket
-
-    value = bucket(args.seed, args.id, args.hash_version)
-    if value is None:
-        print(f"unknown hash version {args.hash_version}", file=sys.stderr)
-        return 2
-    print(value)
-    return 0
-
-
-def cmd_experiments_simulate(args: argparse.Namespace) -> int:
-    """Seeded A/A, A/B and broken-split experiments through the statistics, peeking after every look."""
-    from kestrel.models.experiment_stats import simulate
-
-    result = simulate(runs=args.runs, units=args.units, look_every=args.look_every, base_rate=args.base_rate,
-                      effect=args.effect, alpha=args.alpha, seed=args.seed)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>36}  {value}")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from kestrel.streams.cli.demo import run_demo
 
@@ -275,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_bench)
 
-    from kestrel.streams.cli import bench_e2e, fraud, models, recs
+    from kestrel.streams.cli import bench_e2e, experiments, fraud, models, recs
 
     models.register(sub)
+    experiments.register(sub)
     fraud.register(train, evaluate, bench)
     recs.register(train, evaluate, bench)
     bench_e2e.register(bench)
@@ -291,25 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="send simulated events or replay a CSV to the broker")
     add_produce_args(p)
     p.set_defaults(func=cmd_produce)
-
-    experiments = sub.add_parser("experiments", help="A/B experiments (GrowthBook-compatible assignment)") \
-        .add_subparsers(dest="what", required=True)
-    p = experiments.add_parser("bucket", help="print a unit's bucket in [0, 1) for an experiment seed")
-    p.add_argument("--seed", required=True)
-    p.add_argument("--id", required=True, help="the unit's hash attribute value (user, card, customer)")
-    p.add_argument("--hash-version", type=int, default=2)
-    p.set_defaults(func=cmd_experiments_bucket)
-    p = experiments.add_parser("simulate", help="A/A false positives under peeking (always-valid vs a naive "
-                                                "z-test), A/B power, SRM detection; one JSON line with --json")
-    p.add_argument("--runs", type=int, default=1000)
-    p.add_argument("--units", type=int, default=20_000)
-    p.add_argument("--look-every", type=int, default=1000)
-    p.add_argument("--base-rate", type=float, default=0.10)
-    p.add_argument("--effect", type=float, default=0.02, help="B's absolute lift in the A/B runs")
-    p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_experiments_simulate)
 
     p = sub.add_parser("archive", help="write every topic to Parquet (by topic and event date), committing "
                                        "offsets only after the files are durable; --show: what it holds")
