@@ -13,6 +13,7 @@ RECOMMENDATION_DECISIONS = "decisions.recommendations"
 TRAINING_EXAMPLES = "training.examples"
 ALERTS = "alerts.fraud"
 OPERATOR_EVENTS = "alerts.operator"  # for operators: drift of the online fraud learner
+EXPOSURES = "experiments.exposures"  # a unit's first exposure to each experiment, once
 RECS_REQUESTS = "recs.requests"  # {"request_id", "user_id", "k", ...} -> an answer on RECS_RESPONSES
 RECS_RESPONSES = "recs.responses"
 RECS_TOPICS = (RECS_REQUESTS, RECS_RESPONSES)
@@ -20,7 +21,8 @@ MODEL_UPDATES = "models.updates"  # registry alias moves, read by every worker (
 CONTROL_TOPICS = (MODEL_UPDATES,)
 
 INPUT_TOPICS = (TRANSACTIONS, INTERACTIONS, LABELS)
-OUTPUT_TOPICS = (DEADLETTER, FRAUD_DECISIONS, RECOMMENDATION_DECISIONS, TRAINING_EXAMPLES, ALERTS, OPERATOR_EVENTS)
+OUTPUT_TOPICS = (DEADLETTER, FRAUD_DECISIONS, RECOMMENDATION_DECISIONS, TRAINING_EXAMPLES, ALERTS, OPERATOR_EVENTS,
+                 EXPOSURES)
 ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + RECS_TOPICS + CONTROL_TOPICS
 
 EVENT_TYPE_TOPIC = {"transaction": TRANSACTIONS, "interaction": INTERACTIONS, "label": LABELS}

@@ -37,6 +37,7 @@ from kestrel.feature_store.sets import (
     TERMINAL_RISK,
     USER_ACTIVITY,
 )
+from kestrel.models.experiments import Experiment, route
 from kestrel.models.fraud_features import model_inputs, payment_features
 from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
 from kestrel.models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
@@ -44,9 +45,10 @@ from kestrel.models.policy import Policy
 from kestrel.models.popularity import PopularityRecommender
 from kestrel.models.registry import Registry, is_registry
 from kestrel.models.rules import RuleScorer
-from kestrel.models.scoring import FraudScore, FraudScorer
+from kestrel.models.scoring import FraudScore, FraudScorer, Thresholds
 from kestrel.streams.alerts.store import AlertDesk
 from kestrel.streams.config import Settings
+from kestrel.streams.experiments.live import LiveExperiments
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.ingest.validation import Rejection, check_time, parse_event
 from kestrel.streams.metrics import Metrics
@@ -150,6 +152,7 @@ class Processor:
         self.learner = SharedLearner(client, self.keys, self.scorer, settings.decision_log_ttl_s) \
             if isinstance(self.scorer, ModelScorer) else None
         self.shadow: ModelScorer | None = None  # scored beside the served model, logged, never acted on
+        self.experiments = LiveExperiments(client, self.keys)
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
@@ -306,8 +309,10 @@ class Processor:
         # the versions this batch is decided (and shadowed) by, even if one is swapped meanwhile
         scorer, shared, shadow = self.scorer, self.learner, self.shadow
         learner = await shared.current() if shared is not None else None
+        experiments = await self.experiments.running("fraud")
 
-        async def decide(applied: list[tuple[bool, list[Snapshot]]]) -> tuple[list[Output], list[dict[str, Any]]]:
+        async def decide(applied: list[tuple[bool, list[Snapshot]]]
+                         ) -> tuple[list[Output], list[dict[str, Any]], list[Output]]:
             """The batch's decisions from its feature vectors (no side effects: run again if the commit is
             refused), computed while Redis stores the feature commit."""
             feats = []
@@ -321,20 +326,27 @@ class Processor:
             now = time.time()
             outputs, docs = [], []
             decided_at = iso_of(now)  # one time for the batch
+            exposures: list[Output] = []
             for e, f, s in zip(events, feats, scores, strict=True):
                 card = self.token("card", e.card_id)
+                enrolled: list[dict[str, Any]] = []
+                if experiments:
+                    s, enrolled = self._route_payment(experiments, e, card, s, scorer, exposures, decided_at)
                 doc = self._decision_doc(e, f, s, scorer.version, started, now, card=card,
                                          decided_at=decided_at)
+                if enrolled:
+                    doc["experiments"] = enrolled
                 if shadowed is not None:
                     other = shadowed[len(docs)]
                     doc["shadow"] = {"model_version": shadow.version, "score": other.score, "action": other.action}
                 docs.append(doc)
                 outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
                                       self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
-            return outputs, docs
+            return outputs, docs, exposures
 
         try:
-            _, (outputs, docs) = await self.store.apply_units_then([self._payment_unit(e) for e in events], decide)
+            _, (outputs, docs, exposures) = await self.store.apply_units_then([self._payment_unit(e) for e in events],
+                                                                             decide)
         finally:  # where the feature path failed first: the read stops, and its own error is not left unread
             risks.cancel()
             if risks.done() and not risks.cancelled():
@@ -343,8 +355,42 @@ class Processor:
         for (rec, _), out in zip(valid, outputs, strict=True):
             writes.append((out.log_key, out.value))  # the decision log labels join to, and this output's outbox
             self._observe("fraud", rec, started, now)
+        outputs += exposures  # after the decisions (whose order the loop above follows)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(docs)
+
+    def _route_payment(self, experiments: Sequence[Experiment], e: Transaction, card: str, s: FraudScore,
+                       scorer: FraudScorer, exposures: list[Output],
+                       at: str) -> tuple[FraudScore, list[dict[str, Any]]]:
+        """The payment's variants: their parameters applied to its action, its exposures proposed.
+
+        An exposure's mark is per (experiment, unit), so the delivery ledger
+        sends each unit's first exposure once, across batches, redelivery and
+        restarts (as long as marks are kept: ``KESTREL_DEDUP_TTL_S``).
+        """
+        attributes = {"card": card, "merchant_id": e.merchant_id, "currency": e.currency,
+                      "card_present": e.card_present, "terminal_id": e.terminal_id}
+        enrolled = []
+        for exp in experiments:
+            routed = route(exp, attributes)
+            if routed.variant is None:
+                continue
+            variant = exp.variants[routed.index]
+            review, block = variant.params.get("review_threshold"), variant.params.get("block_threshold")
+            if review is not None or block is not None:
+                base = scorer.thresholds
+                review_t = float(review) if review is not None else base.review
+                thresholds = Thresholds(review=review_t, block=max(float(block) if block is not None else base.block,
+                                                                    review_t))
+                s = FraudScore(s.score, thresholds.action(s.score), s.reasons)
+            enrolled.append({"experiment": exp.key, "variant": variant.key, "model_version": scorer.version})
+            ident = f"{exp.key}:{card}"
+            exposure = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key,
+                        "variant": variant.key, "hash_attribute": exp.hash_attribute, "unit": card,
+                        "first_event_id": e.event_id, "model_version": scorer.version, "at": at}
+            exposures.append(Output(topics.EXPOSURES, card.encode(), orjson.dumps(exposure),
+                                    self.keys.published("exposure", ident)))
+        return s, enrolled
 
     def _payment_unit(self, e: Transaction) -> EventUnit:
         """A payment's one idempotency unit: the sets it feeds (terminal risk, which labels feed, is read apart)."""

@@ -1,0 +1,79 @@
+"""A fraud experiment through the real worker: variants in decisions and acted on, each card's first exposure
+published exactly once across a SIGKILL and a restart, a stop reaching the worker."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kestrel.feature_store import topics
+from kestrel.feature_store.keys import KeySpace
+from kestrel.feature_store.schemas import Transaction
+from kestrel.models.experiments import Experiment
+from kestrel.streams.experiments.store import ExperimentStore
+from kestrel.streams.ingest.producer import EventProducer
+
+pytestmark = pytest.mark.integration
+
+
+def _payments(cards: int, per_card: int, tag: str) -> list[Transaction]:
+    start = datetime.now(UTC) - timedelta(hours=2)
+    return [Transaction(event_id=f"{tag}-{c}-{i}", timestamp=start + timedelta(seconds=60 * i + c % 50),
+                        card_id=f"4000{c:012d}", merchant_id=f"m{c % 17}", terminal_id=f"t{c % 23}",
+                        amount=20.0 + (c * 7 + i) % 90, currency="EUR")
+            for i in range(per_card) for c in range(cards)]
+
+
+def test_variants_exposures_once_across_a_crash_and_a_stop(settings, worker, outputs, redis_client):
+    store = ExperimentStore(redis_client, KeySpace(settings.redis_prefix))
+    store.create(Experiment.model_validate({
+        "key": "review-all", "target": "fraud", "hash_attribute": "card", "seed": "review-all-1",
+        "variants": [{"key": "control"}, {"key": "strict", "params": {"review_threshold": 0.0}}],
+        "primary_metric": "alert_precision"}), "test")
+    store.start("review-all", "test")
+    worker.start()
+    producer = EventProducer(settings.broker, settings.hash_key)
+    first, second = _payments(300, 2, "a"), _payments(300, 2, "b")
+    for t in first:
+        producer.send(t)
+    assert producer.flush() == 0
+    deadline = time.monotonic() + 60
+    while len(outputs.docs[topics.FRAUD_DECISIONS]) < 150 and time.monotonic() < deadline:
+        outputs.poll(0.1)
+    worker.kill()  # SIGKILL mid-stream: exposures and decisions of unacked batches are sent again
+    for t in second:
+        producer.send(t)
+    assert producer.flush() == 0
+    worker.start()
+    ids = {t.event_id for t in first + second}
+    outputs.wait_for(topics.FRAUD_DECISIONS, ids, timeout_s=120)
+    outputs.poll(1.5)
+
+    decisions = {d["event_id"]: d for d in outputs.docs[topics.FRAUD_DECISIONS]}
+    assert ids <= set(decisions)
+    variant_of: dict[str, set[str]] = {}
+    for d in decisions.values():
+        (enrolled,) = d["experiments"]  # coverage 1: every payment is in the experiment
+        variant_of.setdefault(d["card"], set()).add(enrolled["variant"])
+        if enrolled["variant"] == "strict":
+            assert d["action"] != "allow"  # the variant's threshold is what decided
+    assert all(len(v) == 1 for v in variant_of.values())  # sticky per card, across the restart
+    share = sum(v == {"strict"} for v in variant_of.values()) / len(variant_of)
+    assert 0.35 < share < 0.65
+    exposures = Counter(d["event_id"] for d in outputs.docs[topics.EXPOSURES])
+    assert set(exposures.values()) == {1}  # exactly once, although batches were redelivered
+    assert {d["unit"] for d in outputs.docs[topics.EXPOSURES]} == set(variant_of)
+    assert all(d["variant"] in variant_of[d["unit"]] for d in outputs.docs[topics.EXPOSURES])
+
+    store.stop("review-all", "test", "guardrail")  # every card back to the default behaviour
+    time.sleep(1.5)  # the worker checks the revision every second
+    later = _payments(50, 1, "c")
+    for t in later:
+        producer.send(t)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.FRAUD_DECISIONS, {t.event_id for t in later}, timeout_s=60)
+    after = [d for d in outputs.docs[topics.FRAUD_DECISIONS] if d["event_id"].startswith("c-")]
+    assert after and not any("experiments" in d for d in after)
