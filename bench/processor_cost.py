@@ -7,7 +7,8 @@ Feeds simulated events in batches of 500 straight into ``Processor.process``
 delivered, as a worker does between taking a batch and producing it. Worker
 CPU is this process's (``time.process_time``, after ``settle_heap`` as the
 worker does); Redis CPU is the server's ``used_cpu_*`` delta, so run it on a
-quiet server. ``--commands`` lists the Redis commands per event.
+quiet server. ``--commands`` lists the Redis commands per event; ``--experiment`` runs
+a fraud experiment on every card (its cost is the difference to a run without).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import redis.asyncio as aioredis
 
 from kestrel.feature_store import topics
 from kestrel.feature_store.erase import delete_matching
+from kestrel.feature_store.keys import KeySpace
+from kestrel.models.experiments import Experiment
 from kestrel.offline.simulator import SimConfig, Simulator
 from kestrel.streams.config import Settings
+from kestrel.streams.experiments.store import ExperimentStore
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import RawRecord
 from kestrel.streams.worker.heap import settle_heap
@@ -38,10 +42,16 @@ def _redis_cpu(client: redis.Redis) -> float:
     return info["used_cpu_sys"] + info["used_cpu_user"]
 
 
-async def run(kind: str, n: int, commands: bool) -> dict[str, object]:
+async def run(kind: str, n: int, commands: bool, experiment: bool = False) -> dict[str, object]:
     settings = Settings.from_env().with_(redis_prefix=f"bench-proc-{secrets.token_hex(4)}")
     client = aioredis.Redis.from_url(settings.redis_url)
     sync = redis.Redis.from_url(settings.redis_url)
+    if experiment:  # a running fraud experiment on every card: routing, variant thresholds, exposures
+        store = ExperimentStore(sync, KeySpace(settings.redis_prefix))
+        store.create(Experiment.model_validate({
+            "key": "bench", "target": "fraud", "hash_attribute": "card", "seed": "bench",
+            "variants": [{"key": "control"}, {"key": "lower", "params": {"review_threshold": 0.4}}],
+            "primary_metric": "alert_precision", "status": "running"}), "bench")
     proc = Processor(settings, client, Metrics())
     topic = {"transaction": topics.TRANSACTIONS, "interaction": topics.INTERACTIONS}[kind]
     sims = itertools.islice((r for r in Simulator(SimConfig(invalid_share=0.0)).records() if r.kind == kind), n)
@@ -73,9 +83,10 @@ def main() -> int:
     parser.add_argument("--kind", choices=["transaction", "interaction"], default="transaction")
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--commands", action="store_true", help="Redis commands per event, by command")
+    parser.add_argument("--experiment", action="store_true", help="with a running fraud experiment on every card")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(run(args.kind, args.events, args.commands))
+    result = asyncio.run(run(args.kind, args.events, args.commands, args.experiment))
     print(json.dumps(result) if args.json else "\n".join(f"{k:>28}  {v}" for k, v in result.items()))
     return 0
 
