@@ -173,6 +173,14 @@ class ExperimentKeys:
     def audit(self) -> str:
         return f"{self.prefix}:exp:audit"
 
+    def units(self, experiment: str, variant: str) -> str:
+        """The units (tokens) exposed to one variant: a set, so a replay adds nothing."""
+        return f"{self.prefix}:exp:units:{experiment}:{variant}"
+
+    def outcomes(self, experiment: str) -> str:
+        """Labelled outcomes of enrolled payments: a hash, label id -> [variant, is_fraud, action], set once."""
+        return f"{self.prefix}:exp:outcomes:{experiment}"
+
 
 def escape_glob(pattern: str) -> str:
     """Escape glob characters so a key prefix matches literally in a SCAN pattern.

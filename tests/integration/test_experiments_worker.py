@@ -11,8 +11,9 @@ import pytest
 
 from kestrel.feature_store import topics
 from kestrel.feature_store.keys import KeySpace
-from kestrel.feature_store.schemas import Transaction
+from kestrel.feature_store.schemas import Label, Transaction
 from kestrel.models.experiments import Experiment
+from kestrel.streams.experiments.results import experiment_results
 from kestrel.streams.experiments.store import ExperimentStore
 from kestrel.streams.ingest.producer import EventProducer
 
@@ -32,7 +33,7 @@ def test_variants_exposures_once_across_a_crash_and_a_stop(settings, worker, out
     store.create(Experiment.model_validate({
         "key": "review-all", "target": "fraud", "hash_attribute": "card", "seed": "review-all-1",
         "variants": [{"key": "control"}, {"key": "strict", "params": {"review_threshold": 0.0}}],
-        "primary_metric": "alert_precision"}), "test")
+        "primary_metric": "recall"}), "test")
     store.start("review-all", "test")
     worker.start()
     producer = EventProducer(settings.broker, settings.hash_key)
@@ -67,6 +68,24 @@ def test_variants_exposures_once_across_a_crash_and_a_stop(settings, worker, out
     assert set(exposures.values()) == {1}  # exactly once, although batches were redelivered
     assert {d["unit"] for d in outputs.docs[topics.EXPOSURES]} == set(variant_of)
     assert all(d["variant"] in variant_of[d["unit"]] for d in outputs.docs[topics.EXPOSURES])
+
+    # labels come back for every payment of the first half: outcomes per variant, counted once
+    labels = [Label(event_id=f"lab-{t.event_id}", transaction_id=t.event_id, card_id=t.card_id,
+                    verdict="fraud" if int(t.event_id.split("-")[1]) % 10 == 0 else "genuine", source="chargeback",
+                    timestamp=datetime.now(UTC)) for t in first]
+    for lab in labels + labels[:50]:  # fifty delivered twice
+        producer.send(lab)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.TRAINING_EXAMPLES, {lab.event_id for lab in labels}, timeout_s=60)
+    report = experiment_results(redis_client, KeySpace(settings.redis_prefix), store.get("review-all"))
+    control, strict = report["variants"]["control"], report["variants"]["strict"]
+    assert control["labelled"] + strict["labelled"] == len(labels)  # the duplicates counted once
+    assert control["units"] + strict["units"] == len(variant_of) and not report["srm"]
+    assert strict["alert_rate"] == 1.0 and strict["recall"] == 1.0  # review everything: every fraud alerted
+    assert control["alert_rate"] < 0.5
+    comparison = report["comparisons"]["strict"]
+    assert comparison["decision"] == "ship" and comparison["ci"][0] > 0, comparison  # recall: strict wins
+    assert "B is better on recall" in comparison["verdict"]
 
     store.stop("review-all", "test", "guardrail")  # every card back to the default behaviour
     time.sleep(1.5)  # the worker checks the revision every second

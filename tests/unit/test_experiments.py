@@ -70,3 +70,20 @@ def test_definitions_that_are_refused(change):
 def test_variant_keys_are_safe_names():
     with pytest.raises(pydantic.ValidationError):
         Variant(key="a b")
+
+
+def test_results_flag_a_broken_split_and_compare_with_control():
+    from kestrel.streams.experiments.results import analyse
+
+    exp = _exp(primary_metric="recall")
+    counts = {"control": {"labelled": 4000, "frauds": 400, "alerted": 300, "alerted_frauds": 200},
+              "lower": {"labelled": 4000, "frauds": 400, "alerted": 500, "alerted_frauds": 300}}
+    report = analyse(exp, {"control": 5200, "lower": 4800}, counts)
+    assert report["srm"] and report["srm_p_value"] < 0.001
+    assert report["variants"]["lower"]["recall"] == 0.75 and report["variants"]["control"]["alert_precision"] == 0.6667
+    lo, hi = report["comparisons"]["lower"]["ci"]
+    assert lo < 0.25 < hi and report["comparisons"]["lower"]["decision"] == "ship"
+    balanced = analyse(exp, {"control": 5000, "lower": 5000}, counts)
+    assert not balanced["srm"]
+    empty = analyse(exp, {}, {})
+    assert "none yet" in empty["comparisons"]["lower"]["note"] and empty["srm_p_value"] is None

@@ -83,6 +83,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """Per-variant outcomes, SRM, the always-valid comparison with control, and a verdict."""
+    from kestrel.streams.experiments.results import experiment_results
+    from kestrel.streams.experiments.store import ExperimentError
+
+    store = _store()
+    try:
+        report = experiment_results(store.client, store.key_space, store.get(args.key))
+    except ExperimentError as exc:
+        _out(args, {"error": str(exc)})
+        return 1
+    _out(args, report)
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     _out(args, _store().history(args.key))
     return 0
@@ -144,6 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     verb("list", "every experiment and its status", cmd_list)
     verb("show", "one experiment with its audit log", cmd_show).add_argument("key")
     verb("history", "the audit log (of one experiment, or all)", cmd_history).add_argument("key", nargs="?")
+    verb("results", "per-variant outcomes against labels, SRM, always-valid comparison with control, verdict",
+         cmd_results).add_argument("key")
 
     p = experiments.add_parser("bucket", help="print a unit's bucket in [0, 1) for an experiment seed")
     p.add_argument("--seed", required=True)

@@ -31,6 +31,7 @@ class ExperimentError(RuntimeError):
 class ExperimentStore:
     def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
         self.client = client
+        self.key_space = keys
         self.keys = keys.experiments
 
     def get(self, key: str) -> Experiment:

@@ -185,7 +185,19 @@ class Processor:
             handler = {"transaction": self._transactions, "interaction": self._interactions,
                        "label": self._labels}[topics.TOPIC_EVENT_TYPE[topic]]
             outputs.extend(await handler(valid, started, writes))
-        return await self._not_yet_delivered(outputs, writes)
+        fresh = await self._not_yet_delivered(outputs, writes)
+        await self._count_exposures([o for o in fresh if o.topic == topics.EXPOSURES])
+        return fresh
+
+    async def _count_exposures(self, exposures: Sequence[Output]) -> None:
+        """Each variant's exposed units (a set per variant: counting twice is impossible), for the SRM check."""
+        if not exposures:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for out in exposures:
+            doc = orjson.loads(out.value)
+            pipe.sadd(self.keys.experiments.units(doc["experiment"], doc["variant"]), doc["unit"])
+        await pipe.execute()
 
     def _validate(self, topic: str, records: Sequence[RawRecord],
                   started: float) -> tuple[list[Output], list[tuple[RawRecord, Any]]]:
@@ -470,7 +482,20 @@ class Processor:
         risk_events = [LabelledTransaction(e.event_id, _terminal_of(d), epoch_of(d["event_time"]), e.verdict == "fraud")
                        for e, d in zip(labels, decisions, strict=True) if d is not None]
         await self.store.apply_batch([compile_event(TERMINAL_RISK, r, self.keys, self.hasher) for r in risk_events])
+        await self._experiment_outcomes(labels, decisions)
         return await self._learn(labels, decisions, now)
+
+    async def _experiment_outcomes(self, labels: Sequence[Label], decisions: Sequence[dict[str, Any] | None]) -> None:
+        """Labels of enrolled payments, per experiment: set once per label id (``HSETNX``), so idempotent."""
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for e, d in zip(labels, decisions, strict=True):
+            for enrolled in (d or {}).get("experiments", ()):
+                pipe.hsetnx(self.keys.experiments.outcomes(enrolled["experiment"]), e.event_id,
+                            orjson.dumps([enrolled["variant"], e.verdict == "fraud", d["action"]]))
+                n += 1
+        if n:
+            await pipe.execute()
 
     async def _park_early_labels(self, labels: list[Label]) -> None:
         """Keep labels whose transaction is not decided yet (the labels topic ran ahead), to join them later.
