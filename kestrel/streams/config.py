@@ -38,6 +38,7 @@ class Settings:
     linger_ms: float = 1.0
     fraud_model: str = ""  # artifact directory, a root of versioned ones (the newest), or a registry; empty: rules
     model_alias: str = "champion"  # the registry alias a worker serves, when fraud_model is a registry
+    guardrail_check_s: float = 15.0  # how often every worker checks running experiments' guardrails (0: never)
     shadow_alias: str = "shadow"  # scored beside it, logged, never acted on (when it points somewhere); "": off
     fraud_policy: str = ""  # JSON: {"review": 0.5, "block": 0.9} or {"alerts_per_day": 300, "block": 0.9}
     # Share of genuine payments under the review threshold that get a label anyway (audits): the online learner
@@ -79,6 +80,7 @@ class Settings:
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
             model_alias=_env("KESTREL_MODEL_ALIAS", d.model_alias),
             shadow_alias=_env("KESTREL_SHADOW_ALIAS", d.shadow_alias),
+            guardrail_check_s=float(_env("KESTREL_GUARDRAIL_CHECK_S", str(d.guardrail_check_s))),
             fraud_policy=_env("KESTREL_FRAUD_POLICY", d.fraud_policy),
             label_audit_share=float(_env("KESTREL_LABEL_AUDIT_SHARE", str(d.label_audit_share))),
             degraded_mode=_env("KESTREL_DEGRADED_MODE", d.degraded_mode),
@@ -117,6 +119,7 @@ class Settings:
             "KESTREL_FRAUD_MODEL": self.fraud_model,
             "KESTREL_MODEL_ALIAS": self.model_alias,
             "KESTREL_SHADOW_ALIAS": self.shadow_alias,
+            "KESTREL_GUARDRAIL_CHECK_S": str(self.guardrail_check_s),
             "KESTREL_FRAUD_POLICY": self.fraud_policy,
             "KESTREL_LABEL_AUDIT_SHARE": str(self.label_audit_share),
             "KESTREL_DEGRADED_MODE": self.degraded_mode,

@@ -71,7 +71,7 @@ def test_variants_exposures_once_across_a_crash_and_a_stop(settings, worker, out
 
     # labels come back for every payment of the first half: outcomes per variant, counted once
     labels = [Label(event_id=f"lab-{t.event_id}", transaction_id=t.event_id, card_id=t.card_id,
-                    verdict="fraud" if int(t.event_id.split("-")[1]) % 10 == 0 else "genuine", source="chargeback",
+                    verdict="fraud" if int(t.event_id.split("-")[1]) % 4 == 0 else "genuine", source="chargeback",
                     timestamp=datetime.now(UTC)) for t in first]
     for lab in labels + labels[:50]:  # fifty delivered twice
         producer.send(lab)
@@ -96,3 +96,36 @@ def test_variants_exposures_once_across_a_crash_and_a_stop(settings, worker, out
     outputs.wait_for(topics.FRAUD_DECISIONS, {t.event_id for t in later}, timeout_s=60)
     after = [d for d in outputs.docs[topics.FRAUD_DECISIONS] if d["event_id"].startswith("c-")]
     assert after and not any("experiments" in d for d in after)
+
+
+def test_a_guardrail_breach_stops_the_variant_automatically(settings, worker, outputs, redis_client):
+    store = ExperimentStore(redis_client, KeySpace(settings.redis_prefix))
+    store.create(Experiment.model_validate({
+        "key": "too-strict", "target": "fraud", "hash_attribute": "card", "seed": "too-strict-1",
+        "variants": [{"key": "control"}, {"key": "strict", "params": {"review_threshold": 0.0}}],
+        "status": "running", "primary_metric": "recall", "guardrail_metrics": ["alert_rate"]}), "test")
+    worker.settings = settings.with_(guardrail_check_s=1.0)
+    worker.start()
+    producer = EventProducer(settings.broker, settings.hash_key)
+    payments = _payments(200, 1, "g")
+    for t in payments:
+        producer.send(t)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.FRAUD_DECISIONS, {t.event_id for t in payments}, timeout_s=60)
+    labels = [Label(event_id=f"lab-{t.event_id}", transaction_id=t.event_id, card_id=t.card_id, verdict="genuine",
+                    source="analyst", timestamp=datetime.now(UTC)) for t in payments]
+    for lab in labels:
+        producer.send(lab)
+    assert producer.flush() == 0
+    deadline = time.monotonic() + 60
+    while store.get("too-strict").status == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert store.get("too-strict").status == "stopped"  # every genuine payment reviewed: the analysts' queue
+    stop = store.history("too-strict")[-1]
+    assert stop["action"] == "stop" and stop["who"] == "guardrail-monitor" and "alert_rate" in stop["why"]
+    deadline = time.monotonic() + 30
+    events: list[dict] = []
+    while not events and time.monotonic() < deadline:
+        outputs.poll(0.3)
+        events = [d for d in outputs.docs[topics.OPERATOR_EVENTS] if d.get("type") == "experiment_stopped"]
+    assert events and events[0]["breaches"][0]["guardrail"] == "alert_rate"

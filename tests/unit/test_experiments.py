@@ -86,4 +86,20 @@ def test_results_flag_a_broken_split_and_compare_with_control():
     balanced = analyse(exp, {"control": 5000, "lower": 5000}, counts)
     assert not balanced["srm"]
     empty = analyse(exp, {}, {})
-    assert "none yet" in empty["comparisons"]["lower"]["note"] and empty["srm_p_value"] is None
+    assert "30+" in empty["comparisons"]["lower"]["note"] and empty["srm_p_value"] is None
+
+
+def test_a_guardrail_breach_needs_the_interval_on_the_bad_side_and_enough_data():
+    from kestrel.streams.experiments.results import analyse
+
+    exp = _exp(primary_metric="recall", guardrail_metrics=["alert_rate", "false_positive_rate"])
+
+    def counts(alerted_b: int, labelled: int = 2000) -> dict:
+        base = {"labelled": labelled, "frauds": 0, "alerted_frauds": 0, "genuine": labelled}
+        return {"control": {**base, "alerted": labelled // 10, "alerted_genuine": labelled // 10},
+                "lower": {**base, "alerted": alerted_b, "alerted_genuine": alerted_b}}
+
+    breached = analyse(exp, {"control": 1, "lower": 1}, counts(alerted_b=400))  # 20% against 10% alerted
+    assert {b["guardrail"] for b in breached["breaches"]} == {"alert_rate", "false_positive_rate"}
+    assert not analyse(exp, {}, counts(alerted_b=210))["breaches"]  # 10.5%: within noise
+    assert not analyse(exp, {}, counts(alerted_b=8, labelled=20))["breaches"]  # 40% of 20: too few to judge

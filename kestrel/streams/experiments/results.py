@@ -21,14 +21,15 @@ from kestrel.models.experiment_stats import confidence_sequence, srm_p_value, ve
 from kestrel.models.experiments import Experiment
 
 METRICS = {"alert_precision": ("alerted", "alerted_frauds"), "recall": ("frauds", "alerted_frauds"),
-           "alert_rate": ("labelled", "alerted")}
+           "alert_rate": ("labelled", "alerted"), "false_positive_rate": ("genuine", "alerted_genuine")}
+HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate"}  # guardrails: analysts' load, customers bothered
 
 
 def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -> dict[str, dict[str, int]]:
     """Per variant: labelled, frauds, alerted (review or block), alerted frauds.
 
     >>> variant_counts([("a", True, "review"), ("a", False, "allow"), ("b", True, "allow")], ["a", "b"])["a"]
-    {'labelled': 2, 'frauds': 1, 'alerted': 1, 'alerted_frauds': 1}
+    {'labelled': 2, 'frauds': 1, 'alerted': 1, 'alerted_frauds': 1, 'genuine': 1, 'alerted_genuine': 0}
     """
     counts = {v: {"labelled": 0, "frauds": 0, "alerted": 0, "alerted_frauds": 0} for v in variants}
     for variant, is_fraud, action in outcomes:
@@ -38,6 +39,9 @@ def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -
         alerted = action != "allow"
         c["alerted"] += alerted
         c["alerted_frauds"] += alerted and is_fraud
+    for c in counts.values():
+        c["genuine"] = c["labelled"] - c["frauds"]
+        c["alerted_genuine"] = c["alerted"] - c["alerted_frauds"]
     return counts
 
 
@@ -46,36 +50,39 @@ def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dic
     """The report of one experiment from its per-variant numbers (pure)."""
     keys = [v.key for v in experiment.variants]
     metric = experiment.primary_metric if experiment.primary_metric in METRICS else "alert_precision"
-    per_variant: dict[str, dict[str, Any]] = {}
-    for k in keys:
-        c = counts.get(k, {})
-        den_key, num_key = METRICS[metric]
-        den, num = c.get(den_key, 0), c.get(num_key, 0)
-        per_variant[k] = {"units": units.get(k, 0), **c,
-                          **{name: (round(c.get(b, 0) / c.get(a, 0), 4) if c.get(a, 0) else None)
-                             for name, (a, b) in METRICS.items()},
-                          "_n": den, "_p": num / den if den else None}
+    per_variant = {k: {"units": units.get(k, 0), **counts.get(k, {}),
+                       **{name: (round(counts.get(k, {}).get(b, 0) / counts[k][a], 4) if counts.get(k, {}).get(a)
+                                 else None) for name, (a, b) in METRICS.items()}} for k in keys}
     total = sum(units.get(k, 0) for k in keys)
     srm = srm_p_value([units.get(k, 0) for k in keys], experiment.weights()) if total else None
-    control = per_variant[keys[0]]
-    comparisons = {}
-    for k in keys[1:]:
-        v = per_variant[k]
-        if not control["_n"] or not v["_n"]:
-            comparisons[k] = {"note": f"{metric} needs {METRICS[metric][0]} payments in both variants; "
-                                      "none yet in one of them"}
-            continue
-        pa, pb = control["_p"], v["_p"]
-        lo, hi = confidence_sequence(pb, pa, pb * (1 - pb), pa * (1 - pa), v["_n"], control["_n"], alpha)
-        said = verdict(metric.replace("_", " "), lo, hi, pa or 1.0)
-        comparisons[k] = {"difference": round(pb - pa, 4), "ci": [round(lo, 4), round(hi, 4)],
-                          "verdict": said.text, "decision": said.decision}
-    for v in per_variant.values():
-        v.pop("_n")
-        v.pop("_p")
+    comparisons = {k: compare(counts, keys[0], k, metric, alpha) for k in keys[1:]}
+    guardrails = {g: {k: compare(counts, keys[0], k, g, alpha) for k in keys[1:]}
+                  for g in experiment.guardrail_metrics if g in METRICS}
+    breaches = [{"guardrail": g, "variant": k, **c} for g, by in guardrails.items() for k, c in by.items()
+                if c.get("ci") and (c["ci"][0] > 0 if g in HIGHER_IS_WORSE else c["ci"][1] < 0)]
     return {"experiment": experiment.key, "status": experiment.status, "primary_metric": metric, "alpha": alpha,
             "variants": per_variant, "srm_p_value": round(srm, 6) if srm is not None else None,
-            "srm": bool(srm is not None and srm < 0.001), "comparisons": comparisons}
+            "srm": bool(srm is not None and srm < 0.001), "comparisons": comparisons, "guardrails": guardrails,
+            "breaches": breaches}
+
+
+MIN_DENOMINATOR = 30  # below this a proportion's variance estimate is not trusted (0 of 3 is not "never")
+
+
+def compare(counts: dict[str, dict[str, int]], control: str, variant: str, metric: str,
+            alpha: float) -> dict[str, Any]:
+    """``variant`` minus ``control`` on a proportion metric, with the always-valid interval and a verdict."""
+    den_key, num_key = METRICS[metric]
+    a, b = counts.get(control, {}), counts.get(variant, {})
+    na, nb = a.get(den_key, 0), b.get(den_key, 0)
+    if min(na, nb) < MIN_DENOMINATOR:
+        return {"note": f"{metric} needs {MIN_DENOMINATOR}+ {den_key} payments in both variants "
+                        f"(control {na}, {variant} {nb})"}
+    pa, pb = a.get(num_key, 0) / na, b.get(num_key, 0) / nb
+    lo, hi = confidence_sequence(pb, pa, pb * (1 - pb), pa * (1 - pa), nb, na, alpha)
+    said = verdict(metric.replace("_", " "), lo, hi, pa or 1.0, higher_is_better=metric not in HIGHER_IS_WORSE)
+    return {"difference": round(pb - pa, 4), "ci": [round(lo, 4), round(hi, 4)], "verdict": said.text,
+            "decision": said.decision}
 
 
 def experiment_results(client: redis.Redis, keys: KeySpace, experiment: Experiment) -> dict[str, Any]:

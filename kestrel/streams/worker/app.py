@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
     if is_registry(settings.fraud_model, "fraud"):
         _install_model_watcher(app, runtime)
+    if settings.guardrail_check_s > 0:
+        _install_guardrail_monitor(app, runtime)
 
     @app.task
     async def warm_up() -> None:
@@ -83,6 +85,31 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 delay = min(delay * 2, 5.0)
 
     return app
+
+
+def _install_guardrail_monitor(app: faust.App, runtime: Runtime) -> None:
+    """Stop experiments whose guardrails are breached (see kestrel/streams/experiments/guardrails.py)."""
+    import redis
+
+    from kestrel.feature_store.keys import KeySpace
+    from kestrel.streams.experiments.guardrails import stop_breached
+
+    settings = runtime.settings
+
+    @app.timer(settings.guardrail_check_s)
+    async def watch_guardrails() -> None:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+        try:
+            stopped = await asyncio.to_thread(stop_breached, client, KeySpace(settings.redis_prefix))
+        except Exception:  # Redis away: the next tick tries again; decisions are not affected
+            log.exception("guardrail check failed")
+            return
+        finally:
+            client.close()
+        for doc in stopped:
+            log.warning("%s", doc["message"])
+            await runtime.send([Output(topics.OPERATOR_EVENTS, doc["experiment"].encode(),
+                                       orjson.dumps({k: v for k, v in doc.items() if k != "report"}), "")])
 
 
 def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
