@@ -78,3 +78,31 @@ def test_the_cli(settings, tmp_path):
     assert [(e["key"], e["status"], e["coverage"]) for e in listed] == [("recs-mmr", "running", 0.3)]
     shown = json.loads(_kestrel("experiments", "show", "recs-mmr", "--json", env=env).stdout)
     assert [h["action"] for h in shown["history"]] == ["create", "start", "ramp"]
+
+
+def test_the_http_api_reads_freely_and_changes_with_the_token(settings, worker):
+    from tests.integration.test_http import _call
+
+    worker.start()
+    base, token = f"{worker.url}/api/experiments", settings.api_token
+    assert _call(base, DEFINITION)[0] == 401  # no token
+    assert _call(base, DEFINITION, token="wrong")[0] == 401
+    status, body = _call(base, {**DEFINITION, "coverage": 2}, token=token)
+    assert status == 422 and json.loads(body)["fields"][0]["field"] == "coverage"
+    status, body = _call(base, {**DEFINITION, "why": "try the diverse re-ranker"}, token=token)
+    assert status == 200 and json.loads(body)["status"] == "draft"
+    assert _call(base, DEFINITION, token=token)[0] == 409  # exists
+    assert _call(f"{base}/recs-mmr/start", {}, token=token)[0] == 200
+    status, body = _call(f"{base}/recs-mmr/ramp", {"coverage": "lots"}, token=token)
+    assert status == 422 and json.loads(body)["field"] == "coverage"
+    assert _call(f"{base}/recs-mmr/ramp", {"coverage": 0.5, "who": "ana"}, token=token)[0] == 200
+    assert _call(f"{base}/recs-mmr/explode", {}, token=token)[0] == 404
+    assert _call(f"{base}/nope/stop", {}, token=token)[0] == 404
+    status, body = _call(f"{base}/recs-mmr")
+    doc = json.loads(body)
+    assert status == 200 and doc["coverage"] == 0.5
+    assert [(h["action"], h["who"]) for h in doc["history"]] == [("create", "api"), ("start", "api"), ("ramp", "ana")]
+    status, body = _call(f"{base}/recs-mmr/results")
+    assert status == 200 and set(json.loads(body)["variants"]) == {"control", "diverse"}
+    status, body = _call(base)
+    assert status == 200 and [e["key"] for e in json.loads(body)] == ["recs-mmr"]

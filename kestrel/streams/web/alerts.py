@@ -15,7 +15,6 @@ Content-Security-Policy allows only this server's own script and stylesheet.
 
 from __future__ import annotations
 
-import hmac
 import re
 from collections.abc import Mapping, Sequence
 from html import escape
@@ -27,6 +26,7 @@ from faust.web import Request, Response, View
 
 from kestrel.streams.alerts.cases import SEVERITIES, Problem, parse_verdict
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
+from kestrel.streams.web.auth import token_refusal
 
 if TYPE_CHECKING:
     from kestrel.streams.worker.runtime import Runtime
@@ -304,11 +304,9 @@ def install_alert_views(app: faust.App, runtime: Runtime) -> None:
     @app.page("/api/alerts/{case_id}/verdict")
     class AlertVerdictApi(View):
         async def post(self, request: Request, case_id: str) -> Response:
-            if not settings.api_token:
-                return refuse(self, Problem(403, "disabled", "verdicts are off: set KESTREL_API_TOKEN on the worker"))
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
-                return refuse(self, Problem(401, "unauthorized", "missing or wrong bearer token"))
+            refusal = token_refusal(settings.api_token, request.headers, "verdicts are")
+            if refusal:
+                return refuse(self, Problem(*refusal))
             problem = bad_case_id(case_id)
             if problem:
                 return refuse(self, problem)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from kestrel.feature_store.topics import EVENT_TYPE_TOPIC
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER, partition_key
 from kestrel.streams.ingest.validation import Rejection, check_time, validate_document
 from kestrel.streams.recs.service import parse_request
+from kestrel.streams.web.auth import token_refusal
 
 if TYPE_CHECKING:
     from kestrel.streams.worker.runtime import Runtime
@@ -82,11 +82,9 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
     @app.page("/events")
     class Events(View):
         async def post(self, request: Request) -> Response:
-            if not settings.api_token:
-                return refuse(self, 403, "disabled", "event intake is off: set KESTREL_API_TOKEN on the worker")
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
-                return refuse(self, 401, "unauthorized", "missing or wrong bearer token")
+            refusal = token_refusal(settings.api_token, request.headers, "event intake is")
+            if refusal:
+                return refuse(self, *refusal)
             body = await request.read()
             if len(body) > settings.max_event_bytes * MAX_BATCH:
                 return refuse(self, 413, "oversized", "request body too large")

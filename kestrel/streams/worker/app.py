@@ -23,6 +23,7 @@ from kestrel.streams.config import Settings
 from kestrel.streams.records import Output
 from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
+from kestrel.streams.web.experiments import install_experiment_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
 from kestrel.streams.worker.heap import settle_heap
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         _install_agent(app, runtime, name)
     install_views(app, runtime)
     install_alert_views(app, runtime)
+    install_experiment_views(app, runtime)
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
     if is_registry(settings.fraud_model, "fraud"):
         _install_model_watcher(app, runtime)
