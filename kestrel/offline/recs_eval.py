@@ -148,7 +148,10 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     two_tower = results.pop("two_tower")
     two_tower |= {"model_version": art.version, "train_seconds": art.metadata["train_seconds"],
                   "examples": art.metadata["examples"], "target_window": art.metadata["target_window"]}
-    return {"two_tower": _round(two_tower), "baselines": {k: _round(v) for k, v in results.items()},
+    # what `kestrel train recs` deploys, whatever its parts: today the two-tower alone (issue 16 adds parts)
+    deployed = {"deployed": "two_tower", **_round(two_tower)}
+    return {"kestrel": deployed, "two_tower": _round(two_tower),
+            "baselines": {k: _round(v) for k, v in results.items()},
             "users_evaluated": len(users), "items": n_items, "train_interactions": len(train),
             "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2), "artifact": art}
 

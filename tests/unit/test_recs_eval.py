@@ -20,6 +20,8 @@ def test_eval_recs_cli_reports_two_tower_and_baselines_in_one_json_line(tmp_path
     summary = json.loads(lines[0])
     metrics = ("recall_at_10", "recall_at_20", "ndcg_at_10", "coverage_at_10", "retrieval_p99_ms")
     assert set(metrics) <= set(summary["two_tower"])
+    assert summary["kestrel"]["deployed"] == "two_tower"  # one line says what would be served
+    assert summary["kestrel"]["recall_at_20"] == summary["two_tower"]["recall_at_20"]
     assert set(summary["baselines"]) == {"popularity", "item_knn", "ease"}
     for m in summary["baselines"].values():
         assert set(metrics) <= set(m)
