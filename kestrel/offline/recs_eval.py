@@ -144,6 +144,16 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
         metrics["fit_s"] = round(time.perf_counter() - fit_start, 3)
         results[model.name] = metrics
         say(f"baseline {model.name}: recall@20 {metrics['recall_at_20']:.4f}")
+        if model.name == "ease":
+            ease_model = model
+
+    # -- hybrids of the two-tower and EASE, measured, not deployed (issue 16 item 3) -----------------
+    hybrids: dict[str, Any] = {}
+    if "ease" in results:
+        hybrids = _hybrids(ease_model, x, rows_of, seen, relevant, n_items, art, encoder, users, recents, times,
+                           snap)
+        for name, m in hybrids.items():
+            say(f"hybrid {name}: recall@20 {m['recall_at_20']:.4f}")
 
     two_tower = results.pop("two_tower")
     two_tower |= {"model_version": art.version, "train_seconds": art.metadata["train_seconds"],
@@ -152,8 +162,40 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     deployed = {"deployed": "two_tower", **_round(two_tower)}
     return {"kestrel": deployed, "two_tower": _round(two_tower),
             "baselines": {k: _round(v) for k, v in results.items()},
+            "hybrids": {k: _round(v) for k, v in hybrids.items()},
             "users_evaluated": len(users), "items": n_items, "train_interactions": len(train),
             "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2), "artifact": art}
+
+
+def _hybrids(ease: Any, x: Any, rows_of: np.ndarray, seen: Sequence[np.ndarray], relevant: Sequence[set[int]],
+             n_items: int, art: Any, encoder: Any, users: Sequence[str], recents: Any, times: Any,
+             snap: Any, candidates: int = 200) -> dict[str, dict[str, Any]]:
+    """Two ways to combine the two-tower with EASE, on the same split (research: nothing here is served).
+
+    ``rerank``: the two-tower's top ``candidates`` unseen items (its FAISS
+    retrieval, as served) ordered by EASE's score. ``blend``: both scores
+    standardised per user over the whole catalogue and added.
+    """
+    items = np.asarray(art.item_embeddings, dtype=np.float32)
+    rerank: list[list[int]] = []
+    blend: list[list[int]] = []
+    for start in range(0, len(users), 1024):
+        end = min(start + 1024, len(users))
+        q = encoder.encode(users[start:end], recents[start:end], times[start:end])
+        e = ease.scores(x[rows_of[start:end]])
+        _, found = snap.search(q, min(n_items, candidates + max(len(s) for s in seen[start:end])))
+        for j, (cand, s) in enumerate(zip(found, seen[start:end], strict=True)):
+            sset = set(s.tolist())
+            pool = [int(r) for r in cand if r >= 0 and r not in sset][:candidates]
+            rerank.append(sorted(pool, key=lambda r, row=e[j]: -row[r])[:20])
+        t = q @ items.T
+
+        def z(m: np.ndarray) -> np.ndarray:
+            return (m - m.mean(axis=1, keepdims=True)) / (m.std(axis=1, keepdims=True) + 1e-9)
+
+        blend.extend(_top_unseen(z(t) + z(e), seen[start:end], 20))
+    return {"two_tower_candidates_ease_rerank": ranking_metrics(rerank, relevant, n_items),
+            "two_tower_ease_blend": ranking_metrics(blend, relevant, n_items)}
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:
