@@ -109,6 +109,27 @@ class LabelledTransaction:
     is_fraud: bool
 
 
+class RecentMarks:
+    """A bounded set of delivery marks, oldest forgotten first: memory stays bounded however many units.
+
+    >>> m = RecentMarks(2); m.add("a"); m.add("b"); m.add("c"); ("a" in m, "b" in m, "c" in m)
+    (False, True, True)
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._marks: dict[str, None] = {}
+
+    def add(self, mark: str) -> None:
+        self._marks.pop(mark, None)
+        self._marks[mark] = None
+        if len(self._marks) > self.limit:
+            del self._marks[next(iter(self._marks))]
+
+    def __contains__(self, mark: object) -> bool:
+        return mark in self._marks
+
+
 def _terminal_of(decision: dict[str, Any]) -> str:
     return decision.get("terminal_id") or f"merchant:{decision['merchant_id']}"
 
@@ -153,6 +174,7 @@ class Processor:
             if isinstance(self.scorer, ModelScorer) else None
         self.shadow: ModelScorer | None = None  # scored beside the served model, logged, never acted on
         self.experiments = LiveExperiments(client, self.keys)
+        self.exposed = RecentMarks(200_000)  # exposures this worker knows delivered: not proposed again
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
@@ -287,6 +309,9 @@ class Processor:
         if not outputs:
             return
         await self.ledger.mark([(out.mark, out.log_key) for out in outputs if out.mark])
+        for out in outputs:
+            if out.topic == topics.EXPOSURES:
+                self.exposed.add(out.mark)
         for topic, n in Counter(out.topic for out in outputs).items():
             self.metrics.events_out.labels(topic).inc(n)
 
@@ -397,11 +422,13 @@ class Processor:
                 s = FraudScore(s.score, thresholds.action(s.score), s.reasons)
             enrolled.append({"experiment": exp.key, "variant": variant.key, "model_version": scorer.version})
             ident = f"{exp.key}:{card}"
+            mark = self.keys.published("exposure", ident)
+            if mark in self.exposed:  # known delivered: the ledger would drop it (after a restart it asks Redis)
+                continue
             exposure = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key,
                         "variant": variant.key, "hash_attribute": exp.hash_attribute, "unit": card,
                         "first_event_id": e.event_id, "model_version": scorer.version, "at": at}
-            exposures.append(Output(topics.EXPOSURES, card.encode(), orjson.dumps(exposure),
-                                    self.keys.published("exposure", ident)))
+            exposures.append(Output(topics.EXPOSURES, card.encode(), orjson.dumps(exposure), mark))
         return s, enrolled
 
     def _payment_unit(self, e: Transaction) -> EventUnit:
