@@ -347,7 +347,7 @@ def promote(registry: Registry, version: str, *, alias: str = "champion", policy
     else:
         move = registry.move(alias, None, who=who, why=why or "; ".join(decision.reasons), action="refused",
                              gate=gate, expect_from=current)
-    return {"moved": action_moves(move.action), "alias": alias, "from": current, "to": move.to_version,
+    return {"moved": move.action != "refused", "alias": alias, "from": current, "to": move.to_version,
             "candidate": version, "action": move.action, "reasons": decision.reasons, "gate": gate, "seq": move.seq}
 
 
@@ -360,9 +360,6 @@ def rollback(registry: Registry, alias: str = "champion", *, who: str | None = N
     return registry.move(alias, back, who=who, why=why or f"rollback from {current}", action="rollback",
                          expect_from=current)
 
-
-def action_moves(action: str) -> bool:
-    return action != "refused"
 
 
 def _drop_torn_tail(fh: Any) -> None:

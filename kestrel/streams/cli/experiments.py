@@ -29,6 +29,11 @@ def _out(args: argparse.Namespace, doc: Any) -> None:
     print(json.dumps(doc) if args.json else json.dumps(doc, indent=1))
 
 
+def _fail(args: argparse.Namespace, message: str, code: int = 1) -> int:
+    _out(args, {"error": message})
+    return code
+
+
 def cmd_change(args: argparse.Namespace) -> int:
     """create / start / ramp / stop / promote: one audited change."""
     import pydantic
@@ -53,8 +58,7 @@ def cmd_change(args: argparse.Namespace) -> int:
             {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]})
         return 2
     except ExperimentError as exc:
-        _out(args, {"error": str(exc)})
-        return 1
+        return _fail(args, str(exc))
     _out(args, exp.model_dump())
     return 0
 
@@ -77,8 +81,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         doc = {**store.get(args.key).model_dump(), "history": store.history(args.key)}
     except ExperimentError as exc:
-        _out(args, {"error": str(exc)})
-        return 1
+        return _fail(args, str(exc))
     _out(args, doc)
     return 0
 
@@ -92,8 +95,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     try:
         report = experiment_results(store.client, store.key_space, store.get(args.key))
     except ExperimentError as exc:
-        _out(args, {"error": str(exc)})
-        return 1
+        return _fail(args, str(exc))
     _out(args, report)
     return 0
 

@@ -33,6 +33,12 @@ def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
     print(json.dumps(doc) if args.json else text)
 
 
+def _fail(args: argparse.Namespace, message: str, code: int = 1) -> int:
+    """Say why the command did nothing (as ``{"error"}`` with ``--json``) and return its exit code."""
+    _print(args, {"error": message}, message)
+    return code
+
+
 def announce_move(args: argparse.Namespace, kind: str, alias: str, version: str | None, seq: int) -> bool | None:
     """Tell the workers (``models.updates`` on ``--broker`` / KESTREL_BROKER); None when no broker is named."""
     broker = getattr(args, "broker", None) or os.environ.get("KESTREL_BROKER")
@@ -69,8 +75,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         record = reg.resolve(args.name)
     except RegistryError as exc:
-        _print(args, {"error": str(exc)}, str(exc))
-        return 1
+        return _fail(args, str(exc))
     doc = {**record.to_json(), "aliases": sorted(a for a, v in reg.aliases().items() if v == record.version)}
     _print(args, doc, json.dumps(doc, indent=1))
     return 0
@@ -87,8 +92,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         result = promote(reg, args.version, alias=args.alias, policy=GatePolicy.for_kind(reg.kind, **overrides),
                          force=args.force, why=args.why or "")
     except RegistryError as exc:
-        _print(args, {"error": str(exc)}, str(exc))
-        return 1
+        return _fail(args, str(exc))
     if result["moved"]:
         result["announced"] = announce_move(args, reg.kind, args.alias, result["to"], result["seq"])
     verdict = {"promote": "gate passed", "force": "FORCED past the gate",
@@ -109,8 +113,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         move = rollback(reg, args.alias, why=args.why or "")
     except RegistryError as exc:
-        _print(args, {"error": str(exc)}, str(exc))
-        return 1
+        return _fail(args, str(exc))
     announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
     _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version} (rollback)")
     return 0
@@ -121,18 +124,14 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
     reg = _registry(args)
     if args.alias == "champion" and not args.force:
-        msg = "champion moves through the gate: use `kestrel models promote` (or --force, audited)"
-        _print(args, {"error": msg}, msg)
-        return 2
+        return _fail(args, "champion moves through the gate: use `kestrel models promote` (or --force, audited)", 2)
     if not args.remove and not args.version:
-        _print(args, {"error": "give a version, or --remove"}, "give a version, or --remove")
-        return 2
+        return _fail(args, "give a version, or --remove", 2)
     try:
         move = reg.move(args.alias, None if args.remove else args.version, why=args.why or "",
                         action="force" if args.force else "alias")
     except RegistryError as exc:
-        _print(args, {"error": str(exc)}, str(exc))
-        return 1
+        return _fail(args, str(exc))
     announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
     _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version}")
     return 0
@@ -150,8 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         a, b = (reg.resolve(name).version for name in (args.a, args.b))
     except RegistryError as exc:
-        _print(args, {"error": str(exc)}, str(exc))
-        return 1
+        return _fail(args, str(exc))
     settings = Settings.from_env()
     broker = args.broker or settings.broker
     decisions = read_topic(broker, topics.FRAUD_DECISIONS, settings.partitions)

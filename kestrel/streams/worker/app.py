@@ -72,21 +72,29 @@ def create_app(settings: Settings | None = None) -> faust.App:
     @app.task
     async def warm_up() -> None:
         """Pay one-time costs (model files, first torch/FAISS calls, Redis scripts) before reporting ready."""
-        delay = 0.5
-        while True:
-            try:
-                await runtime.processor.warm_up()
-                settle_heap()  # see heap.py: frozen warm-up objects, rare young collections
-                runtime.warm = True
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("warm-up failed; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        async def once() -> None:
+            await runtime.processor.warm_up()
+            settle_heap()  # see heap.py: frozen warm-up objects, rare young collections
+            runtime.warm = True
+
+        await _until_done(once, "warm-up failed", cap_s=5.0)
 
     return app
+
+
+async def _until_done(step: Any, failure: str, cap_s: float) -> None:
+    """Await ``step()`` until it returns, retrying failures with a doubling delay (at most ``cap_s``)."""
+    delay = 0.5
+    while True:
+        try:
+            await step()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s; retrying in %.1fs", failure, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap_s)
 
 
 def _install_guardrail_monitor(app: faust.App, runtime: Runtime) -> None:
@@ -131,16 +139,7 @@ def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
                                  processor.set_shadow, required=False))
         watcher = ModelWatcher(settings.broker, settings.fraud_model, served, fraud_policy(settings), report=report,
                                on_result=lambda result: runtime.metrics.model_swaps.labels(result).inc())
-        delay = 0.5
-        while True:
-            try:
-                await watcher.run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("model watcher stopped; restarting in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await _until_done(watcher.run, "model watcher stopped", cap_s=10.0)  # run() returns only when cancelled
 
 
 def _install_agent(app: faust.App, runtime: Runtime, topic_name: str) -> None:
