@@ -46,6 +46,18 @@ class Windowed:
     latest time, trimmed past window + lateness; no delay allowed); ``std`` is
     the population standard deviation.
 
+    ``seen_in`` names a pair feature set (entity x value, with a
+    ``TimeSince``) that already keeps each value's latest time: a distinct
+    count of a card's terminals is told by the card x terminal pair's head
+    when each terminal was last seen. The worker path then reads that head
+    (it is in the same unit) instead of a sorted set per entity: the sorted
+    set's reads, writes, trims and expiries were the largest part of a
+    payment's Redis and worker cost (docs/engine.md). The pair set must be
+    in every unit that feeds this feature, key the pair (entity, value), and
+    outlive window + lateness. The Lua path keeps the sorted set; both give
+    the same counts, but the paths must not alternate on the same entities
+    (the worker path does not keep the sorted set up to date).
+
     Features naming the same ``series`` (same source value, same filter) and
     bucket size share their stored buckets: a count, a mean and a std of
     amounts over 30 days keep one count, one sum and one sum of squares per
@@ -63,6 +75,7 @@ class Windowed:
     default: float = 0.0
     series: str | None = None
     hash_as: str | None = None  # distinct values that identify a person (a card) are stored as keyed hashes
+    seen_in: str | None = None  # distinct counts: the pair set whose head keeps each value's latest time
 
     def __post_init__(self) -> None:
         if self.window_s % self.bucket_s:
@@ -73,6 +86,8 @@ class Windowed:
             raise ValueError(f"{self.name}: '|' and '@' are reserved")
         if self.agg == "distinct" and self.delay_s:
             raise ValueError(f"{self.name}: a distinct count cannot be delayed")
+        if self.seen_in is not None and self.agg != "distinct":
+            raise ValueError(f"{self.name}: only a distinct count has values seen in a pair set")
 
     @cached_property
     def storage(self) -> str:

@@ -24,7 +24,9 @@ the client's whole list: quadratic, ~100 µs per event at 3,000 keys a batch.)
 
 Every head ends with its write count (a double after its strings, ignored by
 readers): the tag is its last 8 bytes, and the Lua path bumps it too, so both
-paths may run side by side on the same entities.
+paths may run side by side on the same entities, except for distinct counts
+told by a pair set (``Windowed.seen_in``): the worker path reads the pair's
+head and keeps no sorted set, so the Lua path must not follow it there.
 
 Idempotency is unchanged: one marker per event holds its vectors, so a
 redelivered event gets the vectors it got the first time and is not applied
@@ -99,6 +101,9 @@ class DistinctScores:
         self._scores: dict[str, dict[str, float | None]] = {}
         self.ops: dict[str, list[Command]] = {}
         self.ttl: dict[str, int] = {}
+        # the part being applied: its paired distinct counts' value -> latest time, read off the pair's head
+        # (``Windowed.seen_in``); None: never seen, or not within the pair's TTL
+        self.paired: dict[str, float | None] = {}
 
     def known(self, zkey: str, member: str, raw: bytes | None) -> None:
         self._scores.setdefault(zkey, {}).setdefault(member, None if raw is None else float(raw))
@@ -153,7 +158,10 @@ class HeadArithmetic:
         self.numbers = struct.Struct(lay.fmt)
         self.n_strings = len(lay.strings)
         self.ttl_s = lay.ttl_s
-        self.distinct_names = tuple(name for name, *_ in lay.distinct)
+        # distinct counts whose values' latest times a pair set's head keeps (Windowed.seen_in): name -> pair set
+        self.paired = {f.name: f.seen_in for f in fs.features if isinstance(f, Windowed) and f.seen_in}
+        self.distinct_names = tuple(name for name, *_ in lay.distinct if name not in self.paired)  # sorted sets
+        self.last_time_at = lay.last_time  # where the head keeps its latest event time (a pair set's: its values')
         empty: list[Any] = [0 if kind in "qI" else 0.0 for kind in lay.fmt[1:]]  # the types unpack gives
         for _, top, _, windows in lay.series:
             empty[top] = int(NO_BUCKET)
@@ -264,10 +272,11 @@ class HeadArithmetic:
         window_and_lateness = {f.name: f.window_s + f.lateness_s for f in fs.vector
                                if isinstance(f, Windowed) and f.agg == "distinct"}
         for name, at, bucket_s, w in lay.distinct:
+            paired = name in self.paired
             lines += [f"        {'if' if first else 'elif'} kind == 'z' and op[1] == {name!r}:",
-                      f"            zkey = key + {'|' + name!r}",
-                      "            member = op[2]",
-                      "            old = scores.score(zkey, member)",
+                      *([f"            old = scores.paired[{name!r}]"] if paired else
+                        [f"            zkey = key + {'|' + name!r}", "            member = op[2]",
+                         "            old = scores.score(zkey, member)"]),
                       f"            bt = FLOOR(t / {bucket_s})",
                       f"            xn = FLOOR(max(old, t) / {bucket_s}) if old is not None else bt",
                       f"            xo = FLOOR(old / {bucket_s}) if old is not None else None",
@@ -285,9 +294,10 @@ class HeadArithmetic:
                       "                start = 0 if xo is None else max(0, xo - first + 1)",
                       f"                for k in range({at + 1} + start, {at + 1} + min({w - 1}, xn - first) + 1):",
                       "                    h[k] += 1",
-                      "            scores.add(zkey, member, t, ttl)",
-                      f"            if h[{at}] != before:  # a new bucket: drop what fell out of window and lateness",
-                      f"                scores.trim(zkey, t - {window_and_lateness[name]})"]
+                      *([] if paired else [
+                          "            scores.add(zkey, member, t, ttl)",
+                          f"            if h[{at}] != before:  # a new bucket: drop what left window + lateness",
+                          f"                scores.trim(zkey, t - {window_and_lateness[name]})"])]
             first = False
         lines += ["        else:", "            raise ValueError(f'write {op!r} is not applied in the worker')"]
         return "\n".join(lines) + "\n"
@@ -312,6 +322,8 @@ class HeadBatch:
         self.members: dict[tuple[str, str], str] = {}  # (sorted set, member) -> head key of its entity
         # per unit part: (its operations, arithmetic, head key, tombstone), worked out once
         self.parts: list[list[tuple[EventOps, HeadArithmetic, str, str]]] = []
+        # per unit: (part index, paired distinct count, the pair part's index) for Windowed.seen_in
+        self.pairings: list[list[tuple[int, str, int]]] = []
         tombstones: dict[str, str] = {}
         for unit in units:
             self.markers[unit.applied_key] = None
@@ -327,10 +339,11 @@ class HeadBatch:
                     tomb = tombstones[entity_key] = keys.tombstone_of(entity_key)
                     self.tombs[tomb] = None
                 for op in ops.writes:
-                    if op[0] == "z":
+                    if op[0] == "z" and op[1] not in arith.paired:
                         self.members[(distinct_key(entity_key, op[1]), op[2])] = hk
                 parts.append((ops, arith, hk, tomb))
             self.parts.append(parts)
+            self.pairings.append(_pairings(parts) if any(arith.paired for _, arith, _, _ in parts) else [])
         self.results: list[tuple[bool, list[dict[str, Any]]]] = []
         self._heads: dict[str, Head] = {}
         self._touched: dict[str, None] = {}
@@ -356,7 +369,8 @@ class HeadBatch:
             self._scores.known(zkey, member, None if heads[hk].absent else raw)
         done: dict[str, list[dict[str, Any]]] = {}
         touched = self._touched
-        for unit, parts in zip(self.units, self.parts, strict=True):
+        scores = self._scores
+        for unit, parts, pairings in zip(self.units, self.parts, self.pairings, strict=True):
             prior = priors[unit.applied_key]
             if prior is not None:
                 self.results.append((False, self.decode_snapshot(prior, unit)))
@@ -364,8 +378,10 @@ class HeadBatch:
             if unit.applied_key in done:  # the same event twice in one batch
                 self.results.append((False, done[unit.applied_key]))
                 continue
+            # the pairs' latest times before this event touches any of its parts (a pair part may come first)
+            seen = _pair_times(parts, pairings, heads, erased) if pairings else None
             vectors, applied = [], False
-            for ops, arith, hk, tomb in parts:
+            for i, (ops, arith, hk, tomb) in enumerate(parts):
                 if tomb in erased:  # an erased subject: nothing changes, the defaults are read
                     vectors.append(finalize(ops.reads_of, {}, ops.time))
                     continue
@@ -373,7 +389,9 @@ class HeadBatch:
                 self._live_tombs[tomb] = None
                 head = heads[hk]
                 previous = arith.previous(head, ops.time)
-                arith.apply(head, ops.entity_key, ops.time, ops.writes, self._scores)
+                if seen is not None:
+                    scores.paired = seen[i]
+                arith.apply(head, ops.entity_key, ops.time, ops.writes, scores)
                 touched[hk] = None
                 vectors.append(arith.vector(head, previous, ops.time))
             if applied:  # a unit with nothing applied (every part erased) leaves no marker, as in Lua
@@ -404,6 +422,58 @@ class HeadBatch:
         markers = self._new_markers
         return [self.marker_ttl_s, len(self._touched), *heads, len(self._live_tombs), *self._live_tombs,
                 len(markers), *(key for key, _ in markers), *(snap for _, snap in markers), n_commands, *commands]
+
+
+Part = tuple[EventOps, HeadArithmetic, str, str]
+
+
+def _pairings(parts: Sequence[Part]) -> list[tuple[int, str, int]]:
+    """(part, paired distinct count, pair part) of one unit; the pair set must be in it and fit the count."""
+    index = {ops.reads_of.name: j for j, (ops, _, _, _) in enumerate(parts)}
+    out = []
+    for i, (ops, arith, _, _) in enumerate(parts):
+        for name, pair_set in arith.paired.items():
+            j = index.get(pair_set)
+            if j is None:
+                raise ValueError(f"{ops.reads_of.name}.{name}: its pair set {pair_set} is not in the event's unit")
+            _check_pair(ops.reads_of, name, parts[j][1])
+            out.append((i, name, j))
+    return out
+
+
+_CHECKED: set[tuple[int, str, int]] = set()
+
+
+def _check_pair(fs: FeatureSet, name: str, pair: HeadArithmetic) -> None:
+    """A pair set can stand in for a distinct count's sorted set if it keeps each pair's latest time for
+    longer than the count looks back."""
+    if (id(fs), name, id(pair)) in _CHECKED:
+        return
+    feat = next(f for f in fs.features if f.name == name)
+    assert isinstance(feat, Windowed)
+    if pair.last_time_at is None:
+        raise ValueError(f"{fs.name}.{name}: pair set {pair.fs.name} has no TimeSince to keep latest times")
+    if pair.ttl_s < feat.window_s + feat.lateness_s + feat.bucket_s:
+        raise ValueError(f"{fs.name}.{name}: pair set {pair.fs.name} forgets pairs ({pair.ttl_s}s) before "
+                         f"the count does ({feat.window_s + feat.lateness_s + feat.bucket_s}s)")
+    _CHECKED.add((id(fs), name, id(pair)))
+
+
+def _pair_times(parts: Sequence[Part], pairings: Sequence[tuple[int, str, int]], heads: dict[str, Head],
+                erased: set[str]) -> list[dict[str, float | None]]:
+    """Per part, its paired distinct counts' value -> latest time, from the pair parts' heads.
+
+    An erased pair (its owner is erased) reads as seen at this very time: an erased subject is not counted.
+    """
+    seen: list[dict[str, float | None]] = [{} for _ in parts]
+    for i, name, j in pairings:
+        _, pair, pair_hk, pair_tomb = parts[j]
+        if pair_tomb in erased:
+            seen[i][name] = parts[i][0].time
+            continue
+        t = heads[pair_hk].numbers[pair.last_time_at]  # type: ignore[index]
+        seen[i][name] = None if t != t else t
+    return seen
 
 
 def vectors_snapshot(snap: bytes) -> list[dict[str, Any]] | None:

@@ -48,7 +48,7 @@ CARD_PROFILE = FeatureSet(
         Windowed("amount_max_7d", "max", 7 * DAY, DAY, value_of=_amount),
         Windowed("small_txn_count_10m", "count", 10 * MINUTE, 2 * MINUTE, where=lambda e: e.amount < SMALL_AMOUNT),
         Windowed("distinct_terminals_24h", "distinct", DAY, 2 * HOUR, value_of=lambda e: e.terminal_id,
-                 where=lambda e: e.terminal_id is not None),
+                 where=lambda e: e.terminal_id is not None, seen_in="card_terminal"),
         TimeSince("seconds_since_prev"),
         LastValue("prev_terminal", value_of=lambda e: e.terminal_id or ""),
     ),
@@ -66,7 +66,8 @@ TERMINAL_ACTIVITY = FeatureSet(
         Windowed("terminal_txn_count_1h", "count", HOUR, 5 * MINUTE),
         Windowed("terminal_txn_count_24h", "count", DAY, HOUR, series="txn"),
         *TERMINAL_MATURED.features(),  # terminal_txn_count_7d, _8d, _14d, _37d: daily, one series
-        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card"),
+        Windowed("terminal_distinct_cards_24h", "distinct", DAY, HOUR, value_of=lambda e: e.card_id, hash_as="card",
+                 seen_in="card_terminal"),
     ),
     ttl_s=40 * DAY,  # the head is the whole state and holds 37 days: an idle terminal's must outlive them
     buckets=False,  # the head is the whole state (see FeatureSet.buckets)

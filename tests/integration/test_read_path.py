@@ -466,3 +466,80 @@ def test_work_overlapping_the_commit_is_redone_when_the_commit_is_refused(space,
     assert seen == [2.0, 3.0]  # first from the stale read (its commit refused), then from the fresh one
     assert applied and vector["n_10m"] == 3.0 and done == 30.0
     assert orjson.loads(client.get(unit(third).applied_key)[1:]) == [vector]
+
+
+# -- distinct counts told by a pair set's head (Windowed.seen_in) ------------------------------------------------
+
+PAIR = FeatureSet("pair", "1", "card_terminal", "test", lambda e: f"{e.card}|{e.terminal}", lambda e: e.ts,
+                  (TimeSince("pair_since"),), ttl_s=4 * 3600, owner=("card", lambda e: e.card), buckets=False)
+PAIRED_CARD = FeatureSet("paired_card", "1", "card", "test", lambda e: e.card, lambda e: e.ts, (
+    Windowed("terminals_1h", "distinct", 3600, 300, value_of=lambda e: e.terminal, seen_in="pair",
+             where=lambda e: e.terminal != "d"),
+    TimeSince("card_since")), buckets=False)
+PAIRED_TERMINAL = FeatureSet("paired_terminal", "1", "terminal", "test", lambda e: e.terminal, lambda e: e.ts, (
+    Windowed("cards_2h", "distinct", 7200, 600, value_of=lambda e: e.card, hash_as="card", seen_in="pair"),
+    Windowed("n_1h", "count", 3600, 300)), ttl_s=3 * 3600, buckets=False)
+
+
+def _paired_unit(e: SimpleNamespace, keys: KeySpace, pair_first: bool):
+    parts = [compile_event(fs, e, keys, HASHER) for fs in (PAIRED_CARD, PAIRED_TERMINAL, PAIR)]
+    return event_unit(e.event_id, parts[-1:] + parts[:-1] if pair_first else parts, keys)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 4 * 3600), st.sampled_from("abcd"), st.integers(-6000, 0),
+                          st.sampled_from("xyz")), min_size=1, max_size=40),
+       st.integers(1, 9), st.booleans())
+def test_distinct_counts_told_by_a_pair_head_equal_the_sorted_sets(space, raw, batch, pair_first):
+    """Any arrival order (late, too late, redelivered), any batching, the pair part first or last in the unit:
+    the worker path, which reads each value's latest time off the pair's head, gives every event the vectors the
+    Lua path gives from its sorted sets, and stores the same heads, without a sorted set of its own."""
+    client, keys = space
+    lua_keys, worker_keys = KeySpace(f"{keys.prefix}:lua"), KeySpace(f"{keys.prefix}:wk")
+    lua = RedisOnlineStore(client, dedup_ttl_s=3600, keys=lua_keys, hasher=HASHER, heads_in_worker=False)
+    worker = RedisOnlineStore(client, dedup_ttl_s=3600, keys=worker_keys, hasher=HASHER)
+    tag = secrets.token_hex(3)
+    events = [_ev(f"{card}{tag}", i, 7_800_000.0 + t + late, 1.0, term)
+              for i, (t, term, late, card) in enumerate(raw)]
+    events += events[: len(events) // 3]  # redeliveries
+    for i in range(0, len(events), batch):
+        chunk = events[i:i + batch]
+        got = worker.apply_units([_paired_unit(e, worker_keys, pair_first) for e in chunk])
+        want = lua.apply_units([_paired_unit(e, lua_keys, pair_first) for e in chunk])
+        for e, (applied, vectors), (want_applied, want_vectors) in zip(chunk, got, want, strict=True):
+            assert applied == want_applied, e
+            for vector, want_vector in zip(vectors, want_vectors, strict=True):
+                _assert_same(vector, want_vector, e)
+    for fs, ids in ((PAIRED_CARD, {e.card for e in events}), (PAIRED_TERMINAL, {e.terminal for e in events})):
+        for entity_ids in sorted(ids):
+            (wk,), (lk,) = _entity_keys(worker_keys, fs, [entity_ids]), _entity_keys(lua_keys, fs, [entity_ids])
+            assert client.get(wk + head_suffix(fs))[:-8] == client.get(lk + head_suffix(fs))[:-8]
+    assert not list(client.scan_iter(match=f"{worker_keys.prefix}:*|terminals_1h"))
+    assert not list(client.scan_iter(match=f"{worker_keys.prefix}:*|cards_2h"))
+
+
+def test_an_erased_card_is_not_counted_among_a_terminals_distinct_cards(space):
+    client, keys = space
+    worker = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    t0 = 7_900_000.0
+    client.set(keys.tombstone("card", HASHER.token("card", "gone")), b"1")
+    events = [_ev("kept", 0, t0, 1.0, "x"), _ev("gone", 1, t0 + 60, 1.0, "x"), _ev("gone", 2, t0 + 120, 1.0, "x"),
+              _ev("other", 3, t0 + 180, 1.0, "x")]
+    results = worker.apply_units([_paired_unit(e, keys, False) for e in events])
+    assert [vectors[1]["cards_2h"] for _, vectors in results] == [1.0, 1.0, 1.0, 2.0]
+    assert [vectors[1]["n_1h"] for _, vectors in results] == [1.0, 2.0, 3.0, 4.0]  # the terminal still counts
+
+
+def test_a_paired_count_needs_its_pair_set_in_the_unit_and_long_enough(space):
+    client, keys = space
+    worker = RedisOnlineStore(client, dedup_ttl_s=3600, keys=keys, hasher=HASHER)
+    e = _ev("c", 0, 7_950_000.0, 1.0, "x")
+    alone = event_unit(e.event_id, [compile_event(PAIRED_CARD, e, keys, HASHER)], keys)
+    with pytest.raises(ValueError, match="pair set pair is not in the event's unit"):
+        worker.apply_units([alone])
+    short = dataclasses.replace(PAIR, name="short_pair", ttl_s=3600)
+    card = dataclasses.replace(PAIRED_CARD, name="short_card", features=(
+        dataclasses.replace(PAIRED_CARD.features[0], seen_in="short_pair"), PAIRED_CARD.features[1]))
+    unit = event_unit(e.event_id, [compile_event(card, e, keys, HASHER), compile_event(short, e, keys, HASHER)], keys)
+    with pytest.raises(ValueError, match="forgets pairs"):
+        worker.apply_units([unit])
