@@ -25,5 +25,5 @@ class Output:
     topic: str
     key: bytes
     value: bytes
-    mark: str
+    mark: str  # set once the broker acknowledged it; equal to ``log_key``: the log is its own mark (delivery.py)
     log_key: str | None = None  # where ``value`` is also logged (NX): the ledger's outbox for it, when set

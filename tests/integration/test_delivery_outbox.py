@@ -67,3 +67,17 @@ async def test_a_replayed_recommendation_is_byte_identical(client, redis_url: st
     assert [o.value for o in replay] == [o.value for o in first]  # ...byte for byte
     await proc.mark_delivered(replay)
     assert await proc.process(topics.INTERACTIONS, batch) == []
+
+
+async def test_a_log_that_is_its_own_mark_needs_no_mark_key_and_still_reads_as_json(client) -> None:
+    conn, prefix = client
+    ledger = DeliveryLedger(conn, ttl_s=600, writes_ttl_s=600)
+    log_key, body = f"{prefix}:decision:e3", orjson.dumps({"event_id": "e3", "action": "allow"})
+    assert await ledger.unsent([(log_key, log_key, body)], writes=[(log_key, body)]) == [body]
+    again = orjson.dumps({"event_id": "e3", "action": "block"})  # recomputed after a crash before the mark
+    assert await ledger.unsent([(log_key, log_key, again)], writes=[(log_key, again)]) == [body]
+    await ledger.mark([(log_key, log_key)])
+    assert await ledger.unsent([(log_key, log_key, again)], writes=[(log_key, again)]) == [None]
+    assert orjson.loads(await conn.get(log_key)) == {"event_id": "e3", "action": "allow"}
+    assert await conn.ttl(log_key) > 0
+    assert [k async for k in conn.scan_iter(match=f"{prefix}:*")] == [log_key.encode()]  # no mark, no outbox

@@ -8,6 +8,12 @@ a replay re-sends those bytes, not a recomputation: a recommendation or an
 alert computed again after a crash can differ (other events moved the state
 meanwhile), and a consumer keyed by event id must never see two different
 decisions for one event. The outbox entry is dropped when the mark is set.
+
+A fraud decision's log is its own mark (an output whose ``mark`` is its
+``log_key``): once delivered, a space is appended to it (JSON allows trailing
+whitespace, so its readers parse it unchanged). A payment then keeps one key
+for its decision, not a log and a mark, and its first attempt needs no
+lookup: a log this call just wrote cannot have been delivered.
 One script call per batch keeps this off the hot path (a pipeline of one
 command per record costs more in reply parsing than the commands
 themselves).
@@ -56,7 +62,10 @@ class DeliveryLedger:
             args += [key, value]
         args.append(self.ttl_s)
         for mark, log_key, body in outputs:
-            args += [mark, log_key or outbox_key(mark), b"" if log_key else body]
+            if mark == log_key:  # a log that is its own mark
+                args += ["", log_key, b""]
+            else:
+                args += [mark, log_key or outbox_key(mark), b"" if log_key else body]
         replies = await run_script(self.client, self._write_and_check, args)
         return [None if reply == 0 else body if reply == 1 else reply
                 for (_, _, body), reply in zip(outputs, replies, strict=True)]
@@ -64,5 +73,7 @@ class DeliveryLedger:
     async def mark(self, outputs: Sequence[tuple[str, str | None]]) -> None:
         """Set the marks of delivered (mark, log key or None) outputs; their transient outboxes go."""
         if outputs:
-            await run_script(self.client, self._mark, [self.ttl_s, len(outputs), *(m for m, _ in outputs),
-                                   *(outbox_key(m) for m, log_key in outputs if log_key is None)])
+            marks = [m for m, log_key in outputs if m != log_key]
+            logs = [m for m, log_key in outputs if m == log_key]
+            await run_script(self.client, self._mark, [self.ttl_s, len(marks), *marks, len(logs), *logs,
+                                                       *(outbox_key(m) for m, log_key in outputs if log_key is None)])

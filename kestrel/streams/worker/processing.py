@@ -269,7 +269,7 @@ class Processor:
         for (rec, e), f, sc in zip(valid, feats, scores, strict=True):
             body = orjson.dumps(self._decision_doc(e, f, sc, self._rules.version, started, now, degraded=True))
             outputs.append(Output(topics.FRAUD_DECISIONS, self.token("card", e.card_id).encode(), body,
-                                  self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
+                                  self.keys.decision(e.event_id), self.keys.decision(e.event_id)))
             self._observe("fraud", rec, started, now)
         self.metrics.degraded.inc(len(valid))
         return outputs
@@ -378,7 +378,7 @@ class Processor:
                     doc["shadow"] = {"model_version": shadow.version, "score": other.score, "action": other.action}
                 docs.append(doc)
                 outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
-                                      self.keys.published("fraud", e.event_id), self.keys.decision(e.event_id)))
+                                      self.keys.decision(e.event_id), self.keys.decision(e.event_id)))
             return outputs, docs, exposures
 
         try:

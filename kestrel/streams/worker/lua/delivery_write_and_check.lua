@@ -8,15 +8,24 @@ local base = 3 + 2 * n
 local outbox_ttl = tonumber(ARGV[base])
 local out = {}
 -- then one (mark, outbox key, body) triple per output: 0 if delivered, 1 if the outbox now holds the caller's
--- bytes (the first attempt: nothing travels back), else the bytes stored by an earlier attempt
+-- bytes (the first attempt: nothing travels back), else the bytes stored by an earlier attempt.
+-- An empty mark: the outbox is a log that is its own mark (delivery.py): it ends with a space once delivered.
 for i = base + 1, #ARGV, 3 do
-  if redis.call('EXISTS', ARGV[i]) == 1 then
+  local mark, key = ARGV[i], ARGV[i + 1]
+  if mark == '' then
+    if written[key] then
+      out[#out + 1] = 1
+    else
+      local stored = redis.call('GET', key) or ''
+      if string.byte(stored, -1) == 32 then out[#out + 1] = 0 else out[#out + 1] = stored end
+    end
+  elseif redis.call('EXISTS', mark) == 1 then
     out[#out + 1] = 0
-  elseif written[ARGV[i + 1]]
-      or (ARGV[i + 2] ~= '' and redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', outbox_ttl, 'NX')) then
+  elseif written[key]
+      or (ARGV[i + 2] ~= '' and redis.call('SET', key, ARGV[i + 2], 'EX', outbox_ttl, 'NX')) then
     out[#out + 1] = 1
   else
-    out[#out + 1] = redis.call('GET', ARGV[i + 1]) or ''  -- never nil: a nil would end the reply list
+    out[#out + 1] = redis.call('GET', key) or ''  -- never nil: a nil would end the reply list
   end
 end
 return out
