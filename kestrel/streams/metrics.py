@@ -47,6 +47,13 @@ class Metrics:
         self.model_swaps = Counter("kestrel_model_swaps", "Fraud model versions heard on models.updates, by "
                                    "result (swapped in, or failed to load: the old version kept).", ["result"],
                                    registry=r)
+        self.variant_models = Counter("kestrel_variant_models", "Fraud models named by experiment variants, by "
+                                      "result (loaded, or failed to load: the variant enrols no one).", ["result"],
+                                      registry=r)
+        self.experiments_idle = Counter("kestrel_experiment_payments_not_enrolled", "Payments an experiment did "
+                                        "not enrol although routed, by reason (its variant's model not loaded yet, "
+                                        "another experiment's model already decides the payment).", ["reason"],
+                                        registry=r)
         self.batch_size = Histogram("kestrel_batch_size", "Records per processed batch.", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=r)
 

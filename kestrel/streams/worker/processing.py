@@ -37,7 +37,7 @@ from kestrel.feature_store.sets import (
     TERMINAL_RISK,
     USER_ACTIVITY,
 )
-from kestrel.models.experiments import Experiment, route
+from kestrel.models.experiments import Experiment, Variant, route
 from kestrel.models.fraud_features import model_inputs, payment_features
 from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
 from kestrel.models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
@@ -56,6 +56,7 @@ from kestrel.streams.records import Output, RawRecord
 from kestrel.streams.recs.service import RecommendationService, RecOptions, RecResult
 from kestrel.streams.worker.delivery import DeliveryLedger
 from kestrel.streams.worker.shared_learner import SharedLearner
+from kestrel.streams.worker.variant_models import VariantModels, model_refs
 
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
@@ -174,6 +175,10 @@ class Processor:
             if isinstance(self.scorer, ModelScorer) else None
         self.shadow: ModelScorer | None = None  # scored beside the served model, logged, never acted on
         self.experiments = LiveExperiments(client, self.keys)
+        # the models experiment variants run (Variant.model), loaded beside the served one
+        self.variant_models = VariantModels(settings.fraud_model, fraud_policy(settings), client, self.keys,
+                                            settings.decision_log_ttl_s,
+                                            on_result=lambda result: metrics.variant_models.labels(result).inc())
         self.exposed = RecentMarks(200_000)  # exposures this worker knows delivered: not proposed again
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
@@ -347,6 +352,33 @@ class Processor:
         scorer, shared, shadow = self.scorer, self.learner, self.shadow
         learner = await shared.current() if shared is not None else None
         experiments = await self.experiments.running("fraud")
+        self.variant_models.want(model_refs(experiments))
+        cards = [self.token("card", e.card_id) for e in events]
+        # routing is pure: each payment's variants, and the model one of them runs (None: the served one)
+        routes = [self._variants_of(experiments, e, card) for e, card in zip(events, cards, strict=True)] \
+            if experiments else None
+        variant_learners = {} if routes is None else \
+            {m[0].version: await m[1].current() for _, m in routes if m is not None}
+
+        def score(feats: list[dict[str, Any]]) -> list[tuple[FraudScore, FraudScorer]]:
+            """Each payment's score, by the served model or the model its variant runs (one batch per model)."""
+            by_model: dict[str, list[int]] = {}
+            models: dict[str, FraudScorer] = {scorer.version: scorer}
+            for i in range(len(events)):
+                model = routes[i][1] if routes is not None else None
+                version = scorer.version if model is None else model[0].version
+                if model is not None:
+                    models[version] = model[0]
+                by_model.setdefault(version, []).append(i)
+            out: list[tuple[FraudScore, FraudScorer]] = [None] * len(events)  # type: ignore[list-item]
+            for version, idx in by_model.items():
+                model, online = models[version], learner if version == scorer.version else variant_learners[version]
+                part_events, part_feats = [events[i] for i in idx], [feats[i] for i in idx]
+                scored = (model.score_batch(part_events, part_feats, online) if online is not None  # type: ignore[call-arg]
+                          else model.score_batch(part_events, part_feats))
+                for i, sc in zip(idx, scored, strict=True):
+                    out[i] = (sc, model)
+            return out
 
         async def decide(applied: list[tuple[bool, list[Snapshot]]]
                          ) -> tuple[list[Output], list[dict[str, Any]], list[Output]]:
@@ -357,19 +389,18 @@ class Processor:
                                                                                  strict=True):
                 vector = {**card, **terminal, **risk, **card_terminal, **card_device}  # FRAUD_VECTOR_SETS order
                 feats.append(payment_features(e.amount, e.epoch_s, e.card_present, e.device_id, vector))
-            scores = (scorer.score_batch(events, feats, learner) if learner is not None
-                      else scorer.score_batch(events, feats))
+            scores = score(feats)
             shadowed = shadow.score_batch(events, feats) if shadow is not None else None
             now = time.time()
             outputs, docs = [], []
             decided_at = iso_of(now)  # one time for the batch
             exposures: list[Output] = []
-            for e, f, s in zip(events, feats, scores, strict=True):
-                card = self.token("card", e.card_id)
+            for i, (e, f, (s, model)) in enumerate(zip(events, feats, scores, strict=True)):
+                card = cards[i]
                 enrolled: list[dict[str, Any]] = []
-                if experiments:
-                    s, enrolled = self._route_payment(experiments, e, card, s, scorer, exposures, decided_at)
-                doc = self._decision_doc(e, f, s, scorer.version, started, now, card=card,
+                if routes is not None and routes[i][0]:
+                    s, enrolled = self._apply_variants(routes[i][0], e, card, s, model, exposures, decided_at)
+                doc = self._decision_doc(e, f, s, model.version, started, now, card=card,
                                          decided_at=decided_at)
                 if enrolled:
                     doc["experiments"] = enrolled
@@ -396,23 +427,49 @@ class Processor:
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(docs)
 
-    def _route_payment(self, experiments: Sequence[Experiment], e: Transaction, card: str, s: FraudScore,
-                       scorer: FraudScorer, exposures: list[Output],
-                       at: str) -> tuple[FraudScore, list[dict[str, Any]]]:
-        """The payment's variants: their parameters applied to its action, its exposures proposed.
+    def _variants_of(self, experiments: Sequence[Experiment], e: Transaction, card: str
+                     ) -> tuple[list[tuple[Experiment, Variant]], tuple[ModelScorer, SharedLearner] | None]:
+        """The payment's variants (pure routing) and the model one of them runs, if any (None: the served one).
+
+        A payment is enrolled only where its variant really decides it: an
+        experiment whose variants name a model not loaded here yet enrols no
+        one (all its variants wait, so the split stays as configured), and one
+        model decides a payment: a second experiment whose variant runs a
+        model does not enrol it (run model experiments in one namespace, so
+        that they exclude each other).
+        """
+        attributes = {"card": card, "merchant_id": e.merchant_id, "currency": e.currency,
+                      "card_present": e.card_present, "terminal_id": e.terminal_id}
+        enrolled: list[tuple[Experiment, Variant]] = []
+        chosen = None
+        models = self.variant_models
+        for exp in experiments:
+            routed = route(exp, attributes)
+            if routed.variant is None:
+                continue
+            if any(v.model and models.ready(v.model) is None for v in exp.variants):
+                self.metrics.experiments_idle.labels("model_not_loaded").inc()
+                continue
+            variant = exp.variants[routed.index]
+            if variant.model:
+                if chosen is not None:
+                    self.metrics.experiments_idle.labels("another_model_decides").inc()
+                    continue
+                chosen = models.ready(variant.model)
+            enrolled.append((exp, variant))
+        return enrolled, chosen
+
+    def _apply_variants(self, enrolled_in: Sequence[tuple[Experiment, Variant]], e: Transaction, card: str,
+                        s: FraudScore, scorer: FraudScorer, exposures: list[Output],
+                        at: str) -> tuple[FraudScore, list[dict[str, Any]]]:
+        """The variants' parameters applied to the payment's action (``scorer`` decided it), its exposures proposed.
 
         An exposure's mark is per (experiment, unit), so the delivery ledger
         sends each unit's first exposure once, across batches, redelivery and
         restarts (as long as marks are kept: ``KESTREL_DEDUP_TTL_S``).
         """
-        attributes = {"card": card, "merchant_id": e.merchant_id, "currency": e.currency,
-                      "card_present": e.card_present, "terminal_id": e.terminal_id}
         enrolled = []
-        for exp in experiments:
-            routed = route(exp, attributes)
-            if routed.variant is None:
-                continue
-            variant = exp.variants[routed.index]
+        for exp, variant in enrolled_in:
             review, block = variant.params.get("review_threshold"), variant.params.get("block_threshold")
             if review is not None or block is not None:
                 base = scorer.thresholds
@@ -563,23 +620,36 @@ class Processor:
         return outputs
 
     async def _learn(self, labels: list[Label], decisions: list[dict[str, Any] | None], now: float) -> list[Output]:
-        """Each label teaches the online learner at once, from the features its decision logged.
+        """Each label teaches the online learners at once, from the features its decision logged: the served
+        model's and those of the models experiment variants run (every loaded version learns from every label,
+        whichever version decided the payment, so that the versions compared learn from the same labels).
 
-        Idempotent per label id (the checkpoint remembers them); the learner
+        Idempotent per label id (each checkpoint remembers them); a learner
         is saved (compare-and-set, shared by all workers) before the batch's
         outputs are sent, so before its offsets can be committed. A drift
         flagged by ADWIN becomes an operator event.
         """
-        if self.learner is None or not isinstance(self.scorer, ModelScorer):
+        learners = [(self.scorer, self.learner)] if self.learner is not None and isinstance(self.scorer, ModelScorer) \
+            else []
+        learners += [(m, shared) for m, shared in self.variant_models.loaded()
+                     if m.version not in {scorer.version for scorer, _ in learners}]
+        if not learners:
             return []
         known = [(e, d) for e, d in zip(labels, decisions, strict=True) if d and d.get("features")]
         self.metrics.online_labels.labels("no_decision").inc(sum(1 for d in decisions if d and not d.get("features")))
         if not known:
             return []
-        model = self.scorer.model
+        outputs = []
+        for scorer, shared in learners:
+            outputs += await self._teach(scorer, shared, known, now)
+        return outputs
+
+    async def _teach(self, scorer: ModelScorer, shared: SharedLearner, known: list[tuple[Label, dict[str, Any]]],
+                     now: float) -> list[Output]:
+        model = scorer.model
         x = model_inputs([d["features"] for _, d in known])
         inputs = model.online_inputs(x, model.base_logits(x))
-        review = self.scorer.thresholds.review
+        review = scorer.thresholds.review
 
         def teach(learner: OnlineFraudLearner) -> tuple[Counter, list[tuple[Label, DriftEvent]]]:
             outcomes: Counter = Counter()
@@ -596,7 +666,7 @@ class Processor:
                     drifts.append((e, drift))
             return outcomes, drifts
 
-        outcomes, drifts = await self.learner.update(teach)
+        outcomes, drifts = await shared.update(teach)
         for outcome, n in outcomes.items():
             self.metrics.online_labels.labels(outcome).inc(n)
         outputs = []
@@ -604,10 +674,11 @@ class Processor:
             self.metrics.drift_events.inc()
             doc = {"type": "drift", "detector": drift.detector, "metric": drift.metric,
                    "rate": round(drift.rate, 4), "labels_seen": drift.labels_seen,
-                   "model_version": self.scorer.version, "label_event_id": e.event_id, "at": iso_of(now),
+                   "model_version": scorer.version, "label_event_id": e.event_id, "at": iso_of(now),
                    "message": DRIFT_MESSAGES.get(drift.metric, "the fraud decisions changed")}
-            outputs.append(Output(topics.OPERATOR_EVENTS, self.scorer.version.encode(), orjson.dumps(doc),
-                                  self.keys.published("drift", e.event_id)))
+            ident = e.event_id if scorer is self.scorer else f"{scorer.version}:{e.event_id}"
+            outputs.append(Output(topics.OPERATOR_EVENTS, scorer.version.encode(), orjson.dumps(doc),
+                                  self.keys.published("drift", ident)))
         return outputs
 
     def _observe(self, kind: str, rec: RawRecord, started: float, now: float) -> None:
