@@ -4,7 +4,9 @@ before the model is loaded; labels teach every loaded version; moving the varian
 
 from __future__ import annotations
 
+import itertools
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -132,3 +134,79 @@ async def test_a_variant_whose_model_cannot_load_enrols_no_one(registry_and_sett
             assert not any("experiments" in d for d in docs)
     finally:
         await client.aclose()
+
+
+def _noise_model(directory) -> tuple[str, object]:
+    """A model trained on shuffled labels: it has learned nothing about fraud (a truly worse champion)."""
+    import numpy as np
+
+    from kestrel.offline.fraud_train import fit_fraud_model, simulated_training_rows
+
+    rows, y, epoch_s, ids, cards = simulated_training_rows(3.0, 3000, seed=5, n_cards=800)
+    shuffled = np.random.default_rng(0).permutation(y)
+    model = fit_fraud_model(rows, shuffled, epoch_s, ids, epochs=2, members=1, seed=0, groups=cards)
+    model.version = model.version + "-noise"
+    return model.version, model.save(directory / model.version)
+
+
+def test_through_the_worker_the_truly_better_model_wins_its_experiment(
+        settings, worker, outputs, redis_client, fraud_model, tmp_path):
+    """The champion learned nothing (shuffled labels); the challenger variant runs the trained model. Simulated
+    payments with their true labels through the real broker and worker: the live results say B wins."""
+    import dataclasses
+
+    from kestrel.offline.simulator import Simulator, payments_config
+    from kestrel.streams.experiments.results import experiment_results
+    from kestrel.streams.ingest.producer import EventProducer
+
+    model, path = fraud_model
+    root = tmp_path / "registry"
+    registry = Registry(root, "fraud")
+    weak, weak_path = _noise_model(tmp_path / "noise")
+    registry.register(ModelRecord.new("fraud", weak, weak_path))
+    registry.register(ModelRecord.new("fraud", model.version, path))
+    registry.move("champion", weak, action="force", why="test: the model to beat")
+    registry.move("challenger", model.version, action="force", why="test: the trained model")
+    keys = KeySpace(settings.redis_prefix)
+    store = ExperimentStore(redis_client, keys)
+    store.create(Experiment.model_validate({
+        "key": "better-model", "target": "fraud", "hash_attribute": "card", "seed": "better-model-1",
+        "variants": [{"key": "control"}, {"key": "challenger", "model": "challenger"}],
+        "status": "running", "primary_metric": "recall"}), "test")
+    worker.settings = settings.with_(fraud_model=str(root))
+    worker.start()
+
+    base = payments_config(6000, seed=21, n_cards=600)
+    sim = Simulator(dataclasses.replace(base, fraud_incidents_per_sim_hour=base.fraud_incidents_per_sim_hour * 12))
+    producer = EventProducer(settings.broker, settings.hash_key)
+    warm = [r for r in itertools.islice((r for r in sim.records() if r.kind == "transaction"), 5)]
+    for rec in warm:  # the first batches start loading the challenger; none of them is enrolled
+        producer.send(rec.event)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.FRAUD_DECISIONS, {r.event_id for r in warm}, timeout_s=60)
+    time.sleep(3)  # the challenger's model loads in a thread meanwhile
+    payments = list(itertools.islice((r for r in sim.records() if r.kind == "transaction"), 5000))
+    for rec in payments:
+        producer.send(rec.event)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.FRAUD_DECISIONS, {r.event_id for r in payments}, timeout_s=180)
+    decisions = {d["event_id"]: d for d in outputs.docs[topics.FRAUD_DECISIONS]}
+    enrolled = [decisions[r.event_id]["experiments"][0] for r in payments if "experiments" in decisions[r.event_id]]
+    assert len(enrolled) > 0.9 * len(payments)
+    assert {(e["variant"], e["model_version"]) for e in enrolled} == {("control", weak),
+                                                                      ("challenger", model.version)}
+
+    labels = [Label(event_id=f"lab-{r.event_id}", transaction_id=r.event_id, card_id=r.event.card_id,
+                    verdict="fraud" if r.fraud else "genuine", source="chargeback", timestamp=datetime.now(UTC))
+              for r in payments]
+    for lab in labels:
+        producer.send(lab)
+    assert producer.flush() == 0
+    outputs.wait_for(topics.TRAINING_EXAMPLES, {lab.event_id for lab in labels}, timeout_s=180)
+    report = experiment_results(redis_client, keys, store.get("better-model"))
+    control, challenger = report["variants"]["control"], report["variants"]["challenger"]
+    print(f"frauds {sum(r.fraud for r in payments)}; control {control}; challenger {challenger}; "
+          f"{report['comparisons']['challenger']}")
+    comparison = report["comparisons"]["challenger"]
+    assert comparison["decision"] == "ship" and comparison["ci"][0] > 0, comparison
+    assert "B is better on recall" in comparison["verdict"], comparison["verdict"]
