@@ -427,8 +427,20 @@ class HeadBatch:
 Part = tuple[EventOps, HeadArithmetic, str, str]
 
 
+# by the ids of the unit's sets (every payment's are the same); the sets are kept too, so an id is never reused
+_PAIRINGS: dict[tuple[int, ...], tuple[tuple[FeatureSet, ...], list[tuple[int, str, int]]]] = {}
+
+
 def _pairings(parts: Sequence[Part]) -> list[tuple[int, str, int]]:
     """(part, paired distinct count, pair part) of one unit; the pair set must be in it and fit the count."""
+    shape = tuple(id(ops.reads_of) for ops, _, _, _ in parts)
+    known = _PAIRINGS.get(shape)
+    if known is None:
+        known = _PAIRINGS[shape] = (tuple(ops.reads_of for ops, _, _, _ in parts), _resolve_pairings(parts))
+    return known[1]
+
+
+def _resolve_pairings(parts: Sequence[Part]) -> list[tuple[int, str, int]]:
     index = {ops.reads_of.name: j for j, (ops, _, _, _) in enumerate(parts)}
     out = []
     for i, (ops, arith, _, _) in enumerate(parts):
@@ -441,14 +453,9 @@ def _pairings(parts: Sequence[Part]) -> list[tuple[int, str, int]]:
     return out
 
 
-_CHECKED: set[tuple[int, str, int]] = set()
-
-
 def _check_pair(fs: FeatureSet, name: str, pair: HeadArithmetic) -> None:
     """A pair set can stand in for a distinct count's sorted set if it keeps each pair's latest time for
     longer than the count looks back."""
-    if (id(fs), name, id(pair)) in _CHECKED:
-        return
     feat = next(f for f in fs.features if f.name == name)
     assert isinstance(feat, Windowed)
     if pair.last_time_at is None:
@@ -456,7 +463,6 @@ def _check_pair(fs: FeatureSet, name: str, pair: HeadArithmetic) -> None:
     if pair.ttl_s < feat.window_s + feat.lateness_s + feat.bucket_s:
         raise ValueError(f"{fs.name}.{name}: pair set {pair.fs.name} forgets pairs ({pair.ttl_s}s) before "
                          f"the count does ({feat.window_s + feat.lateness_s + feat.bucket_s}s)")
-    _CHECKED.add((id(fs), name, id(pair)))
 
 
 def _pair_times(parts: Sequence[Part], pairings: Sequence[tuple[int, str, int]], heads: dict[str, Head],
