@@ -181,6 +181,14 @@ class ExperimentKeys:
         """Labelled outcomes of enrolled payments: a hash, label id -> [variant, is_fraud, action], set once."""
         return f"{self.prefix}:exp:outcomes:{experiment}"
 
+    def exposed_at(self, experiment: str) -> str:
+        """When each unit was first exposed (recs: the start of its attribution window): unit -> epoch, set once."""
+        return f"{self.prefix}:exp:exposed_at:{experiment}"
+
+    def converted(self, experiment: str, variant: str, outcome: str) -> str:
+        """The units of a variant that clicked or purchased (``outcome``) within their attribution window: a set."""
+        return f"{self.prefix}:exp:converted:{experiment}:{variant}:{outcome}"
+
 
 def escape_glob(pattern: str) -> str:
     """Escape glob characters so a key prefix matches literally in a SCAN pattern.

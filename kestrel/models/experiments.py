@@ -67,6 +67,8 @@ class Experiment(BaseModel):
     primary_metric: str
     guardrail_metrics: list[str] = Field(default_factory=list)
     minimum_detectable_effect: float | None = Field(None, gt=0)
+    attribution_s: int = Field(86400, gt=0, description="recs: how long after a unit's first exposure its clicks "
+                                                         "and purchases count for its variant")
     hash_version: Literal[1, 2] = 2
 
     @field_validator("namespace")

@@ -1,10 +1,13 @@
-"""A fraud experiment's live results: per-variant outcomes from Redis, SRM, always-valid intervals, a verdict.
+"""An experiment's live results: per-variant outcomes from Redis, SRM, always-valid intervals, a verdict.
 
 The worker keeps, per experiment, each variant's exposed units (a set) and
-each labelled enrolled payment's outcome (a hash keyed by label id, set
-once): both idempotent, so replays and restarts count nothing twice. This
-module reads them and computes, per variant, the alert rate, alert
-precision and recall against the labels, then compares every variant with
+its outcomes, all idempotent, so replays and restarts count nothing twice:
+for fraud, each labelled enrolled payment's outcome (a hash keyed by label
+id, set once); for recommendations, the units that clicked and that
+purchased within the attribution window after their first exposure (sets).
+This module reads them and computes, per variant, the alert rate, alert
+precision and recall against the labels (fraud) or the click-through and
+purchase rates per exposed unit (recs), then compares every variant with
 the first (control) on the primary metric with the always-valid interval,
 and checks the split against the configured weights (SRM).
 """
@@ -20,8 +23,13 @@ from kestrel.feature_store.keys import KeySpace
 from kestrel.models.experiment_stats import confidence_sequence, srm_p_value, verdict
 from kestrel.models.experiments import Experiment
 
+# metric -> (denominator, numerator) among a variant's counts
 METRICS = {"alert_precision": ("alerted", "alerted_frauds"), "recall": ("frauds", "alerted_frauds"),
-           "alert_rate": ("labelled", "alerted"), "false_positive_rate": ("genuine", "alerted_genuine")}
+           "alert_rate": ("labelled", "alerted"), "false_positive_rate": ("genuine", "alerted_genuine"),
+           "ctr": ("units", "clicked"), "purchase_rate": ("units", "purchased")}
+TARGET_METRICS = {"fraud": ("alert_precision", "recall", "alert_rate", "false_positive_rate"),
+                  "recs": ("ctr", "purchase_rate")}
+RECS_OUTCOMES = {"clicked": ("click", "add_to_cart", "purchase"), "purchased": ("purchase",)}  # outcome -> kinds
 HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate"}  # guardrails: analysts' load, customers bothered
 
 
@@ -49,15 +57,17 @@ def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dic
             alpha: float = 0.05) -> dict[str, Any]:
     """The report of one experiment from its per-variant numbers (pure)."""
     keys = [v.key for v in experiment.variants]
-    metric = experiment.primary_metric if experiment.primary_metric in METRICS else "alert_precision"
-    per_variant = {k: {"units": units.get(k, 0), **counts.get(k, {}),
-                       **{name: (round(counts.get(k, {}).get(b, 0) / counts[k][a], 4) if counts.get(k, {}).get(a)
-                                 else None) for name, (a, b) in METRICS.items()}} for k in keys}
+    names = TARGET_METRICS[experiment.target]
+    metric = experiment.primary_metric if experiment.primary_metric in names else names[0]
+    counts = {k: {"units": units.get(k, 0), **counts.get(k, {})} for k in keys}
+    per_variant = {k: {**counts[k], **{name: (round(counts[k].get(METRICS[name][1], 0) / counts[k][METRICS[name][0]],
+                                                     4) if counts[k].get(METRICS[name][0]) else None)
+                                       for name in names}} for k in keys}
     total = sum(units.get(k, 0) for k in keys)
     srm = srm_p_value([units.get(k, 0) for k in keys], experiment.weights()) if total else None
     comparisons = {k: compare(counts, keys[0], k, metric, alpha) for k in keys[1:]}
     guardrails = {g: {k: compare(counts, keys[0], k, g, alpha) for k in keys[1:]}
-                  for g in experiment.guardrail_metrics if g in METRICS}
+                  for g in experiment.guardrail_metrics if g in names}
     breaches = [{"guardrail": g, "variant": k, **c} for g, by in guardrails.items() for k, c in by.items()
                 if c.get("ci") and (c["ci"][0] > 0 if g in HIGHER_IS_WORSE else c["ci"][1] < 0)]
     return {"experiment": experiment.key, "status": experiment.status, "primary_metric": metric, "alpha": alpha,
@@ -76,7 +86,7 @@ def compare(counts: dict[str, dict[str, int]], control: str, variant: str, metri
     a, b = counts.get(control, {}), counts.get(variant, {})
     na, nb = a.get(den_key, 0), b.get(den_key, 0)
     if min(na, nb) < MIN_DENOMINATOR:
-        return {"note": f"{metric} needs {MIN_DENOMINATOR}+ {den_key} payments in both variants "
+        return {"note": f"{metric} needs {MIN_DENOMINATOR}+ {den_key} in both variants "
                         f"(control {na}, {variant} {nb})"}
     pa, pb = a.get(num_key, 0) / na, b.get(num_key, 0) / nb
     lo, hi = confidence_sequence(pb, pa, pb * (1 - pb), pa * (1 - pa), nb, na, alpha)
@@ -93,5 +103,11 @@ def experiment_results(client: redis.Redis, keys: KeySpace, experiment: Experime
     for v in variants:
         pipe.scard(k.units(experiment.key, v))
     units = dict(zip(variants, pipe.execute(), strict=True))
+    if experiment.target == "recs":
+        for v in variants:
+            for outcome in RECS_OUTCOMES:
+                pipe.scard(k.converted(experiment.key, v, outcome))
+        found = iter(pipe.execute())
+        return analyse(experiment, units, {v: {outcome: next(found) for outcome in RECS_OUTCOMES} for v in variants})
     outcomes = [tuple(orjson.loads(raw)) for raw in client.hvals(k.outcomes(experiment.key))]
     return analyse(experiment, units, variant_counts(outcomes, variants))  # type: ignore[arg-type]

@@ -30,8 +30,8 @@ def install_request_agent(app: faust.App, runtime: Runtime) -> None:
             started = time.time()
             parsed = [(e.message.key or b"", parse_request(e.message.value)) for e in events]
             good = [(key, p) for key, p in parsed if not isinstance(p, str)]
-            results = await runtime.processor.recs.recommend([doc["user_id"] for _, (doc, _) in good],
-                                                             [opt for _, (_, opt) in good]) if good else []
+            results = await runtime.recommend([doc["user_id"] for _, (doc, _) in good],
+                                              [opt for _, (_, opt) in good]) if good else []
             answers = iter(results)
             outputs = []
             for key, p in parsed:
@@ -43,6 +43,7 @@ def install_request_agent(app: faust.App, runtime: Runtime) -> None:
                     doc = {"type": "recommendation_response", "request_id": req.get("request_id"),
                            "user_id": req["user_id"], "items": res.items, "path": res.path,
                            "model_version": res.model_version,
+                           **({"experiments": list(res.experiments)} if res.experiments else {}),
                            "processing_ms": round((time.time() - started) * 1000, 3)}
                 outputs.append(Output(topics.RECS_RESPONSES, key, orjson.dumps(doc), ""))
             await runtime.send(outputs)

@@ -69,6 +69,7 @@ class RecResult:
     items: list[str]
     path: str
     model_version: str
+    experiments: tuple[dict[str, str], ...] = ()  # the running experiments that shaped it: experiment, variant
 
 
 @dataclass

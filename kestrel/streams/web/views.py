@@ -75,9 +75,10 @@ def install_views(app: faust.App, runtime: Runtime) -> None:
             if isinstance(parsed, str):
                 return refuse(self, 422, "invalid", parsed)
             _, opts = parsed
-            (res,) = await runtime.processor.recommend([user_id], opts)
+            (res,) = await runtime.recommend([user_id], opts)
             return reply(self, {"user_id": user_id, "k": opts.k, "items": res.items,
-                                "model_version": res.model_version, "path": res.path})
+                                "model_version": res.model_version, "path": res.path,
+                                **({"experiments": list(res.experiments)} if res.experiments else {})})
 
     @app.page("/events")
     class Events(View):

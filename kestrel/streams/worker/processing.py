@@ -49,6 +49,7 @@ from kestrel.models.scoring import FraudScore, FraudScorer, Thresholds
 from kestrel.streams.alerts.store import AlertDesk
 from kestrel.streams.config import Settings
 from kestrel.streams.experiments.live import LiveExperiments
+from kestrel.streams.experiments.results import RECS_OUTCOMES
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.ingest.validation import Rejection, check_time, parse_event
 from kestrel.streams.metrics import Metrics
@@ -60,6 +61,8 @@ from kestrel.streams.worker.variant_models import VariantModels, model_refs
 
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
+# what a recommendation experiment's variant may set (Variant.params), and as what
+RECS_PARAMS: dict[str, type] = {"k": int, "mmr_lambda": float, "per_category": int, "fallback_only": bool}
 
 
 DRIFT_MESSAGES = {
@@ -212,18 +215,25 @@ class Processor:
             handler = {"transaction": self._transactions, "interaction": self._interactions,
                        "label": self._labels}[topics.TOPIC_EVENT_TYPE[topic]]
             outputs.extend(await handler(valid, started, writes))
-        fresh = await self._not_yet_delivered(outputs, writes)
+        return await self.deliverable(outputs, writes)
+
+    async def deliverable(self, outputs: list[Output], writes: Sequence[tuple[str, bytes]] = ()) -> list[Output]:
+        """The outputs still to send (see :meth:`_not_yet_delivered`), their exposures counted."""
+        fresh = await self._not_yet_delivered(outputs, list(writes))
         await self._count_exposures([o for o in fresh if o.topic == topics.EXPOSURES])
         return fresh
 
     async def _count_exposures(self, exposures: Sequence[Output]) -> None:
-        """Each variant's exposed units (a set per variant: counting twice is impossible), for the SRM check."""
+        """Each variant's exposed units (a set per variant: counting twice is impossible), for the SRM check,
+        and when each unit was first exposed (set once: the start of a recommendation's attribution window)."""
         if not exposures:
             return
         pipe = self.client.pipeline(transaction=False)
+        now = repr(time.time())
         for out in exposures:
             doc = orjson.loads(out.value)
             pipe.sadd(self.keys.experiments.units(doc["experiment"], doc["variant"]), doc["unit"])
+            pipe.hsetnx(self.keys.experiments.exposed_at(doc["experiment"]), doc["unit"], now)
         await pipe.execute()
 
     def _validate(self, topic: str, records: Sequence[RawRecord],
@@ -338,9 +348,86 @@ class Processor:
     def token(self, entity: str, raw_id: str) -> str:
         return self.hasher.token(entity, raw_id)
 
-    async def recommend(self, user_ids: Sequence[str], options: RecOptions | Sequence[RecOptions]) -> list[RecResult]:
-        """Recommendations for raw user ids from their current features (two-tower, or trending fallback)."""
-        return await self.recs.recommend(user_ids, options)
+    async def recommend(self, user_ids: Sequence[str], options: RecOptions | Sequence[RecOptions],
+                        exposures: list[Output]) -> list[RecResult]:
+        """Recommendations for raw user ids from their current features (two-tower, or trending fallback),
+        routed through the running recommendation experiments.
+
+        A variant's parameters (:data:`RECS_PARAMS`) change the user's
+        options, and each result names its experiments and variants; each
+        user's first exposure per experiment is appended to ``exposures``,
+        which the caller delivers (through the ledger: once per user).
+        Variants that run another recommendation model are not served yet,
+        so such an experiment enrols no one.
+        """
+        experiments = await self.experiments.running("recs")
+        if not experiments:
+            return await self.recs.recommend(user_ids, options)
+        opts = [options] * len(user_ids) if isinstance(options, RecOptions) else list(options)
+        served = [exp for exp in experiments if not any(v.model for v in exp.variants)]
+        if len(served) < len(experiments):
+            idle = len(user_ids) * (len(experiments) - len(served))
+            self.metrics.experiments_idle.labels("model_not_loaded").inc(idle)
+        enrolled: list[tuple[str, list[tuple[Experiment, Variant]]]] = []
+        for i, user_id in enumerate(user_ids):
+            unit = self.token("user", user_id)
+            chosen = []
+            for exp in served:
+                routed = route(exp, {"user": unit})
+                if routed.variant is not None:
+                    variant = exp.variants[routed.index]
+                    opts[i] = _with_recs_params(opts[i], variant.params)
+                    chosen.append((exp, variant))
+            enrolled.append((unit, chosen))
+        results = await self.recs.recommend(user_ids, opts)
+        at = iso_of(time.time())
+        out = []
+        for user_id, (unit, chosen), res in zip(user_ids, enrolled, results, strict=True):
+            if chosen:
+                res = replace(res, experiments=tuple({"experiment": exp.key, "variant": v.key,
+                                                      "model_version": res.model_version} for exp, v in chosen))
+                for exp, variant in chosen:
+                    exposure = self._exposure(exp, variant, unit, f"recs:{user_id}", res.model_version, at)
+                    if exposure is not None:
+                        exposures.append(exposure)
+            out.append(res)
+        return out
+
+    def _exposure(self, exp: Experiment, variant: Variant, unit: str, first: str, version: str,
+                  at: str) -> Output | None:
+        """A unit's exposure to ``variant``, marked per (experiment, unit) so that the ledger sends it once
+        (None: this worker knows it delivered already)."""
+        ident = f"{exp.key}:{unit}"
+        mark = self.keys.published("exposure", ident)
+        if mark in self.exposed:  # known delivered: the ledger would drop it (after a restart it asks Redis)
+            return None
+        doc = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key, "variant": variant.key,
+               "hash_attribute": exp.hash_attribute, "unit": unit, "first_event_id": first, "model_version": version,
+               "at": at}
+        return Output(topics.EXPOSURES, unit.encode(), orjson.dumps(doc), mark)
+
+    async def _recs_outcomes(self, events: Sequence[Interaction]) -> None:
+        """Clicks and purchases of exposed users, each counted once for the variant they were exposed to, when
+        it came within the experiment's attribution window after their first exposure (processing time)."""
+        experiments = [exp for exp in await self.experiments.running("recs")
+                       if not any(v.model for v in exp.variants)]
+        wanted = [(exp, self.token("user", e.user_id), outcome) for e in events for exp in experiments
+                  for outcome, kinds in RECS_OUTCOMES.items() if e.kind in kinds]
+        if not wanted:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for exp, unit, _ in wanted:
+            pipe.hget(self.keys.experiments.exposed_at(exp.key), unit)
+        now = time.time()
+        n = 0
+        for (exp, unit, outcome), since in zip(wanted, await pipe.execute(), strict=True):
+            if since is not None and 0.0 <= now - float(since) <= exp.attribution_s:
+                routed = route(exp, {"user": unit})  # sticky: the variant the unit was exposed to
+                if routed.variant is not None:
+                    pipe.sadd(self.keys.experiments.converted(exp.key, routed.variant, outcome), unit)
+                    n += 1
+        if n:
+            await pipe.execute()
 
     # -- per event type ----------------------------------------------------
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
@@ -478,14 +565,9 @@ class Processor:
                                                                     review_t))
                 s = FraudScore(s.score, thresholds.action(s.score), s.reasons)
             enrolled.append({"experiment": exp.key, "variant": variant.key, "model_version": scorer.version})
-            ident = f"{exp.key}:{card}"
-            mark = self.keys.published("exposure", ident)
-            if mark in self.exposed:  # known delivered: the ledger would drop it (after a restart it asks Redis)
-                continue
-            exposure = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key,
-                        "variant": variant.key, "hash_attribute": exp.hash_attribute, "unit": card,
-                        "first_event_id": e.event_id, "model_version": scorer.version, "at": at}
-            exposures.append(Output(topics.EXPOSURES, card.encode(), orjson.dumps(exposure), mark))
+            exposure = self._exposure(exp, variant, card, e.event_id, scorer.version, at)
+            if exposure is not None:
+                exposures.append(exposure)
         return s, enrolled
 
     def _payment_unit(self, e: Transaction) -> EventUnit:
@@ -522,8 +604,10 @@ class Processor:
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         # Items first seen here (with a category in their context) join the index in batches.
         self.recs.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
+        await self._recs_outcomes(events)  # before this batch's exposures: a unit's own first event is no outcome
         users = sorted({e.user_id for e in events})  # after the writes: the next recs reflect this batch
-        recs = dict(zip(users, await self.recommend(users, RecOptions(RECS_PER_DECISION)), strict=True))
+        exposures: list[Output] = []
+        recs = dict(zip(users, await self.recommend(users, RecOptions(RECS_PER_DECISION), exposures), strict=True))
         now = time.time()
         outputs = []
         for rec, e in valid:
@@ -532,12 +616,13 @@ class Processor:
             doc = {"type": "recommendation", "event_id": e.event_id, "user": user, "items": res.items,
                    "model_version": res.model_version, "path": res.path,
                    "trigger": {"item_id": e.item_id, "kind": e.kind},
+                   **({"experiments": list(res.experiments)} if res.experiments else {}),
                    "event_time": iso_of(e.epoch_s), "decided_at": iso_of(now),
                    "processing_ms": round((now - started) * 1000, 3)}
             outputs.append(Output(topics.RECOMMENDATION_DECISIONS, user.encode(), orjson.dumps(doc),
                                   self.keys.published("recs", e.event_id)))
             self._observe("recommendation", rec, started, now)
-        return outputs
+        return outputs + exposures
 
     async def _labels(self, valid: list[tuple[RawRecord, Label]], started: float,
                       writes: list[tuple[str, bytes]]) -> list[Output]:
@@ -686,3 +771,13 @@ class Processor:
         latency.observe(now - started)
         if rec.timestamp_ms:
             age.observe(max(now - rec.timestamp_ms / 1000, 0.0))
+
+
+def _with_recs_params(opts: RecOptions, params: dict[str, Any]) -> RecOptions:
+    """``opts`` with a recommendation variant's parameters (the known ones: :data:`RECS_PARAMS`).
+
+    >>> _with_recs_params(RecOptions(k=10), {"mmr_lambda": 0.5, "k": 3, "colour": "red"})
+    RecOptions(k=3, exclude=(), mmr_lambda=0.5, per_category=None, fallback_only=False)
+    """
+    changes = {name: cast(params[name]) for name, cast in RECS_PARAMS.items() if name in params}
+    return replace(opts, **changes) if changes else opts

@@ -139,6 +139,17 @@ class Runtime:
             futures.append(await producer.send_batch(batch, name, partition=partition))
         await asyncio.gather(*futures)
 
+    async def recommend(self, user_ids: list[str], options: Any) -> list[Any]:
+        """Recommendations asked for outside a batch (HTTP, ``recs.requests``), through the running experiments:
+        their first exposures are delivered (once per user, through the ledger) before the answer goes out."""
+        exposures: list[Output] = []
+        results = await self.processor.recommend(user_ids, options, exposures)
+        if exposures:
+            fresh = await self.processor.deliverable(exposures)
+            await self.send(fresh)
+            await self.processor.mark_delivered(fresh)
+        return results
+
     async def prepare(self, topic: str, events: list[Any]) -> Batch:
         """Process one batch (features, decisions, outboxes).
 
