@@ -185,6 +185,10 @@ class ExperimentKeys:
         """When each unit was first exposed (recs: the start of its attribution window): unit -> epoch, set once."""
         return f"{self.prefix}:exp:exposed_at:{experiment}"
 
+    def series(self, experiment: str) -> str:
+        """The experiment's results over time: a hash, time bucket -> snapshot (any worker may write a bucket)."""
+        return f"{self.prefix}:exp:series:{experiment}"
+
     def converted(self, experiment: str, variant: str, outcome: str) -> str:
         """The units of a variant that clicked or purchased (``outcome``) within their attribution window: a set."""
         return f"{self.prefix}:exp:converted:{experiment}:{variant}:{outcome}"

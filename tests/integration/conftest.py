@@ -20,6 +20,7 @@ from kestrel.feature_store import topics
 from kestrel.streams.cli.demo import _wait_ready, erase_prefix, start_worker, stop_worker
 from kestrel.streams.config import Settings
 from kestrel.streams.services import EmbeddedBroker, LocalRedis, free_port
+from tests.integration.browser import browser  # noqa: F401  (the fixture of the page tests)
 
 pytestmark = pytest.mark.integration
 

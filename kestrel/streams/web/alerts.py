@@ -7,17 +7,14 @@
   ``Authorization: Bearer <KESTREL_API_TOKEN>``: closes the case and produces one label per
   transaction; 202 with the label event ids, 409 once the case is closed
 
-The pages never hold the token: the analyst pastes it once, the page keeps it in the tab's
-sessionStorage and sends it as a bearer header with ``fetch`` (a header, not a cookie, so no
-other site can make the browser send it). Every value in the HTML is escaped, and the
-Content-Security-Policy allows only this server's own script and stylesheet.
+The pages never hold the token, every value is escaped and the Content-Security-Policy allows
+only this server's own script and stylesheet (kestrel/streams/web/pages.py).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from html import escape
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -27,6 +24,10 @@ from faust.web import Request, Response, View
 from kestrel.streams.alerts.cases import SEVERITIES, Problem, parse_verdict
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.web.auth import token_refusal
+from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS
+from kestrel.streams.web.pages import e as _e
+from kestrel.streams.web.pages import page as _shell
+from kestrel.streams.web.pages import time_html as _time
 
 if TYPE_CHECKING:
     from kestrel.streams.worker.runtime import Runtime
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 CASE_ID = re.compile(r"^[0-9a-f]{20}$")
 MAX_BODY = 16 * 1024
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-store"}
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d232a; }
@@ -56,40 +53,22 @@ code { font-size: 12px; }
 td a, td time { white-space: nowrap; }
 """
 
-JS = r"""
-"use strict";
+JS = '"use strict";\n' + TOKEN_JS + r"""
 (function () {
-  const KEY = "kestrel-api-token";
-  const input = document.getElementById("token");
-  const state = document.getElementById("token-state");
-  const show = () => { state.textContent = sessionStorage.getItem(KEY) ? "token set for this tab" : "no token yet"; };
-  document.getElementById("save-token").addEventListener("click", () => {
-    const value = input.value.trim();
-    if (value) { sessionStorage.setItem(KEY, value); input.value = ""; }
-    show();
-  });
-  show();
+  setUpTokenBox();
   const result = document.getElementById("result");
   const buttons = Array.from(document.querySelectorAll("button[data-verdict]"));
   for (const button of buttons) {
     button.addEventListener("click", async () => {
-      const token = sessionStorage.getItem(KEY);
-      if (!token) { result.className = "error"; result.textContent = "Paste the API token first."; return; }
+      if (!sessionStorage.getItem(TOKEN_KEY)) {
+        result.className = "error"; result.textContent = "Paste the API token first."; return;
+      }
       const note = document.getElementById("note").value.trim();
       buttons.forEach((b) => { b.disabled = true; });
       result.className = ""; result.textContent = "sending…";
-      let status = 0, body = {};
-      try {
-        const resp = await fetch("/api/alerts/" + encodeURIComponent(document.body.dataset.caseId) + "/verdict", {
-          method: "POST",
-          headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
-          body: JSON.stringify(note ? {verdict: button.dataset.verdict, note} : {verdict: button.dataset.verdict}),
-        });
-        status = resp.status;
-        body = await resp.json().catch(() => ({}));
-      } catch (err) {
-        body = {message: String(err)};
-      }
+      const {status, body} = await postJson(
+        "/api/alerts/" + encodeURIComponent(document.body.dataset.caseId) + "/verdict",
+        note ? {verdict: button.dataset.verdict, note} : {verdict: button.dataset.verdict});
       if (status === 202) {
         result.className = "ok";
         result.textContent = "Verdict " + body.verdict + " recorded; " + body.labels.length + " label(s) sent.";
@@ -111,14 +90,8 @@ JS = r"""
 """
 
 
-def _e(value: Any) -> str:
-    return escape("" if value is None else str(value), quote=True)
-
-
 def _page(title: str, body: str, attrs: str = "") -> str:
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            '<link rel="stylesheet" href="/alerts/static/alerts.css"></head>'
-            f"<body{attrs}>{body}</body></html>")
+    return _shell(title, body, "/alerts/static/alerts.css", attrs)
 
 
 def _severity(severity: str) -> str:
@@ -127,17 +100,6 @@ def _severity(severity: str) -> str:
 
 def _score(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, int | float) else _e(value)
-
-
-def _time(iso: Any) -> str:
-    """An ISO time as ``2026-03-01 12:00:05Z``, the full value in the element's datetime.
-
-    >>> _time("2026-03-01T12:00:05.123Z")
-    '<time datetime="2026-03-01T12:00:05.123Z">2026-03-01 12:00:05Z</time>'
-    """
-    text = str(iso or "")
-    short = text[:19].replace("T", " ") + ("Z" if text.endswith("Z") else "")
-    return f'<time datetime="{_e(text)}">{_e(short)}</time>'
 
 
 def _amount(line: Mapping[str, Any]) -> str:
@@ -188,9 +150,7 @@ def render_case(case: Mapping[str, Any]) -> str:
     decided = (f'<p id="decided">Verdict <b>{_e(verdict["verdict"])}</b> at {_time(verdict["at"])}'
                f'{": " + _e(verdict["note"]) if verdict.get("note") else ""}</p>' if verdict else "")
     open_ = case["status"] == "open"
-    actions = ('<div class="token"><label>API token <input id="token" type="password" autocomplete="off"></label> '
-               '<button id="save-token" type="button">Use token</button> <span id="token-state"></span></div>'
-               '<div class="actions"><p><label>Note (optional) <input id="note" maxlength="1000" size="60">'
+    actions = (TOKEN_BOX + '<div class="actions"><p><label>Note (optional) <input id="note" maxlength="1000" size="60">'
                '</label></p>'
                f'<button id="confirm-fraud" type="button" data-verdict="fraud"{"" if open_ else " disabled"}>'
                "Confirm fraud</button>"

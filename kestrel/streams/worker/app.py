@@ -23,6 +23,7 @@ from kestrel.streams.config import Settings
 from kestrel.streams.records import Output
 from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
+from kestrel.streams.web.experiment_pages import install_experiment_pages
 from kestrel.streams.web.experiments import install_experiment_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     install_views(app, runtime)
     install_alert_views(app, runtime)
     install_experiment_views(app, runtime)
+    install_experiment_pages(app, runtime)
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
     if is_registry(settings.fraud_model, "fraud"):
         _install_model_watcher(app, runtime)
@@ -98,19 +100,25 @@ async def _until_done(step: Any, failure: str, cap_s: float) -> None:
 
 
 def _install_guardrail_monitor(app: faust.App, runtime: Runtime) -> None:
-    """Stop experiments whose guardrails are breached (see kestrel/streams/experiments/guardrails.py)."""
+    """Stop experiments whose guardrails are breached (see kestrel/streams/experiments/guardrails.py), and keep
+    each running experiment's results over time for the experiments page (series.py)."""
     import redis
 
     from kestrel.feature_store.keys import KeySpace
     from kestrel.streams.experiments.guardrails import stop_breached
+    from kestrel.streams.experiments.series import record_running
 
     settings = runtime.settings
+
+    def tick(client: redis.Redis, keys: KeySpace) -> list[dict[str, Any]]:
+        record_running(client, keys, settings.guardrail_check_s)
+        return stop_breached(client, keys)
 
     @app.timer(settings.guardrail_check_s)
     async def watch_guardrails() -> None:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
         try:
-            stopped = await asyncio.to_thread(stop_breached, client, KeySpace(settings.redis_prefix))
+            stopped = await asyncio.to_thread(tick, client, KeySpace(settings.redis_prefix))
         except Exception:  # Redis away: the next tick tries again; decisions are not affected
             log.exception("guardrail check failed")
             return
