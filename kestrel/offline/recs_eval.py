@@ -76,6 +76,47 @@ def _top_unseen(scores: np.ndarray, seen_rows: Sequence[np.ndarray], k: int) -> 
     return out
 
 
+def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], *, index_kind: str = "auto",
+                      seed: int = 7, snap: Any = None) -> dict[str, Any]:
+    """A two-tower artifact's ranking metrics on a split, through the serving path (query tower, FAISS index,
+    seen items dropped), with its retrieval latency.
+
+    ``art`` need not be the model trained on ``train``: an older version (the
+    champion a candidate is gated against) is measured on the same users and
+    held-out items; a held-out item its catalogue does not know is a miss.
+    """
+    vocab = art.vocab
+    n_items = len(vocab.item_ids)
+    users = sorted(held)
+    unknown = iter(range(-1, -10 ** 9, -1))  # rows no index returns: items this version does not know
+    relevant = [{vocab.item_index.get(i, next(unknown)) for i in held[u]} for u in users]
+    seen_items = train.groupby("user")["item"].agg(list).to_dict()
+    seen = [np.fromiter((vocab.item_index[i] for i in seen_items.get(u, ()) if i in vocab.item_index), dtype=np.int64)
+            for u in users]
+    sample = np.random.default_rng(seed).choice(len(users), min(LATENCY_SAMPLE, len(users)), replace=False)
+    snap = snap or build_snapshot(vocab.item_ids, art.item_embeddings, art.version, kind=index_kind)
+    encoder = art.encoder()
+    recents, times = query_for_users(train, users, art.model.config.history_len)
+
+    def retrieve(qvecs: np.ndarray, seen_rows: Sequence[np.ndarray]) -> list[list[int]]:
+        depth = min(n_items, 20 + max(len(s) for s in seen_rows))
+        _, rows = snap.search(qvecs, depth)
+        out = []
+        for found, s in zip(rows, seen_rows, strict=True):
+            sset = set(s.tolist())
+            out.append([int(r) for r in found if r >= 0 and r not in sset][:20])
+        return out
+
+    ranked: list[list[int]] = []
+    for start in range(0, len(users), 1024):
+        end = start + 1024
+        ranked.extend(retrieve(encoder.encode(users[start:end], recents[start:end], times[start:end]),
+                               seen[start:end]))
+    metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
+    metrics |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]), [seen[i]]), sample)
+    return metrics | {"index": snap.kind, "index_recall_at_20": snap.measured_recall}
+
+
 def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_size: int = 512, lr: float = 3e-3,
                   ease_lambda: float = 200.0, knn_neighbours: int = 100, seed: int = 7, progress: bool = True,
                   index_kind: str = "auto", log: Callable[[str], None] | None = None,
@@ -100,29 +141,10 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(users), min(LATENCY_SAMPLE, len(users)), replace=False)
 
-    # -- two-tower through the serving path: query tower -> FAISS -> drop seen ----------------------
     snap = build_snapshot(vocab.item_ids, art.item_embeddings, art.version, kind=index_kind)
+    results: dict[str, Any] = {"two_tower": two_tower_metrics(art, train, held, seed=seed, snap=snap)}
     encoder = art.encoder()
     recents, times = query_for_users(train, users, art.model.config.history_len)
-
-    def retrieve(qvecs: np.ndarray, seen_rows: Sequence[np.ndarray]) -> list[list[int]]:
-        depth = min(n_items, 20 + max(len(s) for s in seen_rows))
-        _, rows = snap.search(qvecs, depth)
-        out = []
-        for found, s in zip(rows, seen_rows, strict=True):
-            sset = set(s.tolist())
-            out.append([int(r) for r in found if r >= 0 and r not in sset][:20])
-        return out
-
-    tt_rank: list[list[int]] = []
-    for start in range(0, len(users), 1024):
-        end = start + 1024
-        q = encoder.encode(users[start:end], recents[start:end], times[start:end])
-        tt_rank.extend(retrieve(q, seen[start:end]))
-    results: dict[str, Any] = {"two_tower": ranking_metrics(tt_rank, relevant, n_items)}
-    results["two_tower"] |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]),
-                                                        [seen[i]]), sample)
-    results["two_tower"] |= {"index": snap.kind, "index_recall_at_20": snap.measured_recall}
 
     # -- baselines ------------------------------------------------------------------------------------
     baselines: list[Any] = [Popularity(), ItemKNN(knn_neighbours)]

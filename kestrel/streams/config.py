@@ -48,7 +48,8 @@ class Settings:
     degraded_mode: str = ""
     redis_timeout_s: float = 5.0  # socket timeout of the worker's Redis calls
     poison_retries: int = 3  # attempts of a batch that fails for a non-transient reason before it is split
-    recs_model: str = ""  # two-tower artifact folder, or a root whose CURRENT names the version; empty: trending
+    recs_model: str = ""  # two-tower artifact folder, a root whose CURRENT names the version, or a registry
+    recs_alias: str = "champion"  # the registry alias served, when recs_model is a registry
     # "worker": head-only feature sets are updated by the worker, Redis storing the heads (head_state.py);
     # "redis": all the arithmetic in the Lua script (the values are the same)
     head_arithmetic: str = "worker"
@@ -87,6 +88,7 @@ class Settings:
             redis_timeout_s=float(_env("KESTREL_REDIS_TIMEOUT_S", str(d.redis_timeout_s))),
             poison_retries=int(_env("KESTREL_POISON_RETRIES", str(d.poison_retries))),
             recs_model=_env("KESTREL_RECS_MODEL", d.recs_model),
+            recs_alias=_env("KESTREL_RECS_ALIAS", d.recs_alias),
             head_arithmetic=_env("KESTREL_HEAD_ARITHMETIC", d.head_arithmetic),
         )
 
@@ -126,5 +128,6 @@ class Settings:
             "KESTREL_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
             "KESTREL_POISON_RETRIES": str(self.poison_retries),
             "KESTREL_RECS_MODEL": self.recs_model,
+            "KESTREL_RECS_ALIAS": self.recs_alias,
             "KESTREL_HEAD_ARITHMETIC": self.head_arithmetic,
         }

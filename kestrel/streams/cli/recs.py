@@ -39,6 +39,14 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--simulate", type=int, default=0, metavar="N",
                    help="train on N simulated interactions (the demo's simulator) instead of --csv")
     p.add_argument("--out", default="artifacts/recs", help="artifact root: writes OUT/<version>/ and OUT/CURRENT")
+    p.add_argument("--registry", default=None,
+                   help="register the version in this registry (or KESTREL_REGISTRY with --promote): each user's "
+                        "newest interactions are then held out, and the candidate and the champion are both "
+                        "measured there for the gate")
+    p.add_argument("--promote", action="store_true", help="register, then move the alias if the gate passes")
+    p.add_argument("--alias", default="champion", help="with --promote: the alias to move (workers serve "
+                                                        "KESTREL_RECS_ALIAS)")
+    p.add_argument("--why", default=None, help="with --promote: the reason, for the audit log")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_train)
@@ -93,6 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kestrel.offline.recs_train import train_two_tower
 
     df = _load(args)
+    if args.registry or args.promote:
+        summary = _train_candidate(args, df)
+        print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
+        return 0
     art = train_two_tower(df, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, progress=not args.no_progress)
     folder = art.save(args.out)
@@ -100,6 +112,30 @@ def cmd_train(args: argparse.Namespace) -> int:
                **{k: art.metadata[k] for k in ("examples", "train_seconds", "examples_per_s", "loss_per_epoch")}}
     print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
+
+
+def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any]:
+    """Train with each user's newest interactions held out, register the version, ask the gate if ``--promote``."""
+    from kestrel.models.gate import GatePolicy
+    from kestrel.models.registry import Registry, promote
+    from kestrel.offline.recs_registry import train_recs_candidate
+    from kestrel.streams.cli.models import announce_move, registry_root
+
+    registry = Registry(registry_root(args), "recs")
+    art, record = train_recs_candidate(df, registry, args.out, alias=args.alias, epochs=args.epochs, dim=args.dim,
+                                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                       progress=lambda m: print(m, file=sys.stderr))
+    out: dict[str, Any] = {"model_version": art.version, "path": record.path, "registry": str(registry.root),
+                           "metrics": record.metrics, "evaluation": record.evaluation}
+    if args.promote:
+        out["promotion"] = promote(registry, record.version, alias=args.alias, policy=GatePolicy.for_kind("recs"),
+                                   why=args.why or "")
+        if out["promotion"]["moved"]:
+            out["promotion"]["announced"] = announce_move(args, "recs", args.alias, record.version,
+                                                          out["promotion"]["seq"])
+        print(f"{args.alias}: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
+              + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]), file=sys.stderr)
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -89,9 +89,11 @@ async def exclude_items(client: aioredis.Redis, keys: KeySpace, items: Sequence[
 
 class RecommendationService:
     def __init__(self, client: aioredis.Redis, keys: KeySpace, hasher: KeyedHasher, model_path: str = "",
-                 fallback: PopularityRecommender | None = None) -> None:
+                 fallback: PopularityRecommender | None = None, alias: str = "champion") -> None:
         self.client, self.keys, self.hasher = client, keys, hasher
         self.model_path = model_path
+        self.alias = alias  # when model_path is a registry: the alias served (moving it swaps the model)
+        self._checksums: dict[str, str] = {}  # registered artifact path -> checksum, checked before loading
         self.fallback = fallback or PopularityRecommender()
         self.holder = IndexHolder()  # snapshot.extra is the _Live of the same model version
         self._loading: asyncio.Task[None] | None = None
@@ -110,15 +112,25 @@ class RecommendationService:
         return snap.version if snap is not None else self.fallback.version
 
     def _current_target(self) -> str | None:
+        """The artifact to serve: the registry alias's version, or the folder ``CURRENT`` names."""
+        from kestrel.models.registry import Registry, RegistryError, is_registry
         from kestrel.models.two_tower import resolve_artifact
 
+        if is_registry(self.model_path, "recs"):
+            try:
+                record = Registry(self.model_path, "recs").resolve(self.alias)
+            except RegistryError:
+                return None
+            self._checksums[record.path] = record.checksum
+            return record.path
         try:
             return str(resolve_artifact(self.model_path))
         except FileNotFoundError:
             return None
 
     def _maybe_reload(self) -> None:
-        """Start loading a new artifact in a thread when ``CURRENT`` names one we do not serve yet."""
+        """Start loading a new artifact in a thread when ``CURRENT`` or the registry alias names one we do not serve
+        yet (checked every ``RELOAD_CHECK_S``)."""
         if not self.model_path or time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + RELOAD_CHECK_S
@@ -133,7 +145,7 @@ class RecommendationService:
 
     async def _load(self, target: str) -> None:
         try:
-            snap = await asyncio.to_thread(self._build, target)
+            snap = await asyncio.to_thread(self._build, target, self._checksums.get(target))
         except Exception:
             log.exception("could not load the recommendation model at %s; serving the previous one", target)
             self._loaded_from = target  # do not retry a broken artifact every few seconds
@@ -144,10 +156,13 @@ class RecommendationService:
         log.warning("recommendation model %s live (%s index, %d items)", snap.version, snap.kind, snap.size)
 
     @staticmethod
-    def _build(target: str) -> IndexSnapshot:
+    def _build(target: str, checksum: str | None = None) -> IndexSnapshot:
+        from kestrel.models.registry import artifact_checksum
         from kestrel.models.retrieval import build_snapshot
         from kestrel.models.two_tower import load_artifact
 
+        if checksum is not None and artifact_checksum(target) != checksum:  # a registered version, changed on disk
+            raise ValueError(f"{target}: the files differ from the registered checksum; not loaded")
         art = load_artifact(target)
         snap = build_snapshot(art.vocab.item_ids, art.item_embeddings, art.version)
         live = _Live(art, dict(zip(art.vocab.item_ids, art.vocab.item_category, strict=True)))

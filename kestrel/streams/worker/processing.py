@@ -184,7 +184,8 @@ class Processor:
                                             on_result=lambda result: metrics.variant_models.labels(result).inc())
         self.exposed = RecentMarks(200_000)  # exposures this worker knows delivered: not proposed again
         self.recommender = recommender or PopularityRecommender()
-        self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender)
+        self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender,
+                                          alias=settings.recs_alias)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
         self._timing = {kind: (metrics.decision_latency.labels(kind), metrics.event_age.labels(kind))
                         for kind in ("fraud", "recommendation", "label")}
