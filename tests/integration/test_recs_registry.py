@@ -62,3 +62,66 @@ def test_train_register_gate_and_serve_the_alias(tmp_path, redis_url):
             await client.aclose()
 
     asyncio.run(serve())
+
+
+def test_a_recs_variant_answers_its_users_with_its_model(tmp_path, redis_url):
+    """An experiment whose variant runs the registry's `challenger`: its users get that model's
+    recommendations (and say so), control users the champion's; nobody is enrolled before it is loaded."""
+    import dataclasses
+
+    import orjson
+    import redis as sync_redis
+
+    from kestrel.feature_store import topics
+    from kestrel.feature_store.erase import delete_matching
+    from kestrel.models.experiments import Experiment, route
+    from kestrel.models.two_tower import load_artifact
+    from kestrel.streams.config import Settings
+    from kestrel.streams.experiments.store import ExperimentStore
+    from kestrel.streams.metrics import Metrics
+    from kestrel.streams.worker.processing import Processor
+    from tests.integration.test_recs_experiments import _interactions
+
+    root, out = tmp_path / "registry", tmp_path / "artifacts"
+    v1, v2 = _train(root, out, seed=3)["model_version"], _train(root, out, seed=4)["model_version"]
+    registry = Registry(root, "recs")
+    registry.move("champion", v1, action="force", why="test")
+    registry.move("challenger", v2, action="force", why="test")
+    items = load_artifact(registry.get(v1).path).vocab.item_ids
+    prefix = f"kestrel-test-recs-variant-{secrets.token_hex(4)}"
+    settings = Settings().with_(redis_prefix=prefix, redis_url=redis_url, recs_model=str(root))
+    sync = sync_redis.Redis.from_url(redis_url)
+    exp = Experiment.model_validate({
+        "key": "recs-model", "target": "recs", "hash_attribute": "user", "seed": "recs-model-1",
+        "variants": [{"key": "control"}, {"key": "challenger", "model": "challenger"}],
+        "primary_metric": "ctr", "status": "running"})
+    ExperimentStore(sync, KeySpace(prefix)).create(exp, "test")
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        proc = Processor(settings, client, Metrics())
+        try:
+            assert await proc.recs.wait_loaded(timeout_s=120) and proc.recs.version == v1
+            records = [dataclasses.replace(r, value=orjson.dumps(  # items the models know: personalised answers
+                {**orjson.loads(r.value), "item_id": items[i % len(items)]}))
+                for i, r in enumerate(_interactions(range(80), "view", "a"))]
+            first = await proc.process(topics.INTERACTIONS, records[:40])
+            assert not [o for o in first if o.topic == topics.EXPOSURES]  # the challenger was not loaded yet
+            await proc.mark_delivered(first)
+            await proc.recs_variants["challenger"].wait_loaded(timeout_s=120)
+            outs = await proc.process(topics.INTERACTIONS, records)
+            docs = [orjson.loads(o.value) for o in outs if o.topic == topics.RECOMMENDATION_DECISIONS]
+            seen = set()
+            for d in docs:
+                (enrolled,) = d["experiments"]
+                variant = route(exp, {"user": d["user"]}).variant
+                assert enrolled["variant"] == variant
+                if d["path"] == "personalised":
+                    assert d["model_version"] == (v2 if variant == "challenger" else v1), d
+                    seen.add(variant)
+            assert seen == {"control", "challenger"}
+        finally:
+            await client.aclose()
+            delete_matching(sync, f"{prefix}:*")
+
+    asyncio.run(run())

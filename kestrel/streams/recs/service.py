@@ -168,6 +168,15 @@ class RecommendationService:
         live = _Live(art, dict(zip(art.vocab.item_ids, art.vocab.item_category, strict=True)))
         return dataclasses.replace(snap, extra=live, row_of=snap.row_of)
 
+    @property
+    def loaded(self) -> bool:
+        """Whether a model serves (else every answer is the trending fallback)."""
+        return self.holder.current is not None
+
+    def refresh(self) -> None:
+        """Check ``CURRENT`` or the alias (at most every ``RELOAD_CHECK_S``), for a service not asked yet."""
+        self._maybe_reload()
+
     async def wait_loaded(self, timeout_s: float = 60.0) -> bool:
         """For tools and tests: start loading now and wait until a model is live."""
         self._next_check = 0.0

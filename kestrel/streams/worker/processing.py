@@ -186,6 +186,7 @@ class Processor:
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender,
                                           alias=settings.recs_alias)
+        self.recs_variants: dict[str, RecommendationService] = {}  # the recs models experiment variants name
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
         self._timing = {kind: (metrics.decision_latency.labels(kind), metrics.event_age.labels(kind))
                         for kind in ("fraud", "recommendation", "label")}
@@ -358,29 +359,45 @@ class Processor:
         options, and each result names its experiments and variants; each
         user's first exposure per experiment is appended to ``exposures``,
         which the caller delivers (through the ledger: once per user).
-        Variants that run another recommendation model are not served yet,
-        so such an experiment enrols no one.
+        A variant may run another model of the recommendation registry
+        (``Variant.model``, an alias or version): its users are answered by
+        that model, loaded beside the served one; until it is loaded the
+        experiment enrols no one.
         """
         experiments = await self.experiments.running("recs")
         if not experiments:
             return await self.recs.recommend(user_ids, options)
         opts = [options] * len(user_ids) if isinstance(options, RecOptions) else list(options)
-        served = [exp for exp in experiments if not any(v.model for v in exp.variants)]
+        services = self._recs_services(experiments)
+        served = [exp for exp in experiments if all(not v.model or v.model in services for v in exp.variants)]
         if len(served) < len(experiments):
             idle = len(user_ids) * (len(experiments) - len(served))
             self.metrics.experiments_idle.labels("model_not_loaded").inc(idle)
         enrolled: list[tuple[str, list[tuple[Experiment, Variant]]]] = []
+        by_service: dict[str | None, list[int]] = {}
         for i, user_id in enumerate(user_ids):
             unit = self.token("user", user_id)
-            chosen = []
+            chosen, model = [], None
             for exp in served:
                 routed = route(exp, {"user": unit})
-                if routed.variant is not None:
-                    variant = exp.variants[routed.index]
-                    opts[i] = _with_recs_params(opts[i], variant.params)
-                    chosen.append((exp, variant))
+                if routed.variant is None:
+                    continue
+                variant = exp.variants[routed.index]
+                if variant.model:
+                    if model is not None:  # one model answers a user: run model experiments in one namespace
+                        self.metrics.experiments_idle.labels("another_model_decides").inc()
+                        continue
+                    model = variant.model
+                opts[i] = _with_recs_params(opts[i], variant.params)
+                chosen.append((exp, variant))
             enrolled.append((unit, chosen))
-        results = await self.recs.recommend(user_ids, opts)
+            by_service.setdefault(model, []).append(i)
+        results: list[RecResult] = [None] * len(user_ids)  # type: ignore[list-item]
+        for ref, idx in by_service.items():
+            service = self.recs if ref is None else services[ref]
+            for i, res in zip(idx, await service.recommend([user_ids[i] for i in idx], [opts[i] for i in idx]),
+                              strict=True):
+                results[i] = res
         at = iso_of(time.time())
         out = []
         for user_id, (unit, chosen), res in zip(user_ids, enrolled, results, strict=True):
@@ -393,6 +410,24 @@ class Processor:
                         exposures.append(exposure)
             out.append(res)
         return out
+
+    def _recs_services(self, experiments: Sequence[Experiment]) -> dict[str, RecommendationService]:
+        """The loaded recommendation services of the models the variants name (a recs registry's aliases or
+        versions, beside the served one); those not loaded yet are started, those no longer named dropped."""
+        refs = {v.model for exp in experiments for v in exp.variants if v.model}
+        for gone in set(self.recs_variants) - refs:
+            del self.recs_variants[gone]
+        if not refs or not is_registry(self.settings.recs_model, "recs"):
+            return {}
+        for ref in refs - set(self.recs_variants):
+            self.recs_variants[ref] = RecommendationService(self.client, self.keys, self.hasher,
+                                                            self.settings.recs_model, self.recommender, alias=ref)
+        ready = {}
+        for ref, service in self.recs_variants.items():
+            service.refresh()  # loads in a thread; moving the alias swaps it, as for the served model
+            if service.loaded:
+                ready[ref] = service
+        return ready
 
     def _exposure(self, exp: Experiment, variant: Variant, unit: str, first: str, version: str,
                   at: str) -> Output | None:
@@ -410,8 +445,7 @@ class Processor:
     async def _recs_outcomes(self, events: Sequence[Interaction]) -> None:
         """Clicks and purchases of exposed users, each counted once for the variant they were exposed to, when
         it came within the experiment's attribution window after their first exposure (processing time)."""
-        experiments = [exp for exp in await self.experiments.running("recs")
-                       if not any(v.model for v in exp.variants)]
+        experiments = await self.experiments.running("recs")
         wanted = [(exp, self.token("user", e.user_id), outcome) for e in events for exp in experiments
                   for outcome, kinds in RECS_OUTCOMES.items() if e.kind in kinds]
         if not wanted:
@@ -604,7 +638,8 @@ class Processor:
         events = [e for _, e in valid]
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         # Items first seen here (with a category in their context) join the index in batches.
-        self.recs.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
+        for service in (self.recs, *self.recs_variants.values()):
+            service.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
         await self._recs_outcomes(events)  # before this batch's exposures: a unit's own first event is no outcome
         users = sorted({e.user_id for e in events})  # after the writes: the next recs reflect this batch
         exposures: list[Output] = []
