@@ -185,6 +185,10 @@ class ExperimentKeys:
         """When each unit was first exposed (recs: the start of its attribution window): unit -> epoch, set once."""
         return f"{self.prefix}:exp:exposed_at:{experiment}"
 
+    def pre_period(self, experiment: str) -> str:
+        """Each unit's pre-period covariate, taken at its first exposure (CUPED): unit -> value, set once."""
+        return f"{self.prefix}:exp:pre:{experiment}"
+
     def series(self, experiment: str) -> str:
         """The experiment's results over time: a hash, time bucket -> snapshot (any worker may write a bucket)."""
         return f"{self.prefix}:exp:series:{experiment}"

@@ -64,6 +64,8 @@ async def test_variants_shape_recommendations_and_clicks_count_once_per_exposed_
         variant_of[doc["user"]] = enrolled["variant"]
     assert {len(d["items"]) for d in recs if variant_of[d["user"]] == "control"} - {0, 1, 2, 3}  # control: more
     assert sorted((x["unit"], x["variant"]) for x in exposures) == sorted(variant_of.items())
+    # each exposure carries the user's engagement before it (one view, no click yet): CUPED's covariate
+    assert {x["pre_period"]["engagement"] for x in exposures} == {0.0}
     await proc.mark_delivered(outs)
     again = await proc.process(topics.INTERACTIONS, _interactions(range(200), "view", "b"))
     assert not [o for o in again if o.topic == topics.EXPOSURES]  # each user's first exposure only
@@ -90,6 +92,12 @@ async def test_variants_shape_recommendations_and_clicks_count_once_per_exposed_
         assert row["ctr"] == round(row["clicked"] / row["units"], 4)
     assert report["primary_metric"] == "ctr" and not report["srm"]
     assert "difference" in report["comparisons"]["short"]
+    # CUPED: the newcomers were exposed after their click (engagement 1 before it) and never counted a click
+    # afterwards; the others had none before: the covariate explains part of the outcome's variance
+    pre = {k.decode(): float(v) for k, v in sync.hgetall(keys.experiments.pre_period("recs-short")).items()}
+    assert {pre[t] for t in newcomers} == {1.0} and {pre[t] for t in tokens} == {0.0}
+    cuped = report["cuped"]
+    assert cuped["variance_reduction"] > 0 and "ci" in cuped["comparisons"]["short"]
 
 
 def test_http_and_request_topic_recommendations_are_routed_and_exposed_once(settings, worker, outputs,

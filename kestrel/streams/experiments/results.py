@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
 from kestrel.feature_store.keys import KeySpace
-from kestrel.models.experiment_stats import confidence_sequence, srm_p_value, verdict
+from kestrel.models.experiment_stats import confidence_sequence, cuped, srm_p_value, verdict
 from kestrel.models.experiments import Experiment
 
 # metric -> (denominator, numerator) among a variant's counts
@@ -54,8 +55,13 @@ def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -
 
 
 def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dict[str, int]],
-            alpha: float = 0.05) -> dict[str, Any]:
-    """The report of one experiment from its per-variant numbers (pure)."""
+            alpha: float = 0.05, per_unit: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
+    """The report of one experiment from its per-variant numbers (pure).
+
+    ``per_unit`` (recs): each variant's units as (outcome on the primary
+    metric, pre-period covariate): the comparisons then also carry the
+    CUPED-adjusted interval (:func:`cuped_comparisons`).
+    """
     keys = [v.key for v in experiment.variants]
     names = TARGET_METRICS[experiment.target]
     metric = experiment.primary_metric if experiment.primary_metric in names else names[0]
@@ -66,6 +72,7 @@ def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dic
     total = sum(units.get(k, 0) for k in keys)
     srm = srm_p_value([units.get(k, 0) for k in keys], experiment.weights()) if total else None
     comparisons = {k: compare(counts, keys[0], k, metric, alpha) for k in keys[1:]}
+    adjusted = cuped_comparisons(per_unit, keys, metric, alpha) if per_unit else None
     guardrails = {g: {k: compare(counts, keys[0], k, g, alpha) for k in keys[1:]}
                   for g in experiment.guardrail_metrics if g in names}
     breaches = [{"guardrail": g, "variant": k, **c} for g, by in guardrails.items() for k, c in by.items()
@@ -73,7 +80,58 @@ def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dic
     return {"experiment": experiment.key, "status": experiment.status, "primary_metric": metric, "alpha": alpha,
             "variants": per_variant, "srm_p_value": round(srm, 6) if srm is not None else None,
             "srm": bool(srm is not None and srm < 0.001), "comparisons": comparisons, "guardrails": guardrails,
-            "breaches": breaches}
+            "breaches": breaches, **({"cuped": adjusted} if adjusted else {})}
+
+
+MIN_COVERED = 0.9  # CUPED only when this share of units has its pre-period covariate
+
+
+def cuped_comparisons(per_unit: dict[str, list[tuple[float, float]]], keys: list[str], metric: str,
+                      alpha: float) -> dict[str, Any] | None:
+    """Each variant against control on a per-unit metric, adjusted by the units' pre-period covariate (CUPED).
+
+    One ``theta`` from all variants pooled (the covariate is measured before
+    exposure, so the adjustment cannot bias the difference), then the always-
+    valid interval on the adjusted values; ``variance_reduction`` is how much
+    narrower the metric's variance became. None when too few units have it.
+
+    Engaged users click more; B lifts the click rate by 4 points. Adjusted,
+    the interval excludes 0 where the plain one does not yet:
+
+    >>> rng = np.random.default_rng(1)
+    >>> def arm(lift):
+    ...     x = rng.poisson(1, 4000).astype(float)
+    ...     return [(float(rng.random() < min(0.9, 0.05 + 0.25 * xi + lift)), xi) for xi in x]
+    >>> a, b = arm(0.0), arm(0.04)
+    >>> out = cuped_comparisons({"a": a, "b": b}, ["a", "b"], "ctr", 0.05)
+    >>> out["variance_reduction"], out["comparisons"]["b"]["decision"]
+    (0.2645, 'ship')
+    >>> plain = {v: {"units": 4000, "clicked": sum(y for y, _ in arm_)} for v, arm_ in (("a", a), ("b", b))}
+    >>> compare(plain, "a", "b", "ctr", 0.05)["decision"]
+    'keep running'
+    """
+    rows = [(v, y, x) for v in keys for y, x in per_unit.get(v, ())]
+    if not rows or min(len(per_unit.get(v, ())) for v in keys) < MIN_DENOMINATOR:
+        return None
+    y = np.array([r[1] for r in rows])
+    x = np.array([r[2] for r in rows])
+    if np.isnan(x).mean() > 1 - MIN_COVERED:
+        return None
+    x = np.where(np.isnan(x), np.nanmean(x), x)
+    adjusted, reduction = cuped(y, x)
+    arms = np.array([r[0] for r in rows])
+    stats = {v: (float(adjusted[arms == v].mean()), float(adjusted[arms == v].var()), int((arms == v).sum()),
+                 float(y[arms == v].mean())) for v in keys}
+    out = {}
+    for k in keys[1:]:
+        (ma, va, na, raw_a), (mb, vb, nb, _) = stats[keys[0]], stats[k]
+        lo, hi = confidence_sequence(mb, ma, vb, va, nb, na, alpha)
+        said = verdict(metric.replace("_", " ") + " (CUPED)", lo, hi, raw_a or 1.0,
+                       higher_is_better=metric not in HIGHER_IS_WORSE)
+        out[k] = {"difference": round(mb - ma, 4), "ci": [round(lo, 4), round(hi, 4)], "verdict": said.text,
+                  "decision": said.decision}
+    return {"covariate": "engagement before the first exposure (clicks in the hour + purchases in 7 days)",
+            "variance_reduction": round(reduction, 4), "comparisons": out}
 
 
 MIN_DENOMINATOR = 30  # below this a proportion's variance estimate is not trusted (0 of 3 is not "never")
@@ -105,9 +163,18 @@ def experiment_results(client: redis.Redis, keys: KeySpace, experiment: Experime
     units = dict(zip(variants, pipe.execute(), strict=True))
     if experiment.target == "recs":
         for v in variants:
+            pipe.smembers(k.units(experiment.key, v))
             for outcome in RECS_OUTCOMES:
-                pipe.scard(k.converted(experiment.key, v, outcome))
-        found = iter(pipe.execute())
-        return analyse(experiment, units, {v: {outcome: next(found) for outcome in RECS_OUTCOMES} for v in variants})
+                pipe.smembers(k.converted(experiment.key, v, outcome))
+        pipe.hgetall(k.pre_period(experiment.key))
+        *found, pre_raw = pipe.execute()
+        replies = iter(found)
+        members = {v: (next(replies), {outcome: next(replies) for outcome in RECS_OUTCOMES}) for v in variants}
+        counts = {v: {outcome: len(done) for outcome, done in members[v][1].items()} for v in variants}
+        pre = {unit: float(value) for unit, value in pre_raw.items()}
+        outcome = "purchased" if experiment.primary_metric == "purchase_rate" else "clicked"
+        per_unit = {v: [(float(u in members[v][1][outcome]), pre.get(u, float("nan"))) for u in members[v][0]]
+                    for v in variants}
+        return analyse(experiment, units, counts, per_unit=per_unit)
     outcomes = [tuple(orjson.loads(raw)) for raw in client.hvals(k.outcomes(experiment.key))]
     return analyse(experiment, units, variant_counts(outcomes, variants))  # type: ignore[arg-type]

@@ -184,6 +184,12 @@ def render_experiment(exp: Experiment, report: Mapping[str, Any], history: Seque
         + (f'<b>{e(c["verdict"])}</b> (difference {_num(c["difference"])}, interval {e(c["ci"])})'
            if "verdict" in c else e(c.get("note", ""))) + "</li>"
         for k, c in report["comparisons"].items())
+    adjusted = report.get("cuped")
+    if adjusted:
+        verdicts += "".join(
+            f'<li class="cuped" data-variant="{e(k)}">{e(k)}, CUPED (variance '
+            f'{_num(-100 * adjusted["variance_reduction"], 3)}% by {e(adjusted["covariate"])}): '
+            f'<b>{e(c["verdict"])}</b></li>' for k, c in adjusted["comparisons"].items())
     srm = report.get("srm_p_value")
     mismatch = "— MISMATCH: the split is not the configured one; do not trust the results"
     srm_line = (f'<p id="srm" class="{"bad" if report.get("srm") else ""}">Sample ratio: p = {_num(srm)} '

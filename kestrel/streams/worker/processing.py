@@ -236,6 +236,9 @@ class Processor:
             doc = orjson.loads(out.value)
             pipe.sadd(self.keys.experiments.units(doc["experiment"], doc["variant"]), doc["unit"])
             pipe.hsetnx(self.keys.experiments.exposed_at(doc["experiment"]), doc["unit"], now)
+            if "pre_period" in doc:
+                pipe.hsetnx(self.keys.experiments.pre_period(doc["experiment"]), doc["unit"],
+                            repr(doc["pre_period"]["engagement"]))
         await pipe.execute()
 
     def _validate(self, topic: str, records: Sequence[RawRecord],
@@ -400,15 +403,23 @@ class Processor:
                 results[i] = res
         at = iso_of(time.time())
         out = []
+        new: list[tuple[Experiment, Variant, str, str, str]] = []  # first exposures: exp, variant, unit, user, version
         for user_id, (unit, chosen), res in zip(user_ids, enrolled, results, strict=True):
             if chosen:
                 res = replace(res, experiments=tuple({"experiment": exp.key, "variant": v.key,
                                                       "model_version": res.model_version} for exp, v in chosen))
-                for exp, variant in chosen:
-                    exposure = self._exposure(exp, variant, unit, f"recs:{user_id}", res.model_version, at)
-                    if exposure is not None:
-                        exposures.append(exposure)
+                new += [(exp, v, unit, user_id, res.model_version) for exp, v in chosen
+                        if self.keys.published("exposure", f"{exp.key}:{unit}") not in self.exposed]
             out.append(res)
+        if new:  # each newly exposed user's engagement before the exposure: the covariate CUPED adjusts by
+            users = list(dict.fromkeys(user for _, _, _, user, _ in new))
+            before = dict(zip(users, await self.store.read_batch(USER_ACTIVITY, users), strict=True))
+            for exp, variant, unit, user_id, version in new:
+                pre = {"engagement": float(before[user_id].get("user_clicks_1h", 0.0))
+                       + float(before[user_id].get("user_purchases_7d", 0.0))}
+                exposure = self._exposure(exp, variant, unit, f"recs:{user_id}", version, at, pre)
+                if exposure is not None:
+                    exposures.append(exposure)
         return out
 
     def _recs_services(self, experiments: Sequence[Experiment]) -> dict[str, RecommendationService]:
@@ -430,7 +441,7 @@ class Processor:
         return ready
 
     def _exposure(self, exp: Experiment, variant: Variant, unit: str, first: str, version: str,
-                  at: str) -> Output | None:
+                  at: str, pre: dict[str, float] | None = None) -> Output | None:
         """A unit's exposure to ``variant``, marked per (experiment, unit) so that the ledger sends it once
         (None: this worker knows it delivered already)."""
         ident = f"{exp.key}:{unit}"
@@ -439,7 +450,7 @@ class Processor:
             return None
         doc = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key, "variant": variant.key,
                "hash_attribute": exp.hash_attribute, "unit": unit, "first_event_id": first, "model_version": version,
-               "at": at}
+               "at": at, **({"pre_period": pre} if pre else {})}
         return Output(topics.EXPOSURES, unit.encode(), orjson.dumps(doc), mark)
 
     async def _recs_outcomes(self, events: Sequence[Interaction]) -> None:
