@@ -22,6 +22,19 @@ from tests.integration.test_cli import _kestrel
 pytestmark = pytest.mark.integration
 
 
+def registered_copies(fraud_model, tmp_path: Path, *suffixes: str) -> tuple[Registry, list[str]]:
+    """A fraud registry holding the session's model and copies of it under other versions (same weights),
+    ``champion`` on the model itself: (registry, [its version, then one per suffix])."""
+    model, path = fraud_model
+    registry = Registry(tmp_path / "registry", "fraud")
+    versions = [model.version, *(f"{model.version}-{s}" for s in suffixes)]
+    registry.register(ModelRecord.new("fraud", versions[0], path))
+    for version in versions[1:]:
+        registry.register(ModelRecord.new("fraud", version, _copy_as(path, tmp_path / "artifacts", version)))
+    registry.move("champion", versions[0], action="force", why="test start")
+    return registry, versions
+
+
 def _copy_as(artifact: Path, root: Path, version: str) -> Path:
     """The artifact under another version name (same weights): a distinct registered version."""
     target = root / version
@@ -34,14 +47,8 @@ def _copy_as(artifact: Path, root: Path, version: str) -> Path:
 
 def test_an_alias_move_swaps_the_running_worker_and_a_broken_version_is_refused(
         settings, worker, outputs, fraud_model, tmp_path):
-    model, path = fraud_model
+    registry, (v1, v2, v3) = registered_copies(fraud_model, tmp_path, "b", "c")
     reg_root = tmp_path / "registry"
-    registry = Registry(reg_root, "fraud")
-    v1, v2, v3 = model.version, f"{model.version}-b", f"{model.version}-c"
-    registry.register(ModelRecord.new("fraud", v1, path))
-    for version in (v2, v3):
-        registry.register(ModelRecord.new("fraud", version, _copy_as(path, tmp_path / "artifacts", version)))
-    registry.move("champion", v1, action="force", why="test start")
     worker.settings = settings.with_(fraud_model=str(reg_root))
     worker.start()
 

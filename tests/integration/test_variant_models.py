@@ -25,7 +25,7 @@ from kestrel.streams.experiments.store import ExperimentStore
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import RawRecord
 from kestrel.streams.worker.processing import Processor
-from tests.integration.test_model_swap import _copy_as
+from tests.integration.test_model_swap import registered_copies
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +43,8 @@ def _records(events: list, topic: str) -> list[RawRecord]:
 
 @pytest.fixture
 def registry_and_settings(fraud_model, tmp_path, redis_url):
-    model, path = fraud_model
+    registry, (v1, v2, v3) = registered_copies(fraud_model, tmp_path, "challenger", "next")
     root = tmp_path / "registry"
-    registry = Registry(root, "fraud")
-    v1, v2, v3 = model.version, f"{model.version}-challenger", f"{model.version}-next"
-    registry.register(ModelRecord.new("fraud", v1, path))
-    for version in (v2, v3):
-        registry.register(ModelRecord.new("fraud", version, _copy_as(path, tmp_path / "artifacts", version)))
-    registry.move("champion", v1, action="force", why="test")
     registry.move("challenger", v2, action="force", why="test")
     prefix = f"kestrel-test-variants-{secrets.token_hex(4)}"
     yield registry, (v1, v2, v3), Settings().with_(redis_prefix=prefix, redis_url=redis_url, fraud_model=str(root))

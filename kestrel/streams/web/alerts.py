@@ -24,7 +24,7 @@ from faust.web import Request, Response, View
 from kestrel.streams.alerts.cases import SEVERITIES, Problem, parse_verdict
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.web.auth import token_refusal
-from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS
+from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS, serve_static
 from kestrel.streams.web.pages import e as _e
 from kestrel.streams.web.pages import page as _shell
 from kestrel.streams.web.pages import time_html as _time
@@ -205,15 +205,7 @@ def install_alert_views(app: faust.App, runtime: Runtime) -> None:
             return None
         return Problem(422, "invalid", "case_id must be 20 lowercase hex characters", "case_id")
 
-    @app.page("/alerts/static/alerts.js")
-    class AlertsScript(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(JS.encode(), content_type="text/javascript", headers=dict(PAGE_HEADERS))
-
-    @app.page("/alerts/static/alerts.css")
-    class AlertsStyle(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(CSS.encode(), content_type="text/css", headers=dict(PAGE_HEADERS))
+    serve_static(app, "/alerts/static/alerts", JS, CSS)
 
     @app.page("/alerts")
     class AlertQueuePage(View):

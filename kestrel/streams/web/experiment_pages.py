@@ -26,7 +26,7 @@ from kestrel.models.experiments import Experiment
 from kestrel.streams.experiments.results import TARGET_METRICS, experiment_results
 from kestrel.streams.experiments.series import read_series
 from kestrel.streams.experiments.store import ExperimentError, ExperimentStore
-from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS, e, page, time_html
+from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS, e, page, serve_static, time_html
 
 if TYPE_CHECKING:
     from kestrel.streams.worker.runtime import Runtime
@@ -233,24 +233,13 @@ def render_experiment(exp: Experiment, report: Mapping[str, Any], history: Seque
     return page(f"Kestrel experiment {exp.key}", body, STYLESHEET, f' data-experiment="{e(exp.key)}"')
 
 
-def install_experiment_pages(app: faust.App, runtime: Runtime) -> None:
-    settings = runtime.settings
-    keys = KeySpace(settings.redis_prefix)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
-    store = ExperimentStore(client, keys)
-
+def install_experiment_pages(app: faust.App, runtime: Runtime, client: redis.Redis, keys: KeySpace,
+                             store: ExperimentStore) -> None:
+    """The pages, on the API's store and client (``install_experiment_views`` calls this)."""
     def html(view: View, text: str, status: int = 200) -> Response:
         return view.html(text, status=status, headers=dict(PAGE_HEADERS))
 
-    @app.page("/experiments/static/experiments.js")
-    class ExperimentsScript(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(JS.encode(), content_type="text/javascript", headers=dict(PAGE_HEADERS))
-
-    @app.page("/experiments/static/experiments.css")
-    class ExperimentsStyle(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(CSS.encode(), content_type="text/css", headers=dict(PAGE_HEADERS))
+    serve_static(app, "/experiments/static/experiments", JS, CSS)
 
     @app.page("/experiments")
     class ExperimentsPage(View):

@@ -26,6 +26,7 @@ from kestrel.models.experiments import Experiment
 from kestrel.streams.experiments.results import experiment_results
 from kestrel.streams.experiments.store import ExperimentError, ExperimentStore
 from kestrel.streams.web.auth import token_refusal
+from kestrel.streams.web.experiment_pages import install_experiment_pages
 
 if TYPE_CHECKING:
     from kestrel.streams.worker.runtime import Runtime
@@ -39,6 +40,7 @@ def install_experiment_views(app: faust.App, runtime: Runtime) -> None:
     keys = KeySpace(settings.redis_prefix)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
     store = ExperimentStore(client, keys)
+    install_experiment_pages(app, runtime, client, keys, store)  # the HTML pages, beside the API
 
     def reply(view: View, doc: Any, status: int = 200) -> Response:
         return view.bytes(orjson.dumps(doc, default=str), content_type="application/json", status=status,

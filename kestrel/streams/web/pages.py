@@ -12,6 +12,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+import faust
+from faust.web import Request, Response, View
+
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
@@ -47,6 +50,19 @@ async function postJson(path, doc) {
   }
 }
 """
+
+
+def serve_static(app: faust.App, prefix: str, script: str, stylesheet: str) -> None:
+    """``{prefix}.js`` and ``{prefix}.css``: a page's own script and stylesheet, under the strict headers."""
+    for suffix, body, kind in ((".js", script, "text/javascript"), (".css", stylesheet, "text/css")):
+        raw = body.encode()
+
+        class Static(View):
+            async def get(self, request: Request, raw: bytes = raw, kind: str = kind) -> Response:
+                return self.bytes(raw, content_type=kind, headers=dict(PAGE_HEADERS))
+
+        Static.__name__ = Static.__qualname__ = f"Static_{prefix.strip('/').replace('/', '_')}_{suffix[1:]}"
+        app.page(prefix + suffix)(Static)
 
 
 def e(value: Any) -> str:

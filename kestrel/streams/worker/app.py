@@ -23,7 +23,6 @@ from kestrel.streams.config import Settings
 from kestrel.streams.records import Output
 from kestrel.streams.recs.agent import install_request_agent
 from kestrel.streams.web.alerts import install_alert_views
-from kestrel.streams.web.experiment_pages import install_experiment_pages
 from kestrel.streams.web.experiments import install_experiment_views
 from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
@@ -64,7 +63,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
     install_views(app, runtime)
     install_alert_views(app, runtime)
     install_experiment_views(app, runtime)
-    install_experiment_pages(app, runtime)
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
     if is_registry(settings.fraud_model, "fraud"):
         _install_model_watcher(app, runtime)
