@@ -108,7 +108,7 @@ def test_a_recs_variant_answers_its_users_with_its_model(tmp_path, redis_url):
             first = await proc.process(topics.INTERACTIONS, records[:40])
             assert not [o for o in first if o.topic == topics.EXPOSURES]  # the challenger was not loaded yet
             await proc.mark_delivered(first)
-            await proc.recs_variants["challenger"].wait_loaded(timeout_s=120)
+            await proc.recs_router.variants["challenger"].wait_loaded(timeout_s=120)
             outs = await proc.process(topics.INTERACTIONS, records)
             docs = [orjson.loads(o.value) for o in outs if o.topic == topics.RECOMMENDATION_DECISIONS]
             seen = set()

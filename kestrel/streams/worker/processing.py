@@ -49,20 +49,19 @@ from kestrel.models.scoring import FraudScore, FraudScorer, Thresholds
 from kestrel.streams.alerts.store import AlertDesk
 from kestrel.streams.config import Settings
 from kestrel.streams.experiments.live import LiveExperiments
-from kestrel.streams.experiments.results import RECS_OUTCOMES
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.ingest.validation import Rejection, check_time, parse_event
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import Output, RawRecord
 from kestrel.streams.recs.service import RecommendationService, RecOptions, RecResult
 from kestrel.streams.worker.delivery import DeliveryLedger
+from kestrel.streams.worker.exposures import Exposures
+from kestrel.streams.worker.recs_routing import RecsRouter
 from kestrel.streams.worker.shared_learner import SharedLearner
 from kestrel.streams.worker.variant_models import VariantModels, model_refs
 
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
-# what a recommendation experiment's variant may set (Variant.params), and as what
-RECS_PARAMS: dict[str, type] = {"k": int, "mmr_lambda": float, "per_category": int, "fallback_only": bool}
 
 
 DRIFT_MESSAGES = {
@@ -113,27 +112,6 @@ class LabelledTransaction:
     is_fraud: bool
 
 
-class RecentMarks:
-    """A bounded set of delivery marks, oldest forgotten first: memory stays bounded however many units.
-
-    >>> m = RecentMarks(2); m.add("a"); m.add("b"); m.add("c"); ("a" in m, "b" in m, "c" in m)
-    (False, True, True)
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._marks: dict[str, None] = {}
-
-    def add(self, mark: str) -> None:
-        self._marks.pop(mark, None)
-        self._marks[mark] = None
-        if len(self._marks) > self.limit:
-            del self._marks[next(iter(self._marks))]
-
-    def __contains__(self, mark: object) -> bool:
-        return mark in self._marks
-
-
 def _terminal_of(decision: dict[str, Any]) -> str:
     return decision.get("terminal_id") or f"merchant:{decision['merchant_id']}"
 
@@ -182,11 +160,12 @@ class Processor:
         self.variant_models = VariantModels(settings.fraud_model, fraud_policy(settings), client, self.keys,
                                             settings.decision_log_ttl_s,
                                             on_result=lambda result: metrics.variant_models.labels(result).inc())
-        self.exposed = RecentMarks(200_000)  # exposures this worker knows delivered: not proposed again
+        self.exposures = Exposures(client, self.keys)
         self.recommender = recommender or PopularityRecommender()
         self.recs = RecommendationService(client, self.keys, self.hasher, settings.recs_model, self.recommender,
                                           alias=settings.recs_alias)
-        self.recs_variants: dict[str, RecommendationService] = {}  # the recs models experiment variants name
+        self.recs_router = RecsRouter(self.recs, self.experiments, self.exposures, self.store, client, self.keys,
+                                      self.hasher, metrics, settings.recs_model, self.recommender)
         self.alerts = AlertDesk(settings, client, self.keys, metrics)  # analyst cases and alerts.fraud
         self._timing = {kind: (metrics.decision_latency.labels(kind), metrics.event_age.labels(kind))
                         for kind in ("fraud", "recommendation", "label")}
@@ -222,24 +201,8 @@ class Processor:
     async def deliverable(self, outputs: list[Output], writes: Sequence[tuple[str, bytes]] = ()) -> list[Output]:
         """The outputs still to send (see :meth:`_not_yet_delivered`), their exposures counted."""
         fresh = await self._not_yet_delivered(outputs, list(writes))
-        await self._count_exposures([o for o in fresh if o.topic == topics.EXPOSURES])
+        await self.exposures.count([o for o in fresh if o.topic == topics.EXPOSURES])
         return fresh
-
-    async def _count_exposures(self, exposures: Sequence[Output]) -> None:
-        """Each variant's exposed units (a set per variant: counting twice is impossible), for the SRM check,
-        and when each unit was first exposed (set once: the start of a recommendation's attribution window)."""
-        if not exposures:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        now = repr(time.time())
-        for out in exposures:
-            doc = orjson.loads(out.value)
-            pipe.sadd(self.keys.experiments.units(doc["experiment"], doc["variant"]), doc["unit"])
-            pipe.hsetnx(self.keys.experiments.exposed_at(doc["experiment"]), doc["unit"], now)
-            if "pre_period" in doc:
-                pipe.hsetnx(self.keys.experiments.pre_period(doc["experiment"]), doc["unit"],
-                            repr(doc["pre_period"]["engagement"]))
-        await pipe.execute()
 
     def _validate(self, topic: str, records: Sequence[RawRecord],
                   started: float) -> tuple[list[Output], list[tuple[RawRecord, Any]]]:
@@ -329,9 +292,7 @@ class Processor:
         if not outputs:
             return
         await self.ledger.mark([(out.mark, out.log_key) for out in outputs if out.mark])
-        for out in outputs:
-            if out.topic == topics.EXPOSURES:
-                self.exposed.add(out.mark)
+        self.exposures.delivered(outputs)
         for topic, n in Counter(out.topic for out in outputs).items():
             self.metrics.events_out.labels(topic).inc(n)
 
@@ -356,124 +317,8 @@ class Processor:
     async def recommend(self, user_ids: Sequence[str], options: RecOptions | Sequence[RecOptions],
                         exposures: list[Output]) -> list[RecResult]:
         """Recommendations for raw user ids from their current features (two-tower, or trending fallback),
-        routed through the running recommendation experiments.
-
-        A variant's parameters (:data:`RECS_PARAMS`) change the user's
-        options, and each result names its experiments and variants; each
-        user's first exposure per experiment is appended to ``exposures``,
-        which the caller delivers (through the ledger: once per user).
-        A variant may run another model of the recommendation registry
-        (``Variant.model``, an alias or version): its users are answered by
-        that model, loaded beside the served one; until it is loaded the
-        experiment enrols no one.
-        """
-        experiments = await self.experiments.running("recs")
-        if not experiments:
-            return await self.recs.recommend(user_ids, options)
-        opts = [options] * len(user_ids) if isinstance(options, RecOptions) else list(options)
-        services = self._recs_services(experiments)
-        served = [exp for exp in experiments if all(not v.model or v.model in services for v in exp.variants)]
-        if len(served) < len(experiments):
-            idle = len(user_ids) * (len(experiments) - len(served))
-            self.metrics.experiments_idle.labels("model_not_loaded").inc(idle)
-        enrolled: list[tuple[str, list[tuple[Experiment, Variant]]]] = []
-        by_service: dict[str | None, list[int]] = {}
-        for i, user_id in enumerate(user_ids):
-            unit = self.token("user", user_id)
-            chosen, model = [], None
-            for exp in served:
-                routed = route(exp, {"user": unit})
-                if routed.variant is None:
-                    continue
-                variant = exp.variants[routed.index]
-                if variant.model:
-                    if model is not None:  # one model answers a user: run model experiments in one namespace
-                        self.metrics.experiments_idle.labels("another_model_decides").inc()
-                        continue
-                    model = variant.model
-                opts[i] = _with_recs_params(opts[i], variant.params)
-                chosen.append((exp, variant))
-            enrolled.append((unit, chosen))
-            by_service.setdefault(model, []).append(i)
-        results: list[RecResult] = [None] * len(user_ids)  # type: ignore[list-item]
-        for ref, idx in by_service.items():
-            service = self.recs if ref is None else services[ref]
-            for i, res in zip(idx, await service.recommend([user_ids[i] for i in idx], [opts[i] for i in idx]),
-                              strict=True):
-                results[i] = res
-        at = iso_of(time.time())
-        out = []
-        new: list[tuple[Experiment, Variant, str, str, str]] = []  # first exposures: exp, variant, unit, user, version
-        for user_id, (unit, chosen), res in zip(user_ids, enrolled, results, strict=True):
-            if chosen:
-                res = replace(res, experiments=tuple({"experiment": exp.key, "variant": v.key,
-                                                      "model_version": res.model_version} for exp, v in chosen))
-                new += [(exp, v, unit, user_id, res.model_version) for exp, v in chosen
-                        if self.keys.published("exposure", f"{exp.key}:{unit}") not in self.exposed]
-            out.append(res)
-        if new:  # each newly exposed user's engagement before the exposure: the covariate CUPED adjusts by
-            users = list(dict.fromkeys(user for _, _, _, user, _ in new))
-            before = dict(zip(users, await self.store.read_batch(USER_ACTIVITY, users), strict=True))
-            for exp, variant, unit, user_id, version in new:
-                pre = {"engagement": float(before[user_id].get("user_clicks_1h", 0.0))
-                       + float(before[user_id].get("user_purchases_7d", 0.0))}
-                exposure = self._exposure(exp, variant, unit, f"recs:{user_id}", version, at, pre)
-                if exposure is not None:
-                    exposures.append(exposure)
-        return out
-
-    def _recs_services(self, experiments: Sequence[Experiment]) -> dict[str, RecommendationService]:
-        """The loaded recommendation services of the models the variants name (a recs registry's aliases or
-        versions, beside the served one); those not loaded yet are started, those no longer named dropped."""
-        refs = {v.model for exp in experiments for v in exp.variants if v.model}
-        for gone in set(self.recs_variants) - refs:
-            del self.recs_variants[gone]
-        if not refs or not is_registry(self.settings.recs_model, "recs"):
-            return {}
-        for ref in refs - set(self.recs_variants):
-            self.recs_variants[ref] = RecommendationService(self.client, self.keys, self.hasher,
-                                                            self.settings.recs_model, self.recommender, alias=ref)
-        ready = {}
-        for ref, service in self.recs_variants.items():
-            service.refresh()  # loads in a thread; moving the alias swaps it, as for the served model
-            if service.loaded:
-                ready[ref] = service
-        return ready
-
-    def _exposure(self, exp: Experiment, variant: Variant, unit: str, first: str, version: str,
-                  at: str, pre: dict[str, float] | None = None) -> Output | None:
-        """A unit's exposure to ``variant``, marked per (experiment, unit) so that the ledger sends it once
-        (None: this worker knows it delivered already)."""
-        ident = f"{exp.key}:{unit}"
-        mark = self.keys.published("exposure", ident)
-        if mark in self.exposed:  # known delivered: the ledger would drop it (after a restart it asks Redis)
-            return None
-        doc = {"type": "exposure", "event_id": f"exposure-{ident}", "experiment": exp.key, "variant": variant.key,
-               "hash_attribute": exp.hash_attribute, "unit": unit, "first_event_id": first, "model_version": version,
-               "at": at, **({"pre_period": pre} if pre else {})}
-        return Output(topics.EXPOSURES, unit.encode(), orjson.dumps(doc), mark)
-
-    async def _recs_outcomes(self, events: Sequence[Interaction]) -> None:
-        """Clicks and purchases of exposed users, each counted once for the variant they were exposed to, when
-        it came within the experiment's attribution window after their first exposure (processing time)."""
-        experiments = await self.experiments.running("recs")
-        wanted = [(exp, self.token("user", e.user_id), outcome) for e in events for exp in experiments
-                  for outcome, kinds in RECS_OUTCOMES.items() if e.kind in kinds]
-        if not wanted:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for exp, unit, _ in wanted:
-            pipe.hget(self.keys.experiments.exposed_at(exp.key), unit)
-        now = time.time()
-        n = 0
-        for (exp, unit, outcome), since in zip(wanted, await pipe.execute(), strict=True):
-            if since is not None and 0.0 <= now - float(since) <= exp.attribution_s:
-                routed = route(exp, {"user": unit})  # sticky: the variant the unit was exposed to
-                if routed.variant is not None:
-                    pipe.sadd(self.keys.experiments.converted(exp.key, routed.variant, outcome), unit)
-                    n += 1
-        if n:
-            await pipe.execute()
+        through the running recommendation experiments (see :mod:`kestrel.streams.worker.recs_routing`)."""
+        return await self.recs_router.recommend(user_ids, options, exposures)
 
     # -- per event type ----------------------------------------------------
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
@@ -611,7 +456,7 @@ class Processor:
                                                                     review_t))
                 s = FraudScore(s.score, thresholds.action(s.score), s.reasons)
             enrolled.append({"experiment": exp.key, "variant": variant.key, "model_version": scorer.version})
-            exposure = self._exposure(exp, variant, card, e.event_id, scorer.version, at)
+            exposure = self.exposures.propose(exp, variant, card, e.event_id, scorer.version, at)
             if exposure is not None:
                 exposures.append(exposure)
         return s, enrolled
@@ -649,9 +494,8 @@ class Processor:
         events = [e for _, e in valid]
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         # Items first seen here (with a category in their context) join the index in batches.
-        for service in (self.recs, *self.recs_variants.values()):
-            service.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
-        await self._recs_outcomes(events)  # before this batch's exposures: a unit's own first event is no outcome
+        self.recs_router.observe_items([(e.item_id, (e.context or {}).get("category")) for e in events])
+        await self.recs_router.outcomes(events)  # before this batch's exposures
         users = sorted({e.user_id for e in events})  # after the writes: the next recs reflect this batch
         exposures: list[Output] = []
         recs = dict(zip(users, await self.recommend(users, RecOptions(RECS_PER_DECISION), exposures), strict=True))
@@ -819,12 +663,3 @@ class Processor:
         if rec.timestamp_ms:
             age.observe(max(now - rec.timestamp_ms / 1000, 0.0))
 
-
-def _with_recs_params(opts: RecOptions, params: dict[str, Any]) -> RecOptions:
-    """``opts`` with a recommendation variant's parameters (the known ones: :data:`RECS_PARAMS`).
-
-    >>> _with_recs_params(RecOptions(k=10), {"mmr_lambda": 0.5, "k": 3, "colour": "red"})
-    RecOptions(k=3, exclude=(), mmr_lambda=0.5, per_category=None, fallback_only=False)
-    """
-    changes = {name: cast(params[name]) for name, cast in RECS_PARAMS.items() if name in params}
-    return replace(opts, **changes) if changes else opts
