@@ -103,3 +103,14 @@ def test_a_guardrail_breach_needs_the_interval_on_the_bad_side_and_enough_data()
     assert {b["guardrail"] for b in breached["breaches"]} == {"alert_rate", "false_positive_rate"}
     assert not analyse(exp, {}, counts(alerted_b=210))["breaches"]  # 10.5%: within noise
     assert not analyse(exp, {}, counts(alerted_b=8, labelled=20))["breaches"]  # 40% of 20: too few to judge
+
+
+def test_block_rate_is_a_guardrail_where_more_blocks_are_worse():
+    from kestrel.streams.experiments.results import analyse, variant_counts
+
+    exp = _exp(primary_metric="recall", guardrail_metrics=["block_rate"])
+    outcomes = ([("control", False, "block")] * 20 + [("control", False, "allow")] * 980
+                + [("lower", False, "block")] * 90 + [("lower", False, "allow")] * 910)
+    report = analyse(exp, {"control": 1, "lower": 1}, variant_counts(outcomes, ["control", "lower"]))
+    assert report["variants"]["lower"]["block_rate"] == 0.09 and report["variants"]["control"]["block_rate"] == 0.02
+    assert [b["guardrail"] for b in report["breaches"]] == ["block_rate"]

@@ -27,27 +27,32 @@ from kestrel.models.experiments import Experiment
 # metric -> (denominator, numerator) among a variant's counts
 METRICS = {"alert_precision": ("alerted", "alerted_frauds"), "recall": ("frauds", "alerted_frauds"),
            "alert_rate": ("labelled", "alerted"), "false_positive_rate": ("genuine", "alerted_genuine"),
+           "block_rate": ("labelled", "blocked"),
            "ctr": ("units", "clicked"), "purchase_rate": ("units", "purchased")}
-TARGET_METRICS = {"fraud": ("alert_precision", "recall", "alert_rate", "false_positive_rate"),
+TARGET_METRICS = {"fraud": ("alert_precision", "recall", "alert_rate", "false_positive_rate", "block_rate"),
                   "recs": ("ctr", "purchase_rate")}
 RECS_OUTCOMES = {"clicked": ("click", "add_to_cart", "purchase"), "purchased": ("purchase",)}  # outcome -> kinds
-HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate"}  # guardrails: analysts' load, customers bothered
+HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate", "block_rate"}  # analysts' load, customers bothered
 
 
 def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -> dict[str, dict[str, int]]:
-    """Per variant: labelled, frauds, alerted (review or block), alerted frauds.
+    """Per variant: labelled, frauds, alerted (review or block), alerted frauds, blocked.
 
-    >>> variant_counts([("a", True, "review"), ("a", False, "allow"), ("b", True, "allow")], ["a", "b"])["a"]
-    {'labelled': 2, 'frauds': 1, 'alerted': 1, 'alerted_frauds': 1, 'genuine': 1, 'alerted_genuine': 0}
+    >>> variant_counts([("a", True, "block"), ("a", False, "allow"), ("b", True, "allow")], ["a", "b"])["a"]
+    {'labelled': 2, 'frauds': 1, 'alerted': 1, 'alerted_frauds': 1, 'blocked': 1, 'genuine': 1, 'alerted_genuine': 0}
     """
-    counts = {v: {"labelled": 0, "frauds": 0, "alerted": 0, "alerted_frauds": 0} for v in variants}
+    def empty() -> dict[str, int]:
+        return {"labelled": 0, "frauds": 0, "alerted": 0, "alerted_frauds": 0, "blocked": 0}
+
+    counts = {v: empty() for v in variants}
     for variant, is_fraud, action in outcomes:
-        c = counts.setdefault(variant, {"labelled": 0, "frauds": 0, "alerted": 0, "alerted_frauds": 0})
+        c = counts.setdefault(variant, empty())
         c["labelled"] += 1
         c["frauds"] += is_fraud
         alerted = action != "allow"
         c["alerted"] += alerted
         c["alerted_frauds"] += alerted and is_fraud
+        c["blocked"] += action == "block"
     for c in counts.values():
         c["genuine"] = c["labelled"] - c["frauds"]
         c["alerted_genuine"] = c["alerted"] - c["alerted_frauds"]
