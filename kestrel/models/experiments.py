@@ -19,7 +19,7 @@ or None when the unit is not in the experiment, with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -135,3 +135,47 @@ def route(experiment: Experiment, attributes: Mapping[str, Any]) -> Routed:
     if index < 0:
         return Routed(None, -1, "coverage", unit)
     return Routed(experiment.variants[index].key, index, "assigned", unit)
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A unit's variants across the running experiments, the model one of them runs, and what was passed over."""
+
+    variants: list[tuple[Experiment, Variant]]
+    model: str | None  # the ref (alias or version) the unit's model variant runs; None: the served model
+    skipped: list[str]  # per experiment that routed the unit but did not enrol it: why
+
+
+def enrol(experiments: Sequence[Experiment], attributes: Mapping[str, Any],
+          loaded: Callable[[str], bool]) -> Enrolment:
+    """Route one unit through every experiment. An experiment whose variants name a model not ``loaded`` yet
+    enrols no one (all its variants wait, so the split stays as configured), and one model serves a unit: a
+    second experiment's model variant does not enrol it (put model experiments in one namespace).
+
+    >>> a = Experiment(key="a", target="fraud", hash_attribute="card", seed="a", primary_metric="recall",
+    ...                status="running", variants=[{"key": "x", "model": "m1"}, {"key": "y", "model": "m1"}])
+    >>> b = a.model_copy(update={"key": "b", "seed": "b"})
+    >>> e = enrol([a, b], {"card": "c1"}, loaded=lambda ref: True)
+    >>> [exp.key for exp, _ in e.variants], e.model, e.skipped
+    (['a'], 'm1', ['another_model_decides'])
+    >>> enrol([a], {"card": "c1"}, loaded=lambda ref: False).skipped
+    ['model_not_loaded']
+    """
+    variants: list[tuple[Experiment, Variant]] = []
+    model: str | None = None
+    skipped: list[str] = []
+    for exp in experiments:
+        routed = route(exp, attributes)
+        if routed.variant is None:
+            continue
+        if any(v.model and not loaded(v.model) for v in exp.variants):
+            skipped.append("model_not_loaded")
+            continue
+        variant = exp.variants[routed.index]
+        if variant.model:
+            if model is not None:
+                skipped.append("another_model_decides")
+                continue
+            model = variant.model
+        variants.append((exp, variant))
+    return Enrolment(variants, model, skipped)

@@ -1,7 +1,8 @@
 """Each running experiment's results over time, for the experiments page's plots.
 
-Every worker's monitor tick (``KESTREL_GUARDRAIL_CHECK_S``) stores a small
-snapshot of each running experiment's live results under its time bucket:
+Every worker's monitor tick (``KESTREL_GUARDRAIL_CHECK_S``, the guardrail
+check's pass over the results) stores a small snapshot of each running
+experiment's live results under its time bucket:
 the units exposed per variant, the primary metric per variant, and each
 variant's difference to control with its always-valid interval. Workers
 write the same bucket with the same numbers (the results are read from
@@ -18,8 +19,7 @@ import orjson
 import redis
 
 from kestrel.feature_store.keys import KeySpace
-from kestrel.streams.experiments.results import experiment_results
-from kestrel.streams.experiments.store import ExperimentStore
+from kestrel.models.experiments import Experiment
 
 KEEP = 5760  # a day of 15-second buckets
 
@@ -37,25 +37,20 @@ def snapshot(report: dict[str, Any], at: float) -> dict[str, Any]:
             "ci": {v: c.get("ci") for v, c in report["comparisons"].items()}}
 
 
-def record_running(client: redis.Redis, keys: KeySpace, bucket_s: float, now: float | None = None) -> int:
-    """Store the current snapshot of every running experiment; returns how many were stored."""
+def record(client: redis.Redis, keys: KeySpace, exp: Experiment, report: dict[str, Any], bucket_s: float,
+           now: float | None = None) -> None:
+    """Store ``report``'s snapshot under the current time bucket; drop the oldest beyond ``KEEP``."""
     now = time.time() if now is None else now
-    bucket = int(now // max(bucket_s, 1.0))
-    stored = 0
-    for exp in ExperimentStore(client, keys).list():
-        if exp.status != "running":
-            continue
-        key = keys.experiments.series(exp.key)
-        doc = snapshot(experiment_results(client, keys, exp), round(bucket * max(bucket_s, 1.0), 3))
-        pipe = client.pipeline(transaction=False)
-        pipe.hset(key, str(bucket), orjson.dumps(doc))
-        pipe.hlen(key)
-        _, size = pipe.execute()
-        if size > KEEP:
-            oldest = sorted(int(b) for b in client.hkeys(key))[: size - KEEP]
-            client.hdel(key, *(str(b) for b in oldest))
-        stored += 1
-    return stored
+    bucket_s = max(bucket_s, 1.0)
+    bucket = int(now // bucket_s)
+    key = keys.experiments.series(exp.key)
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(key, str(bucket), orjson.dumps(snapshot(report, round(bucket * bucket_s, 3))))
+    pipe.hlen(key)
+    _, size = pipe.execute()
+    if size > KEEP:
+        oldest = sorted(int(b) for b in client.hkeys(key))[: size - KEEP]
+        client.hdel(key, *(str(b) for b in oldest))
 
 
 def read_series(client: redis.Redis, keys: KeySpace, experiment: str) -> list[dict[str, Any]]:

@@ -104,13 +104,13 @@ def _install_guardrail_monitor(app: faust.App, runtime: Runtime) -> None:
 
     from kestrel.feature_store.keys import KeySpace
     from kestrel.streams.experiments.guardrails import stop_breached
-    from kestrel.streams.experiments.series import record_running
+    from kestrel.streams.experiments.series import record
 
     settings = runtime.settings
 
     def tick(client: redis.Redis, keys: KeySpace) -> list[dict[str, Any]]:
-        record_running(client, keys, settings.guardrail_check_s)
-        return stop_breached(client, keys)
+        return stop_breached(client, keys, lambda exp, report: record(client, keys, exp, report,
+                                                                      settings.guardrail_check_s))
 
     @app.timer(settings.guardrail_check_s)
     async def watch_guardrails() -> None:

@@ -37,7 +37,7 @@ from kestrel.feature_store.sets import (
     TERMINAL_RISK,
     USER_ACTIVITY,
 )
-from kestrel.models.experiments import Experiment, Variant, route
+from kestrel.models.experiments import Experiment, Variant, enrol
 from kestrel.models.fraud_features import model_inputs, payment_features
 from kestrel.models.fraud_model import FraudModel, ModelScorer, latest_artifact
 from kestrel.models.fraud_online import DriftEvent, OnlineFraudLearner, labelled_share
@@ -335,8 +335,8 @@ class Processor:
         # routing is pure: each payment's variants, and the model one of them runs (None: the served one)
         routes = [self._variants_of(experiments, e, card) for e, card in zip(events, cards, strict=True)] \
             if experiments else None
-        variant_learners = {} if routes is None else \
-            {m[0].version: await m[1].current() for _, m in routes if m is not None}
+        variant_models = {} if routes is None else {m[0].version: m[1] for _, m in routes if m is not None}
+        variant_learners = {version: await shared.current() for version, shared in variant_models.items()}
 
         def score(feats: list[dict[str, Any]]) -> list[tuple[FraudScore, FraudScorer]]:
             """Each payment's score, by the served model or the model its variant runs (one batch per model)."""
@@ -407,35 +407,15 @@ class Processor:
 
     def _variants_of(self, experiments: Sequence[Experiment], e: Transaction, card: str
                      ) -> tuple[list[tuple[Experiment, Variant]], tuple[ModelScorer, SharedLearner] | None]:
-        """The payment's variants (pure routing) and the model one of them runs, if any (None: the served one).
-
-        A payment is enrolled only where its variant really decides it: an
-        experiment whose variants name a model not loaded here yet enrols no
-        one (all its variants wait, so the split stays as configured), and one
-        model decides a payment: a second experiment whose variant runs a
-        model does not enrol it (run model experiments in one namespace, so
-        that they exclude each other).
-        """
+        """The payment's variants and the model one of them runs, if loaded (None: the served one); see
+        :func:`kestrel.models.experiments.enrol` for who is enrolled."""
         attributes = {"card": card, "merchant_id": e.merchant_id, "currency": e.currency,
                       "card_present": e.card_present, "terminal_id": e.terminal_id}
-        enrolled: list[tuple[Experiment, Variant]] = []
-        chosen = None
         models = self.variant_models
-        for exp in experiments:
-            routed = route(exp, attributes)
-            if routed.variant is None:
-                continue
-            if any(v.model and models.ready(v.model) is None for v in exp.variants):
-                self.metrics.experiments_idle.labels("model_not_loaded").inc()
-                continue
-            variant = exp.variants[routed.index]
-            if variant.model:
-                if chosen is not None:
-                    self.metrics.experiments_idle.labels("another_model_decides").inc()
-                    continue
-                chosen = models.ready(variant.model)
-            enrolled.append((exp, variant))
-        return enrolled, chosen
+        enrolment = enrol(experiments, attributes, loaded=lambda ref: models.ready(ref) is not None)
+        for reason in enrolment.skipped:
+            self.metrics.experiments_idle.labels(reason).inc()
+        return enrolment.variants, models.ready(enrolment.model) if enrolment.model else None
 
     def _apply_variants(self, enrolled_in: Sequence[tuple[Experiment, Variant]], e: Transaction, card: str,
                         s: FraudScore, scorer: FraudScorer, exposures: list[Output],

@@ -24,7 +24,7 @@ from kestrel.feature_store.keys import KeyedHasher, KeySpace
 from kestrel.feature_store.redis_store import AsyncRedisOnlineStore
 from kestrel.feature_store.schemas import Interaction, iso_of
 from kestrel.feature_store.sets import USER_ACTIVITY
-from kestrel.models.experiments import Experiment, Variant, route
+from kestrel.models.experiments import Experiment, Variant, enrol, route
 from kestrel.models.popularity import PopularityRecommender
 from kestrel.models.registry import is_registry
 from kestrel.streams.experiments.live import LiveExperiments
@@ -63,29 +63,17 @@ class RecsRouter:
             return await self.served.recommend(user_ids, options)
         opts = [options] * len(user_ids) if isinstance(options, RecOptions) else list(options)
         services = self._services(experiments)
-        served = [exp for exp in experiments if all(not v.model or v.model in services for v in exp.variants)]
-        if len(served) < len(experiments):
-            idle = len(user_ids) * (len(experiments) - len(served))
-            self.metrics.experiments_idle.labels("model_not_loaded").inc(idle)
         enrolled: list[tuple[str, list[tuple[Experiment, Variant]]]] = []
         by_service: dict[str | None, list[int]] = {}
         for i, user_id in enumerate(user_ids):
             unit = self.hasher.token("user", user_id)
-            chosen, model = [], None
-            for exp in served:
-                routed = route(exp, {"user": unit})
-                if routed.variant is None:
-                    continue
-                variant = exp.variants[routed.index]
-                if variant.model:
-                    if model is not None:
-                        self.metrics.experiments_idle.labels("another_model_decides").inc()
-                        continue
-                    model = variant.model
+            enrolment = enrol(experiments, {"user": unit}, loaded=services.__contains__)
+            for reason in enrolment.skipped:
+                self.metrics.experiments_idle.labels(reason).inc()
+            for _, variant in enrolment.variants:
                 opts[i] = with_recs_params(opts[i], variant.params)
-                chosen.append((exp, variant))
-            enrolled.append((unit, chosen))
-            by_service.setdefault(model, []).append(i)
+            enrolled.append((unit, enrolment.variants))
+            by_service.setdefault(enrolment.model, []).append(i)
         results: list[RecResult] = [None] * len(user_ids)  # type: ignore[list-item]
         for ref, idx in by_service.items():
             service = self.served if ref is None else services[ref]
