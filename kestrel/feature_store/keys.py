@@ -181,6 +181,11 @@ class ExperimentKeys:
         """Labelled outcomes of enrolled payments: a hash, label id -> [variant, is_fraud, action], set once."""
         return f"{self.prefix}:exp:outcomes:{experiment}"
 
+    def durations(self, experiment: str) -> str:
+        """Enrolled decisions' durations as histograms: a hash, ``{measure}|{variant}|{bucket}`` -> count, each
+        decision counted once, with its decision log's first write (measure: ``latency``, ``model``)."""
+        return f"{self.prefix}:exp:durations:{experiment}"
+
     def exposed_at(self, experiment: str) -> str:
         """When each unit was first exposed (recs: the start of its attribution window): unit -> epoch, set once."""
         return f"{self.prefix}:exp:exposed_at:{experiment}"

@@ -81,3 +81,18 @@ async def test_a_log_that_is_its_own_mark_needs_no_mark_key_and_still_reads_as_j
     assert orjson.loads(await conn.get(log_key)) == {"event_id": "e3", "action": "allow"}
     assert await conn.ttl(log_key) > 0
     assert [k async for k in conn.scan_iter(match=f"{prefix}:*")] == [log_key.encode()]  # no mark, no outbox
+
+
+async def test_counts_made_with_a_log_are_added_once_however_often_its_batch_is_replayed(client) -> None:
+    conn, prefix = client
+    ledger = DeliveryLedger(conn, ttl_s=600, writes_ttl_s=600)
+    hist = f"{prefix}:exp:durations:x"
+    logs = [(f"{prefix}:decision:e{i}", b"{}") for i in range(3)]
+    counts = [(hist, "latency|a|40", logs[0][0]), (hist, "latency|a|40", logs[1][0]), (hist, "model|a|9", logs[1][0]),
+              (hist, "latency|b|41", logs[2][0])]
+    outputs = [(key, key, body) for key, body in logs]
+    await ledger.unsent(outputs[:2], logs[:2], counts[:3])  # the first attempt of e0 and e1
+    assert await conn.hgetall(hist) == {b"latency|a|40": b"2", b"model|a|9": b"1"}
+    await ledger.unsent(outputs, logs, counts)  # replayed with e2 added: e0 and e1 count nothing more
+    await ledger.unsent(outputs, logs, counts)
+    assert await conn.hgetall(hist) == {b"latency|a|40": b"2", b"model|a|9": b"1", b"latency|b|41": b"1"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -18,9 +19,11 @@ from kestrel.feature_store import topics
 from kestrel.feature_store.erase import delete_matching
 from kestrel.feature_store.keys import KeySpace
 from kestrel.feature_store.schemas import Label, Transaction
+from kestrel.models.experiment_stats import duration_bucket
 from kestrel.models.experiments import Experiment, route
 from kestrel.models.registry import ModelRecord, Registry
 from kestrel.streams.config import Settings
+from kestrel.streams.experiments.results import duration_histograms, experiment_results
 from kestrel.streams.experiments.store import ExperimentStore
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import RawRecord
@@ -38,7 +41,8 @@ def _payments(n: int, tag: str) -> list[Transaction]:
 
 
 def _records(events: list, topic: str) -> list[RawRecord]:
-    return [RawRecord(topic, 0, i, b"k", e.model_dump_json().encode(), {}, None) for i, e in enumerate(events)]
+    at_broker = time.time() * 1000 - 5.0  # the records' timestamp (ms): each decision's latency runs from it
+    return [RawRecord(topic, 0, i, b"k", e.model_dump_json().encode(), {}, at_broker) for i, e in enumerate(events)]
 
 
 @pytest.fixture
@@ -89,6 +93,17 @@ async def test_a_variant_runs_its_model_once_loaded_and_follows_its_alias(regist
             (card, variant, v2 if variant == "challenger" else v1) for variant, cards in by_variant.items()
             for card in cards)  # each card's first exposure, once, naming the version that decided it
         await proc.mark_delivered(outs)
+        # each enrolled decision's latency and model time, counted once per variant, and again not on a replay
+        durations = duration_histograms(sync.hgetall(keys.experiments.durations("model-ab")))
+        per_variant = Counter(d["experiments"][0]["variant"] for d in docs)
+        for measure in ("latency", "model"):
+            assert {v: sum(h.values()) for v, h in durations[measure].items()} == per_variant, measure
+        assert min(durations["latency"]["control"]) >= duration_bucket(0.005)  # at least the 5 ms since the broker
+        assert await proc.process(topics.TRANSACTIONS, _records(_payments(240, "b"), topics.TRANSACTIONS)) == []
+        assert duration_histograms(sync.hgetall(keys.experiments.durations("model-ab"))) == durations
+        report = experiment_results(sync, keys, exp)
+        assert report["variants"]["challenger"]["model_ms"]["n"] == per_variant["challenger"]
+        assert report["variants"]["control"]["decision_latency_ms"]["p99_ms"] >= 5.0
 
         labels = [Label(event_id=f"l-{d['event_id']}", timestamp=datetime.now(UTC), transaction_id=d["event_id"],
                         verdict="fraud" if i % 5 == 0 else "genuine", source="chargeback")

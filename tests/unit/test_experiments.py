@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pydantic
 import pytest
 
@@ -114,3 +115,31 @@ def test_block_rate_is_a_guardrail_where_more_blocks_are_worse():
     report = analyse(exp, {"control": 1, "lower": 1}, variant_counts(outcomes, ["control", "lower"]))
     assert report["variants"]["lower"]["block_rate"] == 0.09 and report["variants"]["control"]["block_rate"] == 0.02
     assert [b["guardrail"] for b in report["breaches"]] == ["block_rate"]
+
+
+@pytest.mark.parametrize(("control_ms", "variant_ms", "n", "breached"), [
+    (2.0, 8.0, 500, True),  # a model four times slower, on 500 decisions each: stopped
+    (2.0, 2.1, 500, False),  # within one bucket: no difference that holds
+    (2.0, 8.0, 10, False),  # too few decisions to judge
+    (8.0, 2.0, 500, False),  # faster is never a breach
+])
+def test_a_variant_whose_model_is_slower_breaches_a_duration_guardrail(control_ms, variant_ms, n, breached):
+    from kestrel.models.experiment_stats import duration_bucket
+    from kestrel.streams.experiments.results import analyse
+
+    exp = _exp(primary_metric="recall", guardrail_metrics=["model_ms", "decision_latency_ms"])
+    rng = np.random.default_rng(3)
+
+    def histogram(ms: float) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for x in rng.lognormal(np.log(ms), 0.3, n):
+            b = duration_bucket(x / 1000)
+            out[b] = out.get(b, 0) + 1
+        return out
+
+    model = {"control": histogram(control_ms), "lower": histogram(variant_ms)}
+    shared = {"control": histogram(20.0), "lower": histogram(20.0)}  # one batch decides both: the same wait
+    report = analyse(exp, {"control": n, "lower": n}, {}, durations={"model": model, "latency": shared})
+    assert report["variants"]["lower"]["model_ms"]["n"] == n
+    assert [b["guardrail"] for b in report["breaches"]] == (["model_ms"] if breached else [])
+    assert report["primary_metric"] == "recall"  # the durations do not take its place

@@ -10,6 +10,14 @@ precision and recall against the labels (fraud) or the click-through and
 purchase rates per exposed unit (recs), then compares every variant with
 the first (control) on the primary metric with the always-valid interval,
 and checks the split against the configured weights (SRM).
+
+Fraud variants are also compared on what they cost: each enrolled
+decision's latency (from the payment's time at the broker to its decision)
+and its share of its model's scoring time, kept as histograms that count a
+decision with its log's first write (so once). A batch decides every
+variant's payments together, so a slower model delays the other variants'
+payments of its batch too: ``model_ms`` is what tells the variants apart,
+``decision_latency_ms`` what the payments waited in all.
 """
 
 from __future__ import annotations
@@ -21,7 +29,14 @@ import orjson
 import redis
 
 from kestrel.feature_store.keys import KeySpace
-from kestrel.models.experiment_stats import confidence_sequence, cuped, srm_p_value, verdict
+from kestrel.models.experiment_stats import (
+    confidence_sequence,
+    cuped,
+    duration_bucket,
+    duration_summary,
+    srm_p_value,
+    verdict,
+)
 from kestrel.models.experiments import Experiment
 
 # metric -> (denominator, numerator) among a variant's counts
@@ -32,7 +47,40 @@ METRICS = {"alert_precision": ("alerted", "alerted_frauds"), "recall": ("frauds"
 TARGET_METRICS = {"fraud": ("alert_precision", "recall", "alert_rate", "false_positive_rate", "block_rate"),
                   "recs": ("ctr", "purchase_rate")}
 RECS_OUTCOMES = {"clicked": ("click", "add_to_cart", "purchase"), "purchased": ("purchase",)}  # outcome -> kinds
-HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate", "block_rate"}  # analysts' load, customers bothered
+# fraud: durations per enrolled decision (metric -> the histogram's measure)
+DURATIONS = {"decision_latency_ms": "latency", "model_ms": "model"}
+HIGHER_IS_WORSE = {"alert_rate", "false_positive_rate", "block_rate",  # analysts' load, customers bothered
+                   *DURATIONS}
+
+
+def variant_durations(enrolled: list[dict[str, Any]], keys: KeySpace, log_key: str, latency_s: float | None,
+                      model_s: float) -> list[tuple[str, str, str]]:
+    """One enrolled decision's histogram counts, (hash, field, its log's key), for the delivery call to add with
+    the log's first write (:class:`~kestrel.streams.worker.delivery.Logs`).
+
+    >>> variant_durations([{"experiment": "x", "variant": "b"}], KeySpace("k"), "k:d:e1", 0.012, 0.0003)
+    [('k:exp:durations:x', 'latency|b|55', 'k:d:e1'), ('k:exp:durations:x', 'model|b|33', 'k:d:e1')]
+    """
+    out = []
+    for entry in enrolled:
+        hist = keys.experiments.durations(entry["experiment"])
+        if latency_s is not None:
+            out.append((hist, f"latency|{entry['variant']}|{duration_bucket(max(latency_s, 0.0))}", log_key))
+        out.append((hist, f"model|{entry['variant']}|{duration_bucket(model_s)}", log_key))
+    return out
+
+
+def duration_histograms(raw: dict[bytes, bytes]) -> dict[str, dict[str, dict[int, int]]]:
+    """The durations hash read back: measure -> variant -> bucket -> count.
+
+    >>> duration_histograms({b"latency|b|55": b"3", b"model|b|33": b"3"})["latency"]
+    {'b': {55: 3}}
+    """
+    out: dict[str, dict[str, dict[int, int]]] = {}
+    for name, count in raw.items():
+        measure, variant, bucket = name.decode().split("|")
+        out.setdefault(measure, {}).setdefault(variant, {})[int(bucket)] = int(count)
+    return out
 
 
 def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -> dict[str, dict[str, int]]:
@@ -60,12 +108,15 @@ def variant_counts(outcomes: list[tuple[str, bool, str]], variants: list[str]) -
 
 
 def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dict[str, int]],
-            alpha: float = 0.05, per_unit: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
+            alpha: float = 0.05, per_unit: dict[str, list[tuple[float, float]]] | None = None,
+            durations: dict[str, dict[str, dict[int, int]]] | None = None) -> dict[str, Any]:
     """The report of one experiment from its per-variant numbers (pure).
 
     ``per_unit`` (recs): each variant's units as (outcome on the primary
     metric, pre-period covariate): the comparisons then also carry the
-    CUPED-adjusted interval (:func:`cuped_comparisons`).
+    CUPED-adjusted interval (:func:`cuped_comparisons`). ``durations``
+    (fraud): the histograms of :func:`duration_histograms`, summarised per
+    variant and usable as guardrails.
     """
     keys = [v.key for v in experiment.variants]
     names = TARGET_METRICS[experiment.target]
@@ -78,8 +129,17 @@ def analyse(experiment: Experiment, units: dict[str, int], counts: dict[str, dic
     srm = srm_p_value([units.get(k, 0) for k in keys], experiment.weights()) if total else None
     comparisons = {k: compare(counts, keys[0], k, metric, alpha) for k in keys[1:]}
     adjusted = cuped_comparisons(per_unit, keys, metric, alpha) if per_unit else None
+    summaries = {metric: {k: duration_summary(durations.get(measure, {}).get(k, {})) for k in keys}
+                 for metric, measure in DURATIONS.items()} if durations is not None else {}
+    for timed, by in summaries.items():
+        for k in keys:
+            summary = by[k]
+            per_variant[k][timed] = {n: summary[n] for n in ("n", "mean_ms", "p50_ms", "p99_ms")} \
+                if summary else None
     guardrails = {g: {k: compare(counts, keys[0], k, g, alpha) for k in keys[1:]}
                   for g in experiment.guardrail_metrics if g in names}
+    guardrails.update({g: {k: compare_durations(summaries[g], keys[0], k, g, alpha) for k in keys[1:]}
+                       for g in experiment.guardrail_metrics if g in summaries})
     breaches = [{"guardrail": g, "variant": k, **c} for g, by in guardrails.items() for k, c in by.items()
                 if c.get("ci") and (c["ci"][0] > 0 if g in HIGHER_IS_WORSE else c["ci"][1] < 0)]
     return {"experiment": experiment.key, "status": experiment.status, "primary_metric": metric, "alpha": alpha,
@@ -158,6 +218,27 @@ def compare(counts: dict[str, dict[str, int]], control: str, variant: str, metri
             "decision": said.decision}
 
 
+def compare_durations(summaries: dict[str, dict[str, float] | None], control: str, variant: str, metric: str,
+                      alpha: float) -> dict[str, Any]:
+    """``variant`` minus ``control`` on a mean duration (ms), with the always-valid interval and a verdict.
+
+    >>> from kestrel.models.experiment_stats import duration_bucket as b
+    >>> fast, slow = {b(0.001): 400, b(0.002): 400}, {b(0.004): 400, b(0.008): 400}
+    >>> out = compare_durations({"a": duration_summary(fast), "b": duration_summary(slow)}, "a", "b", "model_ms", 0.05)
+    >>> out["decision"], out["verdict"].split(" by ")[0]
+    ('stop', 'B is worse on model ms')
+    """
+    a, b = summaries.get(control), summaries.get(variant)
+    na, nb = (a or {}).get("n", 0), (b or {}).get("n", 0)
+    if a is None or b is None or min(na, nb) < MIN_DENOMINATOR:
+        return {"note": f"{metric} needs {MIN_DENOMINATOR}+ enrolled decisions in both variants "
+                        f"(control {na}, {variant} {nb})"}
+    lo, hi = confidence_sequence(b["mean_ms"], a["mean_ms"], b["var_ms2"], a["var_ms2"], nb, na, alpha)
+    said = verdict(metric.replace("_", " "), lo, hi, a["mean_ms"] or 1.0, higher_is_better=False)
+    return {"difference": round(b["mean_ms"] - a["mean_ms"], 4), "ci": [round(lo, 4), round(hi, 4)],
+            "verdict": said.text, "decision": said.decision}
+
+
 def experiment_results(client: redis.Redis, keys: KeySpace, experiment: Experiment) -> dict[str, Any]:
     """Read an experiment's per-variant numbers from Redis and analyse them."""
     k = keys.experiments
@@ -182,4 +263,6 @@ def experiment_results(client: redis.Redis, keys: KeySpace, experiment: Experime
                     for v in variants}
         return analyse(experiment, units, counts, per_unit=per_unit)
     outcomes = [tuple(orjson.loads(raw)) for raw in client.hvals(k.outcomes(experiment.key))]
-    return analyse(experiment, units, variant_counts(outcomes, variants))  # type: ignore[arg-type]
+    durations = duration_histograms(client.hgetall(k.durations(experiment.key)))
+    return analyse(experiment, units, variant_counts(outcomes, variants),  # type: ignore[arg-type]
+                   durations=durations)

@@ -23,7 +23,7 @@ from faust.web import Request, Response, View
 
 from kestrel.feature_store.keys import KeySpace
 from kestrel.models.experiments import Experiment
-from kestrel.streams.experiments.results import TARGET_METRICS, experiment_results
+from kestrel.streams.experiments.results import DURATIONS, TARGET_METRICS, experiment_results
 from kestrel.streams.experiments.series import read_series
 from kestrel.streams.experiments.store import ExperimentError, ExperimentStore
 from kestrel.streams.web.pages import PAGE_HEADERS, TOKEN_BOX, TOKEN_JS, e, page, serve_static, time_html
@@ -171,14 +171,22 @@ def render_experiment(exp: Experiment, report: Mapping[str, Any], history: Seque
     """One experiment: what it compares, how each variant does, over time, its audit log and its controls."""
     metric = report["primary_metric"]
     names = list(TARGET_METRICS[exp.target])
+    timed = [m for m in DURATIONS if any(m in report["variants"][v.key] for v in exp.variants)]
+
+    def duration(summary: Mapping[str, Any] | None) -> str:
+        return (f'{_num(summary["mean_ms"])} (p50 {_num(summary["p50_ms"])}, p99 {_num(summary["p99_ms"])})'
+                if summary else "")
+
     variant_rows = "".join(
         f'<tr data-variant="{e(v.key)}"><td>{e(v.key)}</td><td>{_num(exp.weights()[i])}</td>'
         f"<td>{e(v.model or '')}</td><td><code>{e(orjson.dumps(v.params).decode() if v.params else '')}</code></td>"
-        + "".join(f"<td>{_num(report['variants'][v.key].get(n))}</td>" for n in ["units", *names]) + "</tr>"
-        for i, v in enumerate(exp.variants))
+        + "".join(f"<td>{_num(report['variants'][v.key].get(n))}</td>" for n in ["units", *names])
+        + "".join(f'<td class="duration">{duration(report["variants"][v.key].get(m))}</td>' for m in timed)
+        + "</tr>" for i, v in enumerate(exp.variants))
     variants = ('<table id="variants"><thead><tr><th>variant</th><th>weight</th><th>model</th><th>params</th>'
-                + "".join(f"<th>{e(n)}</th>" for n in ["units", *names]) + f"</tr></thead><tbody>{variant_rows}"
-                "</tbody></table>")
+                + "".join(f"<th>{e(n)}</th>" for n in ["units", *names])
+                + "".join(f"<th>{e(m)}: mean (p50, p99)</th>" for m in timed)
+                + f"</tr></thead><tbody>{variant_rows}</tbody></table>")
     verdicts = "".join(
         f'<li data-variant="{e(k)}">{e(k)} against {e(exp.variants[0].key)} on {e(metric)}: '
         + (f'<b>{e(c["verdict"])}</b> (difference {_num(c["difference"])}, interval {e(c["ci"])})'

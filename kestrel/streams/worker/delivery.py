@@ -14,6 +14,9 @@ A fraud decision's log is its own mark (an output whose ``mark`` is its
 whitespace, so its readers parse it unchanged). A payment then keeps one key
 for its decision, not a log and a mark, and its first attempt needs no
 lookup: a log this call just wrote cannot have been delivered.
+Counts that must follow a logged decision exactly once (an experiment
+variant's latency histogram) travel with the log's write: each is added only
+by the call that stored the log.
 One script call per batch keeps this off the hot path (a pipeline of one
 command per record costs more in reply parsing than the commands
 themselves).
@@ -22,6 +25,7 @@ themselves).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -31,6 +35,15 @@ from kestrel.feature_store.scripts import load_lua
 WRITE_AND_CHECK_LUA = load_lua(__file__, "delivery_write_and_check")
 
 MARK_LUA = load_lua(__file__, "delivery_mark")
+
+
+@dataclass
+class Logs:
+    """What a batch stores in its delivery call beside the outboxes: logs (``SET NX``) and the counts that follow
+    them (:meth:`DeliveryLedger.unsent`)."""
+
+    writes: list[tuple[str, bytes]] = field(default_factory=list)
+    counts: list[tuple[str, str, str]] = field(default_factory=list)  # (hash, field, key of one of writes)
 
 
 def outbox_key(mark: str) -> str:
@@ -46,20 +59,26 @@ class DeliveryLedger:
         self._mark = client.register_script(MARK_LUA)
 
     async def unsent(self, outputs: Sequence[tuple[str, str | None, bytes]],
-                     writes: Sequence[tuple[str, bytes]] = ()) -> list[bytes | None]:
+                     writes: Sequence[tuple[str, bytes]] = (),
+                     counts: Sequence[tuple[str, str, str]] = ()) -> list[bytes | None]:
         """For each (mark, log key or None, body): None if delivered, else the bytes to send.
 
         The bytes are those stored when the output was first attempted (on
         the first attempt, ``body`` itself, which then does not travel back);
         a log key (written NX by ``writes`` in the same call) serves as the
         outbox itself, so its body is not sent twice. ``writes`` (key, value)
-        are stored first, with ``writes_ttl_s``.
+        are stored first, with ``writes_ttl_s``. Each of ``counts`` (hash,
+        field, key of one of ``writes``) adds 1 to the hash's field if this
+        call stored that write, so it is counted once across replays.
         """
         if not outputs and not writes:
             return []
         args: list[object] = [self.writes_ttl_s, len(writes)]
         for key, value in writes:
             args += [key, value]
+        args.append(len(counts))
+        for count in counts:
+            args += count
         args.append(self.ttl_s)
         for mark, log_key, body in outputs:
             if mark == log_key:  # a log that is its own mark

@@ -49,12 +49,13 @@ from kestrel.models.scoring import FraudScore, FraudScorer, Thresholds
 from kestrel.streams.alerts.store import AlertDesk
 from kestrel.streams.config import Settings
 from kestrel.streams.experiments.live import LiveExperiments
+from kestrel.streams.experiments.results import variant_durations
 from kestrel.streams.ingest.producer import EVENT_ID_HEADER
 from kestrel.streams.ingest.validation import Rejection, check_time, parse_event
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import Output, RawRecord
 from kestrel.streams.recs.service import RecommendationService, RecOptions, RecResult
-from kestrel.streams.worker.delivery import DeliveryLedger
+from kestrel.streams.worker.delivery import DeliveryLedger, Logs
 from kestrel.streams.worker.exposures import Exposures
 from kestrel.streams.worker.recs_routing import RecsRouter
 from kestrel.streams.worker.shared_learner import SharedLearner
@@ -191,16 +192,16 @@ class Processor:
         self.metrics.events_in.labels(topic).inc(len(records))
         self.metrics.batch_size.labels(topic).observe(len(records))
         outputs, valid = self._validate(topic, records, started)
-        writes: list[tuple[str, bytes]] = []
+        logs = Logs()
         if valid:
             handler = {"transaction": self._transactions, "interaction": self._interactions,
                        "label": self._labels}[topics.TOPIC_EVENT_TYPE[topic]]
-            outputs.extend(await handler(valid, started, writes))
-        return await self.deliverable(outputs, writes)
+            outputs.extend(await handler(valid, started, logs))
+        return await self.deliverable(outputs, logs)
 
-    async def deliverable(self, outputs: list[Output], writes: Sequence[tuple[str, bytes]] = ()) -> list[Output]:
+    async def deliverable(self, outputs: list[Output], logs: Logs | None = None) -> list[Output]:
         """The outputs still to send (see :meth:`_not_yet_delivered`), their exposures counted."""
-        fresh = await self._not_yet_delivered(outputs, list(writes))
+        fresh = await self._not_yet_delivered(outputs, logs)
         await self.exposures.count([o for o in fresh if o.topic == topics.EXPOSURES])
         return fresh
 
@@ -232,7 +233,7 @@ class Processor:
         """Dead letters for records that cannot be processed (a poison record), through the outbox like any output."""
         now = time.time()
         return await self._not_yet_delivered([self._deadletter(rec, Rejection(reason, message), now)
-                                              for rec in records], [])
+                                              for rec in records])
 
     # -- degraded mode: decisions while Redis is unreachable ----------------
     def degraded(self, topic: str, records: Sequence[RawRecord]) -> list[Output]:
@@ -270,7 +271,7 @@ class Processor:
         await self.mark_delivered(sent)
         # the degraded decisions, as sent (parsed back: this is the rare recovery path, not the hot one)
         docs = [orjson.loads(o.value) for o in sent if o.topic == topics.FRAUD_DECISIONS]
-        return await self._not_yet_delivered(await self.alerts.on_decisions(docs), [])
+        return await self._not_yet_delivered(await self.alerts.on_decisions(docs))
 
     async def warm_up(self) -> None:
         """First calls pay one-time costs (model files, torch and FAISS first calls): pay them before ready.
@@ -296,15 +297,17 @@ class Processor:
         for topic, n in Counter(out.topic for out in outputs).items():
             self.metrics.events_out.labels(topic).inc(n)
 
-    async def _not_yet_delivered(self, outputs: list[Output], writes: list[tuple[str, bytes]]) -> list[Output]:
+    async def _not_yet_delivered(self, outputs: list[Output], logs: Logs | None = None) -> list[Output]:
         """Drop outputs already delivered before a restart, and re-send exactly the bytes first attempted.
 
-        Also flushes ``writes`` in the same round trip (see :mod:`kestrel.streams.worker.delivery`).
+        Also stores ``logs`` in the same round trip (see :mod:`kestrel.streams.worker.delivery`).
         """
         unique: dict[str, Output] = {}
         for out in outputs:
             unique.setdefault(out.mark, out)
-        stored = await self.ledger.unsent([(m, o.log_key, o.value) for m, o in unique.items()], writes)
+        logs = logs or Logs()
+        stored = await self.ledger.unsent([(m, o.log_key, o.value) for m, o in unique.items()], logs.writes,
+                                          logs.counts)
         fresh = [o if body is o.value or body == o.value else replace(o, value=body)
                  for o, body in zip(unique.values(), stored, strict=True) if body is not None]
         if len(fresh) < len(outputs):
@@ -322,7 +325,7 @@ class Processor:
 
     # -- per event type ----------------------------------------------------
     async def _transactions(self, valid: list[tuple[RawRecord, Transaction]], started: float,
-                            writes: list[tuple[str, bytes]]) -> list[Output]:
+                            logs: Logs) -> list[Output]:
         events = [e for _, e in valid]
         risks = asyncio.ensure_future(self.terminal_risk.vectors([TERMINAL_ACTIVITY.entity_id_of(e) for e in events],
                                                                  [e.epoch_s for e in events]))
@@ -338,8 +341,9 @@ class Processor:
         variant_models = {} if routes is None else {m[0].version: m[1] for _, m in routes if m is not None}
         variant_learners = {version: await shared.current() for version, shared in variant_models.items()}
 
-        def score(feats: list[dict[str, Any]]) -> list[tuple[FraudScore, FraudScorer]]:
-            """Each payment's score, by the served model or the model its variant runs (one batch per model)."""
+        def score(feats: list[dict[str, Any]]) -> list[tuple[FraudScore, FraudScorer, float]]:
+            """Each payment's score, by the served model or the model its variant runs (one batch per model), and
+            its share of that model's time (s): what an experiment's variants are compared on, besides latency."""
             by_model: dict[str, list[int]] = {}
             models: dict[str, FraudScorer] = {scorer.version: scorer}
             for i in range(len(events)):
@@ -348,20 +352,23 @@ class Processor:
                 if model is not None:
                     models[version] = model[0]
                 by_model.setdefault(version, []).append(i)
-            out: list[tuple[FraudScore, FraudScorer]] = [None] * len(events)  # type: ignore[list-item]
+            out: list[tuple[FraudScore, FraudScorer, float]] = [None] * len(events)  # type: ignore[list-item]
             for version, idx in by_model.items():
                 model, online = models[version], learner if version == scorer.version else variant_learners[version]
                 part_events, part_feats = [events[i] for i in idx], [feats[i] for i in idx]
+                t0 = time.perf_counter()
                 scored = (model.score_batch(part_events, part_feats, online) if online is not None  # type: ignore[call-arg]
                           else model.score_batch(part_events, part_feats))
+                each = (time.perf_counter() - t0) / len(idx)
                 for i, sc in zip(idx, scored, strict=True):
-                    out[i] = (sc, model)
+                    out[i] = (sc, model, each)
             return out
 
         async def decide(applied: list[tuple[bool, list[Snapshot]]]
-                         ) -> tuple[list[Output], list[dict[str, Any]], list[Output]]:
+                         ) -> tuple[list[Output], list[dict[str, Any]], list[Output], list[tuple[str, str, str]]]:
             """The batch's decisions from its feature vectors (no side effects: run again if the commit is
-            refused), computed while Redis stores the feature commit."""
+            refused), computed while Redis stores the feature commit; and the enrolled decisions' durations,
+            counted with their logs' first writes."""
             feats = []
             for e, (_, (card, terminal, card_terminal, card_device)), risk in zip(events, applied, await risks,
                                                                                  strict=True):
@@ -373,7 +380,8 @@ class Processor:
             outputs, docs = [], []
             decided_at = iso_of(now)  # one time for the batch
             exposures: list[Output] = []
-            for i, (e, f, (s, model)) in enumerate(zip(events, feats, scores, strict=True)):
+            durations: list[tuple[str, str, str]] = []
+            for i, (e, f, (s, model, model_s)) in enumerate(zip(events, feats, scores, strict=True)):
                 card = cards[i]
                 enrolled: list[dict[str, Any]] = []
                 if routes is not None and routes[i][0]:
@@ -382,25 +390,30 @@ class Processor:
                                          decided_at=decided_at)
                 if enrolled:
                     doc["experiments"] = enrolled
+                    durations += variant_durations(enrolled, self.keys, self.keys.decision(e.event_id),
+                                                   now - stamps[i] if stamps[i] else None, model_s)
                 if shadowed is not None:
                     other = shadowed[len(docs)]
                     doc["shadow"] = {"model_version": shadow.version, "score": other.score, "action": other.action}
                 docs.append(doc)
                 outputs.append(Output(topics.FRAUD_DECISIONS, card.encode(), orjson.dumps(doc),
                                       self.keys.decision(e.event_id), self.keys.decision(e.event_id)))
-            return outputs, docs, exposures
+            return outputs, docs, exposures, durations
 
+        # the payment's time at the broker
+        stamps = [rec.timestamp_ms / 1000 if rec.timestamp_ms else None for rec, _ in valid]
         try:
-            _, (outputs, docs, exposures) = await self.store.apply_units_then([self._payment_unit(e) for e in events],
-                                                                             decide)
+            _, (outputs, docs, exposures, durations) = await self.store.apply_units_then(
+                [self._payment_unit(e) for e in events], decide)
         finally:  # where the feature path failed first: the read stops, and its own error is not left unread
             risks.cancel()
             if risks.done() and not risks.cancelled():
                 risks.exception()
         now = time.time()
         for (rec, _), out in zip(valid, outputs, strict=True):
-            writes.append((out.log_key, out.value))  # the decision log labels join to, and this output's outbox
+            logs.writes.append((out.log_key, out.value))  # the decision log labels join to, and this output's outbox
             self._observe("fraud", rec, started, now)
+        logs.counts += durations
         outputs += exposures  # after the decisions (whose order the loop above follows)
         outputs += await self._join_early_labels(docs)
         return outputs + await self.alerts.on_decisions(docs)
@@ -470,7 +483,7 @@ class Processor:
         return doc
 
     async def _interactions(self, valid: list[tuple[RawRecord, Interaction]], started: float,
-                            writes: list[tuple[str, bytes]]) -> list[Output]:
+                            logs: Logs) -> list[Output]:
         events = [e for _, e in valid]
         await self.store.apply_batch([compile_event(USER_ACTIVITY, e, self.keys, self.hasher) for e in events])
         # Items first seen here (with a category in their context) join the index in batches.
@@ -496,7 +509,7 @@ class Processor:
         return outputs + exposures
 
     async def _labels(self, valid: list[tuple[RawRecord, Label]], started: float,
-                      writes: list[tuple[str, bytes]]) -> list[Output]:
+                      logs: Logs) -> list[Output]:
         pipe = self.client.pipeline(transaction=False)
         for _, e in valid:
             pipe.get(self.keys.decision(e.transaction_id))

@@ -5,6 +5,19 @@ for i = 0, n - 1 do
   if redis.call('SET', ARGV[3 + 2 * i], ARGV[4 + 2 * i], 'EX', ttl, 'NX') then written[ARGV[3 + 2 * i]] = true end
 end
 local base = 3 + 2 * n
+-- counts made with a write (hash, field, the write's key): added only where this call stored that write, so
+-- each is counted once however often its batch is replayed; one HINCRBY per distinct field
+local n_counts = tonumber(ARGV[base])
+local sums, order = {}, {}
+for i = base + 1, base + 3 * n_counts, 3 do
+  if written[ARGV[i + 2]] then
+    local at = ARGV[i] .. '\0' .. ARGV[i + 1]
+    if not sums[at] then sums[at] = {ARGV[i], ARGV[i + 1], 0}; order[#order + 1] = at end
+    sums[at][3] = sums[at][3] + 1
+  end
+end
+for _, at in ipairs(order) do redis.call('HINCRBY', sums[at][1], sums[at][2], sums[at][3]) end
+base = base + 1 + 3 * n_counts
 local outbox_ttl = tonumber(ARGV[base])
 local out = {}
 -- then one (mark, outbox key, body) triple per output: 0 if delivered, 1 if the outbox now holds the caller's
