@@ -255,3 +255,20 @@ def train_on_simulated_history(out_root: str | Path, days: float = 4.0, payments
                               "seed": seed}
     model.save(Path(out_root) / model.version)
     return model
+
+
+def train_on_shuffled_labels(out_root: str | Path, days: float = 3.0, payments_per_day: float = 3000.0,
+                             seed: int = 5, n_cards: int = 800) -> FraudModel:
+    """A model trained on a simulated history whose labels were shuffled: it has learned nothing about fraud.
+
+    The champion a truly better model must beat in an experiment (``kestrel demo --experiment`` and the
+    tests): same inputs, same serving path and cost, no skill. Its version ends in ``-shuffled``.
+    """
+    rows, y, epoch_s, ids, cards = simulated_training_rows(days, payments_per_day, seed, n_cards)
+    shuffled = np.random.default_rng(seed).permutation(y)
+    model = fit_fraud_model(rows, shuffled, epoch_s, ids, epochs=2, members=1, seed=0, groups=cards)
+    model.version = model.version + "-shuffled"
+    model.report["source"] = {"simulated_days": days, "payments_per_day": payments_per_day, "n_cards": n_cards,
+                              "seed": seed, "labels": "shuffled"}
+    model.save(Path(out_root) / model.version)
+    return model

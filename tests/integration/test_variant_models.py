@@ -22,6 +22,7 @@ from kestrel.feature_store.schemas import Label, Transaction
 from kestrel.models.experiment_stats import duration_bucket
 from kestrel.models.experiments import Experiment, route
 from kestrel.models.registry import ModelRecord, Registry
+from kestrel.offline.fraud_train import train_on_shuffled_labels
 from kestrel.streams.config import Settings
 from kestrel.streams.experiments.results import duration_histograms, experiment_results
 from kestrel.streams.experiments.store import ExperimentStore
@@ -145,19 +146,6 @@ async def test_a_variant_whose_model_cannot_load_enrols_no_one(registry_and_sett
         await client.aclose()
 
 
-def _noise_model(directory) -> tuple[str, object]:
-    """A model trained on shuffled labels: it has learned nothing about fraud (a truly worse champion)."""
-    import numpy as np
-
-    from kestrel.offline.fraud_train import fit_fraud_model, simulated_training_rows
-
-    rows, y, epoch_s, ids, cards = simulated_training_rows(3.0, 3000, seed=5, n_cards=800)
-    shuffled = np.random.default_rng(0).permutation(y)
-    model = fit_fraud_model(rows, shuffled, epoch_s, ids, epochs=2, members=1, seed=0, groups=cards)
-    model.version = model.version + "-noise"
-    return model.version, model.save(directory / model.version)
-
-
 def test_through_the_worker_the_truly_better_model_wins_its_experiment(
         settings, worker, outputs, redis_client, fraud_model, tmp_path):
     """The champion learned nothing (shuffled labels); the challenger variant runs the trained model. Simulated
@@ -171,8 +159,9 @@ def test_through_the_worker_the_truly_better_model_wins_its_experiment(
     model, path = fraud_model
     root = tmp_path / "registry"
     registry = Registry(root, "fraud")
-    weak, weak_path = _noise_model(tmp_path / "noise")
-    registry.register(ModelRecord.new("fraud", weak, weak_path))
+    weak_model = train_on_shuffled_labels(tmp_path / "shuffled")
+    weak = weak_model.version
+    registry.register(ModelRecord.new("fraud", weak, tmp_path / "shuffled" / weak))
     registry.register(ModelRecord.new("fraud", model.version, path))
     registry.move("champion", weak, action="force", why="test: the model to beat")
     registry.move("challenger", model.version, action="force", why="test: the trained model")

@@ -64,6 +64,10 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--promote-midway", action="store_true",
                    help="serve the fraud model from a registry, train a second version halfway through the stream, "
                         "promote it through the gate (or report why the gate refused) and hot-swap the worker")
+    p.add_argument("--experiment", action="store_true",
+                   help="run an A/B experiment on the live payments: control keeps a champion trained on shuffled "
+                        "labels, variant B runs the demo's model, in a world with ten times the fraud (labelled "
+                        "frauds in both variants); the summary ends with the live verdict")
     p.add_argument("--json", action="store_true", help="end with a one-line JSON summary")
 
 
@@ -297,6 +301,16 @@ def run_demo(args: argparse.Namespace) -> int:
         settings = settings.with_(fraud_model=str(demo_registry(settings.fraud_model, run_dir / "registry")))
         promotion = MidwayPromotion(run_dir / "registry", settings.broker, args.seed, say)
         say(f"model registry for this run: {run_dir / 'registry'} (champion: the demo's model)")
+    experiment = None
+    if args.experiment:
+        if args.promote_midway:
+            raise SystemExit("--experiment and --promote-midway both move the registry's champion: choose one")
+        run_dir = Path(tempfile.mkdtemp(prefix=f"kestrel-demo-{run_id}-"))
+        root = experiment_registry(settings.fraud_model, run_dir / "registry", say)
+        settings = settings.with_(fraud_model=str(root))
+        experiment = create_demo_experiment(settings)
+        say(f"experiment {experiment.key!r}: control = champion (shuffled labels), challenger = the demo's model, "
+            f"registry {root}; live at /experiments/{experiment.key}")
     settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
     say(f"recommender: {settings.recs_model or 'trending items only'}")
     log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
@@ -310,6 +324,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _wait_ready(web, worker, timeout_s=60)
         say(f"worker: pid {worker.pid}, {web} (log {log_path})")
         summary = _stream(args, settings, web, worker, promotion)
+        if experiment is not None:
+            summary["experiment"] = demo_experiment_summary(settings, experiment.key)
     finally:
         if worker is not None:
             stop_worker(worker)
@@ -328,8 +344,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subprocess.Popen,
             promotion: MidwayPromotion | None = None) -> dict[str, Any]:
+    base = SimConfig()
+    # An experiment on fraud needs labelled frauds in both variants: its world has ten times the fraud incidents.
+    incidents = base.fraud_incidents_per_sim_hour * (EXPERIMENT_FRAUD_SCALE if args.experiment else 1)
     sim = Simulator(SimConfig(seed=args.seed, invalid_share=args.invalid_share, label_delay_s=args.label_delay,
-                              max_event_bytes=settings.max_event_bytes))
+                              max_event_bytes=settings.max_event_bytes, fraud_incidents_per_sim_hour=incidents))
     sent_at: dict[str, float] = {}
     collector = Collector(settings.broker, settings.partitions, sent_at)
     thread = threading.Thread(target=collector.run, name="collector", daemon=True)
@@ -572,6 +591,74 @@ def demo_registry(fraud_model: str, root: Path) -> Path:
     registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
     registry.move("champion", version, action="force", why="the demo's starting model")
     return root
+
+
+def experiment_registry(fraud_model: str, root: Path, say: Callable[[str], None]) -> Path:
+    """A registry for ``--experiment``: ``champion`` learned nothing (shuffled labels), ``challenger`` is the
+    demo's model, so the experiment has a truly better variant B to find."""
+    from kestrel.models.fraud_model import latest_artifact
+    from kestrel.models.registry import ModelRecord, Registry
+
+    trained = latest_artifact(fraud_model) if fraud_model else None
+    if trained is None:
+        raise FileNotFoundError(f"--experiment needs a trained fraud model; none at {fraud_model or '(rules)'}")
+    shuffled_root = Path("artifacts/fraud-demo-shuffled")
+    shuffled = latest_artifact(shuffled_root)
+    if shuffled is None:
+        from kestrel.offline.fraud_train import train_on_shuffled_labels
+
+        say("training the experiment's champion on shuffled labels (first run only, ~10 s)")
+        shuffled = shuffled_root / train_on_shuffled_labels(shuffled_root).version
+    registry = Registry(root, "fraud")
+    for alias, artifact, why in (("champion", shuffled, "the demo experiment's control: no skill"),
+                                 ("challenger", trained, "the demo experiment's variant B: the demo's model")):
+        version = json.loads((artifact / "meta.json").read_text())["version"]
+        registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
+        registry.move(alias, version, action="force", why=why)
+    return root
+
+
+EXPERIMENT_FRAUD_SCALE = 10  # with --experiment: ~650 frauds in 20,000 events instead of ~65
+
+DEMO_EXPERIMENT = {
+    "key": "demo-challenger", "owner": "kestrel demo", "target": "fraud", "hash_attribute": "card",
+    "description": "Does the trained model catch more fraud than a champion that learned nothing?",
+    "seed": "demo-challenger-1", "status": "running", "primary_metric": "recall",
+    "variants": [{"key": "control"}, {"key": "challenger", "model": "challenger"}],
+    # The variants of a batch share its latency: a breach here would be a real fault, never the model's skill.
+    "guardrail_metrics": ["decision_latency_ms"],
+}
+
+
+def create_demo_experiment(settings: Settings) -> Any:
+    """Store the demo's experiment (audited like any other) before the worker starts."""
+    from kestrel.feature_store.keys import KeySpace
+    from kestrel.models.experiments import Experiment
+    from kestrel.streams.experiments.store import ExperimentStore
+
+    store = ExperimentStore(redis.Redis.from_url(settings.redis_url), KeySpace(settings.redis_prefix))
+    return store.create(Experiment.model_validate(DEMO_EXPERIMENT), "kestrel demo", why="kestrel demo --experiment")
+
+
+def demo_experiment_summary(settings: Settings, key: str) -> dict[str, Any]:
+    """The experiment's live results as the worker counted them: units, recall per variant, the verdict."""
+    from kestrel.feature_store.keys import KeySpace
+    from kestrel.streams.experiments.results import experiment_results
+    from kestrel.streams.experiments.store import ExperimentStore
+
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = KeySpace(settings.redis_prefix)
+    store = ExperimentStore(client, keys)
+    experiment = store.get(key)
+    report = experiment_results(client, keys, experiment)
+    comparison = report["comparisons"]["challenger"]
+    return {"key": key, "status": experiment.status,
+            "variants": {v: {m: r.get(m) for m in ("units", "labelled", "frauds", "recall", "alert_precision",
+                                                    "false_positive_rate")}
+                         for v, r in report["variants"].items()},
+            "srm": report["srm"], "verdict": comparison.get("verdict") or comparison["note"],
+            "decision": comparison.get("decision", "keep running"),
+            "breaches": [b["guardrail"] for b in report["breaches"]]}
 
 
 def _worker_swaps(web: str) -> int:
