@@ -28,6 +28,7 @@ from kestrel.models.fraud_online import OnlineFraudLearner
 from kestrel.models.policy import Policy
 from kestrel.models.registry import ModelRecord, Registry, code_version
 from kestrel.offline.fraud_train import fit_fraud_model
+from kestrel.offline.run_report import fraud_plots, report_plots
 
 Progress = Callable[[str], None]
 BATCH = 100  # rows per scoring call when timing: the worker's micro-batches are of this order
@@ -49,10 +50,8 @@ def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return float(total / len(y))
 
 
-def window_metrics(model: FraudModel, x: np.ndarray, y: np.ndarray, policy: Policy) -> dict[str, float]:
-    """What the gate compares: AP, ROC AUC, calibration error, alert rate at the policy, p99 ms per batch."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
+def window_scores(model: FraudModel, x: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """The model's scores on the gate's window, in serving-sized batches, and each batch's milliseconds."""
     learner = OnlineFraudLearner.loads(model.online.dumps())  # the artifact's own layer, untouched
     model.score_arrays(x[:BATCH], learner)  # first call pays one-time costs
     parts, latency = [], []
@@ -60,7 +59,18 @@ def window_metrics(model: FraudModel, x: np.ndarray, y: np.ndarray, policy: Poli
         t0 = time.perf_counter()
         parts.append(model.score_arrays(x[i:i + BATCH], learner)[0])
         latency.append((time.perf_counter() - t0) * 1000)
-    p = np.concatenate(parts)
+    return np.concatenate(parts), latency
+
+
+def window_metrics(model: FraudModel, x: np.ndarray, y: np.ndarray, policy: Policy,
+                   scored: tuple[np.ndarray, list[float]] | None = None) -> dict[str, float]:
+    """What the gate compares: AP, ROC AUC, calibration error, alert rate at the policy, p99 ms per batch.
+
+    ``scored``: :func:`window_scores` of the same model and window, when the caller has it already.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    p, latency = scored or window_scores(model, x)
     review = policy.thresholds(model.reference_scores, model.payments_per_day).review
     both = 0 < y.sum() < len(y)
     return {"average_precision": round(float(average_precision_score(y, p)), 4) if both else float("nan"),
@@ -91,7 +101,9 @@ def train_candidate(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     model = fit_fraud_model(rows[:cut], y[:cut], epoch_s[:cut], ids[:cut], epochs=epochs, members=members,
                             seed=seed, groups=None if groups is None else groups[:cut], progress=say)
     x_window, y_window = model_inputs(rows[cut:]), np.asarray(y[cut:])
-    metrics = window_metrics(model, x_window, y_window, policy)
+    scored = window_scores(model, x_window)
+    metrics = window_metrics(model, x_window, y_window, policy, scored)
+    scores = {f"candidate {model.version}": scored[0]}
     say(f"candidate on the gate window: {metrics}")
     window = {"first_event": float(epoch_s[cut]), "last_event": float(epoch_s[-1]), "rows": n - cut,
               "frauds": int(y_window.sum())}
@@ -101,11 +113,16 @@ def train_candidate(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
         champion_record = registry.get(parent)
         champion_record.verify()
         champion = FraudModel.load(champion_record.path)
-        evaluation.update(champion=parent, champion_metrics=window_metrics(champion, x_window, y_window, policy),
+        champion_scored = window_scores(champion, x_window)
+        scores[f"champion {parent}"] = champion_scored[0]
+        evaluation.update(champion=parent,
+                          champion_metrics=window_metrics(champion, x_window, y_window, policy, champion_scored),
                           champion_saw_window=float(champion_record.data_range.get("last_event", 0.0))
                           >= window["first_event"])
         say(f"champion {parent} on the same window: {evaluation['champion_metrics']}")
     path = model.save(Path(out_root) / model.version)
+    evaluation["plots"] = report_plots(lambda folder: fraud_plots(folder, y_window, scores,
+                                                                  model.report.get("learning_curves", {})), path, say)
     record = registry.register(ModelRecord.new(
         "fraud", model.version, path, metrics=metrics, validation_window=window,
         data_range={"first_event": float(epoch_s[0]), "last_event": float(epoch_s[cut - 1]), "rows": cut},

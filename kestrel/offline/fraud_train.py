@@ -165,7 +165,12 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
     say(f"training on {cut:,} payments ({int(y[fit].sum()):,} frauds), validating on {n - cut:,} "
         f"({int(y[val].sum()):,} frauds)")
 
+    curves: dict[str, dict[str, list[float]]] = {}  # per network member: what the run's report plots
+
     def epoch_report(member: int, epoch: int, loss: float, val_ap: float) -> None:
+        curve = curves.setdefault(f"network {member}", {"loss": [], "validation_ap": []})
+        curve["loss"].append(round(float(loss), 5))
+        curve["validation_ap"].append(round(float(val_ap), 5))
         say(f"  network {member}/{members}  epoch {epoch:>2}/{epochs}  loss {loss:.4f}  validation AP {val_ap:.3f}")
 
     net, z_val = train_fraud_net(x[fit], y[fit], x[val], y[val], epochs=epochs, members=members, seed=seed,
@@ -215,7 +220,7 @@ def fit_fraud_model(rows: Sequence[Mapping[str, Any]], y: np.ndarray, epoch_s: n
                     "combination": combination.to_json(), "members": chosen,
                     "linear_weight": round(float(net.linear_weight), 4),
                     "river_weights": {k: round(v, 4) for k, v in model.online.model.weights.items()},
-                    "selection": selection, "layer_step": step_choice,
+                    "selection": selection, "layer_step": step_choice, "learning_curves": curves,
                     "seconds": round(time.time() - started, 1),
                     "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "first_event": float(epoch_s[0]), "last_event": float(epoch_s[-1])}

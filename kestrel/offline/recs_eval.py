@@ -53,6 +53,21 @@ def ranking_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[set[in
             "ndcg_at_10": float(np.mean(ndcg)), "coverage_at_10": len(covered) / max(n_items, 1)}
 
 
+def recall_curve(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], max_k: int = 20) -> list[float]:
+    """Recall@K for K = 1..max_k, as ``ranking_metrics`` defines it (hits in the top K / min(K, relevant)).
+
+    >>> recall_curve([[5, 1, 2]], [{1, 2}], max_k=3)
+    [0.0, 0.5, 1.0]
+    """
+    curve = np.zeros(max_k)
+    for ranked, rel in zip(rankings, relevant, strict=True):
+        if not rel:
+            continue
+        hits = np.cumsum([item in rel for item in list(ranked[:max_k])] + [False] * max(0, max_k - len(ranked)))
+        curve += hits[:max_k] / np.minimum(np.arange(1, max_k + 1), len(rel))
+    return [round(float(v), 4) for v in curve / max(len(rankings), 1)]
+
+
 def _latency(fn: Callable[[int], object], users: Sequence[int]) -> dict[str, float]:
     times = []
     for u in users:
@@ -113,6 +128,7 @@ def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], 
         ranked.extend(retrieve(encoder.encode(users[start:end], recents[start:end], times[start:end]),
                                seen[start:end]))
     metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
+    metrics["recall_at_k"] = recall_curve(ranked, relevant, 20)  # K = 1..20, for the run report's plot
     metrics |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]), [seen[i]]), sample)
     return metrics | {"index": snap.kind, "index_recall_at_20": snap.measured_recall}
 

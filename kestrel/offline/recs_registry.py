@@ -25,6 +25,7 @@ from kestrel.models.two_tower import RecsArtifact, load_artifact
 from kestrel.offline.recs_data import temporal_split
 from kestrel.offline.recs_eval import two_tower_metrics
 from kestrel.offline.recs_train import train_two_tower
+from kestrel.offline.run_report import recs_plots, report_plots
 
 Progress = Callable[[str], None]
 GATE_METRICS = ("recall_at_10", "recall_at_20", "ndcg_at_10", "coverage_at_10", "retrieval_p99_ms")
@@ -51,7 +52,9 @@ def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | P
         raise ValueError(f"the gate's split holds {len(held)} users out: need 20+ users with 5+ interactions")
     say(f"gate split: {len(held):,} users' newest interactions held out of {len(df):,}")
     art = train_two_tower(train, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False)
-    metrics = _gate_view(two_tower_metrics(art, train, held, seed=seed))
+    measured = two_tower_metrics(art, train, held, seed=seed)
+    metrics = _gate_view(measured)
+    curves = {f"candidate {art.version}": measured["recall_at_k"]}
     say(f"candidate {art.version} on the split: {metrics}")
     pairs = pd.MultiIndex.from_tuples([(u, i) for u, items in held.items() for i in items])
     held_times = df["time"][pd.MultiIndex.from_arrays([df["user"].astype(str), df["item"]]).isin(pairs)]
@@ -64,13 +67,15 @@ def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | P
     if parent is not None:
         record = registry.get(parent)
         record.verify()
-        champion = load_artifact(record.path)
-        evaluation.update(champion=parent, champion_metrics=_gate_view(two_tower_metrics(champion, train, held,
-                                                                                          seed=seed)),
+        champion_measured = two_tower_metrics(load_artifact(record.path), train, held, seed=seed)
+        curves[f"champion {parent}"] = champion_measured["recall_at_k"]
+        evaluation.update(champion=parent, champion_metrics=_gate_view(champion_measured),
                           champion_saw_window=float(record.data_range.get("last_event", 0.0))
                           >= window["first_event"])
         say(f"champion {parent} on the same split: {evaluation['champion_metrics']}")
     folder = art.save(out_root)
+    evaluation["plots"] = report_plots(
+        lambda plots: recs_plots(plots, curves, art.metadata.get("loss_per_epoch", [])), folder, say)
     record = registry.register(ModelRecord.new(
         "recs", art.version, folder, metrics=metrics, validation_window=window,
         data_range={"first_event": float(train["time"].min()), "last_event": float(train["time"].max()),

@@ -39,7 +39,7 @@ def test_demo_reconciles_every_event(redis_url):
     assert "embedded tansu" in proc.stderr and "redis:" in proc.stderr
 
 
-def test_demo_promotes_a_second_version_midway_through_the_gate(redis_url):
+def test_demo_promotes_a_second_version_of_both_models_midway_through_the_gate(redis_url):
     env = {k: v for k, v in os.environ.items() if k != "KESTREL_BROKER"}
     env["REDIS_URL"] = redis_url
     proc = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--events", "3000", "--rate", "800",
@@ -57,6 +57,12 @@ def test_demo_promotes_a_second_version_midway_through_the_gate(redis_url):
         assert promotion["candidate_ap"] > promotion["champion_ap"]
     else:  # refused: the reasons say why, and nothing moved
         assert summary["swaps"] == 0 and len(versions) == 1 and promotion["reasons"]
+    recs, answered = promotion["recs"], summary["recommendations_by_version"]  # the recommender, the same way
+    assert recs["gate"] in ("promote", "refused") and sum(answered.values()) > 0, (recs, answered)
+    if recs["gate"] == "promote":  # the worker heard the announcement: later answers came from the candidate
+        assert answered.get(recs["candidate"], 0) > 0 and len(answered) == 2, answered
+    else:
+        assert len(answered) == 1 and recs["reasons"], (recs, answered)
 
 
 def test_demo_experiment_finds_the_truly_better_model(redis_url):

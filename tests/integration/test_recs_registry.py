@@ -41,6 +41,12 @@ def test_train_register_gate_and_serve_the_alias(tmp_path, redis_url):
     assert promotion["action"] in {"promote", "refused"} and promotion["gate"]["checks"], promotion
     registry = Registry(root, "recs")
     assert [m.action for m in registry.history()][-1] == promotion["action"]
+    report = Path(second["report"]).read_text()  # the run's report, its plots linked beside the artifact
+    assert second["model_version"] in report and "| recall_at_20 |" in report and promotion["action"] in report
+    assert second["evaluation"]["plots"] == ["report/recall_at_k.png", "report/loss.png"]
+    for plot in second["evaluation"]["plots"]:
+        assert (Path(second["path"]) / plot).read_bytes()[:4] == b"\x89PNG" and plot in report
+    registry.get(second["model_version"]).verify()  # drawn before registering: covered by the checksum
     champion = registry.aliases()["champion"]
     other = second["model_version"] if champion == first["model_version"] else first["model_version"]
 
@@ -125,3 +131,63 @@ def test_a_recs_variant_answers_its_users_with_its_model(tmp_path, redis_url):
             delete_matching(sync, f"{prefix}:*")
 
     asyncio.run(run())
+
+
+def test_an_announced_recs_alias_move_swaps_the_running_worker(settings, worker, outputs, tmp_path):
+    """`kestrel models alias --kind recs` announces the move on models.updates; the worker hears it and swaps
+    its recommender within seconds, not at its next registry poll (60 s)."""
+    import shutil
+    import time
+    from datetime import UTC, datetime
+
+    from kestrel.feature_store import topics
+    from kestrel.feature_store.schemas import Interaction
+    from kestrel.models.registry import ModelRecord
+    from kestrel.models.two_tower import load_artifact
+    from kestrel.streams.ingest.producer import EventProducer
+
+    root, out = tmp_path / "registry", tmp_path / "artifacts"
+    v1 = _train(root, out, seed=3)["model_version"]
+    registry = Registry(root, "recs")
+    v2 = f"{v1}-b"  # the same weights under another version: a distinct registered version
+    copy = out / v2
+    shutil.copytree(registry.get(v1).path, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps({**meta, "version": v2}))
+    registry.register(ModelRecord.new("recs", v2, copy, metrics={}))
+    items = load_artifact(registry.get(v1).path).vocab.item_ids
+    worker.settings = settings.with_(recs_model=str(root))
+    worker.start()
+    producer = EventProducer(settings.broker, settings.hash_key)
+    sent = 0
+
+    def versions(n: int) -> set[str]:
+        nonlocal sent
+        ids = set()
+        for _ in range(n):
+            event = Interaction(event_id=f"swap-{sent}", timestamp=datetime.now(UTC), user_id=f"user-{sent % 30}",
+                                item_id=items[sent % len(items)], kind="view")
+            producer.send(event)
+            ids.add(event.event_id)
+            sent += 1
+        assert producer.flush() == 0
+        outputs.wait_for(topics.RECOMMENDATION_DECISIONS, ids, timeout_s=60)
+        return {d["model_version"] for d in outputs.docs[topics.RECOMMENDATION_DECISIONS]
+                if d["event_id"] in ids and d["path"] == "personalised"}
+
+    deadline = time.monotonic() + 60
+    while v1 not in (seen := versions(10)) and time.monotonic() < deadline:  # the first load, in its thread
+        time.sleep(0.5)
+    assert seen == {v1}
+    proc = _kestrel("models", "alias", "champion", v2, "--kind", "recs", "--force", "--why", "announced swap",
+                    "--registry", str(root), "--json", env={"KESTREL_BROKER": settings.broker})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]).get("announced") is True, proc.stdout
+    moved_at = time.monotonic()
+    seen = set()
+    while v2 not in seen and time.monotonic() - moved_at < 30:
+        seen = versions(10)
+    swap_s = time.monotonic() - moved_at
+    print(f"recs alias move -> first answer by the new version: {swap_s:.2f}s")
+    assert v2 in seen and swap_s < 10, (seen, swap_s)  # the issue asks for 5 s; margin for a loaded CI machine
+    assert versions(20) == {v2}

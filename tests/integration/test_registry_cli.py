@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,12 @@ def test_the_unattended_loop_reports_every_run_and_a_failed_run_promotes_nothing
     champion = Registry(reg_root, "fraud").aliases()["champion"]
     report = Path(first["report"]).read_text()
     assert champion in report and "| average_precision |" in report and "promote" in report
+    plots = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)  # the plots, linked relative to the report
+    assert {Path(p).name for p in plots} == {"learning_curves.png", "pr_roc.png", "calibration.png",
+                                             "scores_by_class.png"}, plots
+    for plot in plots:
+        assert (reports / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot  # real PNG files
+    Registry(reg_root, "fraud").get(champion).verify()  # drawn before registering: covered by the checksum
 
     no_fraud = tmp_path / "no-fraud.csv.gz"
     frame = pd.read_csv(history)

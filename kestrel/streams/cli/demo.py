@@ -83,6 +83,7 @@ class Collector:
     actions: Counter = field(default_factory=Counter)
     fraud_actions: dict[str, str] = field(default_factory=dict)
     versions: Counter = field(default_factory=Counter)  # fraud decisions by the model version that made them
+    recs_versions: Counter = field(default_factory=Counter)  # personalised recommendations by model version
     dl_reasons: Counter = field(default_factory=Counter)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,6 +116,8 @@ class Collector:
                 self.fraud_actions[event_id] = doc.get("action")
                 if self.seen[kind][event_id] == 1:
                     self.versions[doc.get("model_version")] += 1
+            elif kind == "recs" and doc.get("path") == "personalised" and self.seen[kind][event_id] == 1:
+                self.recs_versions[doc.get("model_version")] += 1
             elif kind == "deadletter":
                 self.dl_reasons[doc.get("reason")] += 1
 
@@ -295,12 +298,15 @@ def run_demo(args: argparse.Namespace) -> int:
         session_timeout_s=min(base.session_timeout_s, 6.0), heartbeat_interval_s=0.5)
     settings = settings.with_(fraud_model=demo_fraud_model(args.fraud_model, args.seed, say))
     say(f"fraud scorer: {settings.fraud_model or 'rules baseline'}")
+    settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
+    say(f"recommender: {settings.recs_model or 'trending items only'}")
     promotion = None
     if args.promote_midway:
         run_dir = Path(tempfile.mkdtemp(prefix=f"kestrel-demo-{run_id}-"))
-        settings = settings.with_(fraud_model=str(demo_registry(settings.fraud_model, run_dir / "registry")))
-        promotion = MidwayPromotion(run_dir / "registry", settings.broker, args.seed, say)
-        say(f"model registry for this run: {run_dir / 'registry'} (champion: the demo's model)")
+        root = demo_registry(settings.fraud_model, settings.recs_model, run_dir / "registry")
+        settings = settings.with_(fraud_model=str(root), recs_model=str(root) if settings.recs_model else "")
+        promotion = MidwayPromotion(root, settings.broker, args.seed, say)
+        say(f"model registry for this run: {root} (champions: the demo's models)")
     experiment = None
     if args.experiment:
         if args.promote_midway:
@@ -311,8 +317,6 @@ def run_demo(args: argparse.Namespace) -> int:
         experiment = create_demo_experiment(settings)
         say(f"experiment {experiment.key!r}: control = champion (shuffled labels), challenger = the demo's model, "
             f"registry {root}; live at /experiments/{experiment.key}")
-    settings = settings.with_(recs_model=demo_recs_model(args.recs_model, args.seed, say))
-    say(f"recommender: {settings.recs_model or 'trending items only'}")
     log_path = Path(tempfile.gettempdir()) / f"kestrel-demo-worker-{run_id}.log"
     worker = None
     collector_thread = None
@@ -442,7 +446,8 @@ def _stream(args: argparse.Namespace, settings: Settings, web: str, worker: subp
         "actions": dict(collector.actions),
         **_fraud_summary(stream, collector),
         "deadletter_reasons": dict(collector.dl_reasons),
-        **({"swaps": swaps, "decisions_by_version": dict(collector.versions), "promotion": promotion.result}
+        **({"swaps": swaps, "decisions_by_version": dict(collector.versions),
+            "recommendations_by_version": dict(collector.recs_versions), "promotion": promotion.result}
            if promotion is not None else {}),
     }
 
@@ -511,14 +516,15 @@ def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
 
 
 class MidwayPromotion:
-    """``--promote-midway``: a second fraud version trained while the stream runs, put through the gate.
+    """``--promote-midway``: a second version of both models trained while the stream runs, put through the gate.
 
     The demo's worker serves a registry (made for the run) whose ``champion``
-    is the demo's model. Halfway through the stream a thread trains a
-    candidate on another simulated history of the demo's traffic, registers
-    it with its held-out window (the champion measured on the same one),
-    asks the gate, and announces the move if it passed; the worker hot-swaps.
-    The result says what the gate decided and why.
+    of each kind is the demo's model. Halfway through the stream a process
+    trains a fraud candidate on another simulated history of the demo's
+    traffic, and a recommender on another sample of its world, registers
+    each with its held-out window (the champion measured on the same one),
+    asks the gate, and announces each move that passed; the worker hears it
+    and hot-swaps. The result says what each gate decided and why.
     """
 
     def __init__(self, registry_root: Path, broker: str, seed: int, say: Callable[[str], None]) -> None:
@@ -538,8 +544,10 @@ class MidwayPromotion:
         try:  # in another process: training would hold this one's GIL and delay the sender and the collector
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 self.result = pool.apply(train_and_promote, (str(self.registry_root), self.broker, self.seed))
-            self.say(f"midway promotion: {self.result['candidate']} {self.result['gate']}"
-                     + "".join(f" ({r})" for r in self.result["reasons"]))
+            for kind, result in (("fraud", self.result), ("recs", self.result.get("recs"))):
+                if result:
+                    self.say(f"midway promotion ({kind}): {result['candidate']} {result['gate']}"
+                             + "".join(f" ({r})" for r in result["reasons"]))
         except Exception as exc:  # the demo goes on with its champion
             self.result = {"error": repr(exc)}
             self.say(f"midway promotion failed: {exc!r}")
@@ -557,7 +565,7 @@ def train_and_promote(registry_root: str, broker: str, seed: int, days: float = 
     """
     import torch
 
-    from kestrel.models.registry import Registry, promote
+    from kestrel.models.registry import Registry, is_registry, promote
     from kestrel.offline.fraud_registry import train_candidate
     from kestrel.offline.fraud_train import simulated_training_rows
     from kestrel.streams.worker.model_updates import announce
@@ -573,15 +581,44 @@ def train_and_promote(registry_root: str, broker: str, seed: int, days: float = 
     outcome = promote(registry, record.version, why="kestrel demo --promote-midway")
     if outcome["moved"]:
         announce(broker, "fraud", "champion", record.version, registry_root, outcome["seq"])
+    result = {"candidate": record.version, "gate": outcome["action"], "reasons": outcome["reasons"],
+              "candidate_ap": record.metrics.get("average_precision"),
+              "champion_ap": (record.evaluation.get("champion_metrics") or {}).get("average_precision")}
+    if is_registry(registry_root, "recs"):
+        result["recs"] = train_and_promote_recs(registry_root, broker, seed)
+    return result
+
+
+def train_and_promote_recs(registry_root: str, broker: str, seed: int, interactions: int = 120_000,
+                           epochs: int = 3) -> dict[str, Any]:
+    """The recommender's midway candidate: trained on a longer history of the demo's world (same seed: the
+    same catalogue and tastes; the champion learned the first 100,000 interactions), measured beside the
+    champion on its held-out split (each user's newest), gated, announced if it passed."""
+    from kestrel.models.gate import GatePolicy
+    from kestrel.models.registry import Registry, promote
+    from kestrel.offline.recs_data import simulated_interactions
+    from kestrel.offline.recs_registry import train_recs_candidate
+    from kestrel.streams.cli.recs import load_interactions_frame
+    from kestrel.streams.worker.model_updates import announce
+
+    registry = Registry(registry_root, "recs")
+    frame = load_interactions_frame(simulated_interactions(interactions, seed=seed))
+    _, record = train_recs_candidate(frame, registry, Path(registry_root).parent / "recs-artifacts",
+                                       epochs=epochs, seed=seed + 3000)
+    outcome = promote(registry, record.version, policy=GatePolicy.for_kind("recs"),
+                      why="kestrel demo --promote-midway")
+    if outcome["moved"]:
+        announce(broker, "recs", "champion", record.version, registry_root, outcome["seq"])
     return {"candidate": record.version, "gate": outcome["action"], "reasons": outcome["reasons"],
-            "candidate_ap": record.metrics.get("average_precision"),
-            "champion_ap": (record.evaluation.get("champion_metrics") or {}).get("average_precision")}
+            "candidate_recall_at_20": record.metrics.get("recall_at_20"),
+            "champion_recall_at_20": (record.evaluation.get("champion_metrics") or {}).get("recall_at_20")}
 
 
-def demo_registry(fraud_model: str, root: Path) -> Path:
-    """A registry for one run whose ``champion`` is the demo's fraud model."""
+def demo_registry(fraud_model: str, recs_model: str, root: Path) -> Path:
+    """A registry for one run whose ``champion`` of each kind is the demo's model ("" recs model: none)."""
     from kestrel.models.fraud_model import latest_artifact
     from kestrel.models.registry import ModelRecord, Registry
+    from kestrel.models.two_tower import resolve_artifact
 
     artifact = latest_artifact(fraud_model)
     if artifact is None:
@@ -590,6 +627,12 @@ def demo_registry(fraud_model: str, root: Path) -> Path:
     registry = Registry(root, "fraud")
     registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
     registry.move("champion", version, action="force", why="the demo's starting model")
+    if recs_model:
+        folder = resolve_artifact(recs_model)
+        version = json.loads((folder / "metadata.json").read_text())["version"]
+        recs = Registry(root, "recs")
+        recs.register(ModelRecord.new("recs", version, folder, metrics={}))
+        recs.move("champion", version, action="force", why="the demo's starting recommender")
     return root
 
 

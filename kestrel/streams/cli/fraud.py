@@ -58,6 +58,7 @@ def _train_every(args: argparse.Namespace) -> int:
     import traceback
     from datetime import UTC, datetime
 
+    from kestrel.offline.run_report import run_report
     from kestrel.streams.cli.models import registry_root
 
     if not args.promote:
@@ -78,7 +79,7 @@ def _train_every(args: argparse.Namespace) -> int:
         except Exception as exc:  # nothing was promoted: a failed run never touches what workers serve
             doc = {"started": stamp, "ok": False, "error": repr(exc), "traceback": traceback.format_exc()}
         (reports / f"{stamp}.json").write_text(json.dumps(_finite(doc), indent=1))
-        (reports / f"{stamp}.md").write_text(run_report(doc))
+        (reports / f"{stamp}.md").write_text(run_report(doc, "fraud", reports))
         print(json.dumps(_finite({"started": stamp, "ok": doc["ok"], "report": str(reports / f"{stamp}.md"),
                                   "promotion": (doc.get("promotion") or {}).get("action")})), flush=True)
         runs += 1
@@ -98,30 +99,6 @@ def _duration_s(text: str) -> float:
     if text and text[-1] in units:
         return float(text[:-1]) * units[text[-1]]
     return float(text)
-
-
-def run_report(doc: dict[str, Any]) -> str:
-    """A training run's report in Markdown: data, candidate against champion, the gate, what moved."""
-    lines = [f"# Fraud training run {doc.get('started')}", ""]
-    if not doc.get("ok"):
-        lines += ["**Failed: nothing was registered or promoted.**", "", "```", str(doc.get("error")), "```"]
-        return "\n".join(lines) + "\n"
-    promotion = doc.get("promotion") or {}
-    lines += [f"- candidate: `{doc['model_version']}` ({doc.get('path')})",
-              f"- trained on: {json.dumps(doc.get('source'))}",
-              f"- gate window: {json.dumps((doc.get('evaluation') or {}).get('window'))}",
-              f"- champion before: `{promotion.get('from')}`; after: `{promotion.get('to')}` "
-              f"(**{promotion.get('action')}**)", ""]
-    champion = (doc.get("evaluation") or {}).get("champion_metrics") or {}
-    lines += ["| metric | candidate | champion |", "| --- | --- | --- |"]
-    for name, value in (doc.get("metrics") or {}).items():
-        lines.append(f"| {name} | {value} | {champion.get(name, '-')} |")
-    lines += ["", "Gate checks:", ""]
-    for check in (promotion.get("gate") or {}).get("checks", []):
-        lines.append(f"- {check['check']}: {'pass' if check['passed'] else 'FAIL'} "
-                     f"({', '.join(f'{k} {v}' for k, v in check.items() if k not in ('check', 'passed'))})")
-    lines += [f"- refused: {r}" for r in promotion.get("reasons", [])]
-    return "\n".join(lines) + "\n"
 
 
 def _train_once(args: argparse.Namespace, quiet: bool = False) -> Any:

@@ -114,8 +114,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         move = rollback(reg, args.alias, why=args.why or "")
     except RegistryError as exc:
         return _fail(args, str(exc))
-    announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
-    _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version} (rollback)")
+    announced = announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
+    _print(args, {**move.to_json(), "announced": announced},
+           f"{args.alias}: {move.from_version} -> {move.to_version} (rollback)")
     return 0
 
 
@@ -132,8 +133,8 @@ def cmd_alias(args: argparse.Namespace) -> int:
                         action="force" if args.force else "alias")
     except RegistryError as exc:
         return _fail(args, str(exc))
-    announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
-    _print(args, move.to_json(), f"{args.alias}: {move.from_version} -> {move.to_version}")
+    announced = announce_move(args, reg.kind, args.alias, move.to_version, move.seq)
+    _print(args, {**move.to_json(), "announced": announced}, f"{args.alias}: {move.from_version} -> {move.to_version}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -135,7 +136,22 @@ def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any]:
                                                           out["promotion"]["seq"])
         print(f"{args.alias}: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
               + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]), file=sys.stderr)
+    out["report"] = str(_write_run_report(registry.root, out))
     return out
+
+
+def _write_run_report(root: Any, out: dict[str, Any]) -> Path:
+    """The run's Markdown report (numbers, gate, plots) in ``REGISTRY/runs/``, as the fraud loop writes it."""
+    from datetime import UTC, datetime
+
+    from kestrel.offline.run_report import run_report
+
+    reports = Path(root) / "runs"
+    reports.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = reports / f"{stamp}-recs-{out['model_version']}.md"
+    path.write_text(run_report({"started": stamp, "ok": True, **out}, "recs", reports))
+    return path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

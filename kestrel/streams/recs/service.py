@@ -48,7 +48,8 @@ log = logging.getLogger("kestrel.recs")
 
 HISTORY_LEN = 50  # what the feature store keeps (USER_ACTIVITY recent_items LastN(50))
 TRENDING_DEPTH = 300  # trending items read per request for the fallback
-RELOAD_CHECK_S = 10.0
+RELOAD_CHECK_S = 10.0  # a CURRENT file: nothing announces its change
+REGISTRY_CHECK_S = 60.0  # a registry: alias moves ring the service (ring()); this poll only backs up a lost one
 NEW_ITEMS_BATCH = 64  # items seen in the stream that are buffered before a rebuild
 NEW_ITEMS_MAX_WAIT_S = 30.0
 EXCLUDED_SET = "recs_excluded"
@@ -130,10 +131,13 @@ class RecommendationService:
 
     def _maybe_reload(self) -> None:
         """Start loading a new artifact in a thread when ``CURRENT`` or the registry alias names one we do not serve
-        yet (checked every ``RELOAD_CHECK_S``)."""
+        yet (checked every ``RELOAD_CHECK_S``, or ``REGISTRY_CHECK_S`` for a registry, whose moves ring)."""
+        from kestrel.models.registry import is_registry
+
         if not self.model_path or time.monotonic() < self._next_check:
             return
-        self._next_check = time.monotonic() + RELOAD_CHECK_S
+        registry = is_registry(self.model_path, "recs")
+        self._next_check = time.monotonic() + (REGISTRY_CHECK_S if registry else RELOAD_CHECK_S)
         if self._loading is not None and not self._loading.done():
             return
         target = self._current_target()
@@ -175,6 +179,11 @@ class RecommendationService:
 
     def refresh(self) -> None:
         """Check ``CURRENT`` or the alias (at most every ``RELOAD_CHECK_S``), for a service not asked yet."""
+        self._maybe_reload()
+
+    def ring(self) -> None:
+        """An alias move was announced (``models.updates``): check the registry now, not at the next poll."""
+        self._next_check = 0.0
         self._maybe_reload()
 
     async def wait_loaded(self, timeout_s: float = 60.0) -> bool:

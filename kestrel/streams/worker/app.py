@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     install_alert_views(app, runtime)
     install_experiment_views(app, runtime)
     install_request_agent(app, runtime)  # recs.requests -> recs.responses
-    if is_registry(settings.fraud_model, "fraud"):
+    if is_registry(settings.fraud_model, "fraud") or is_registry(settings.recs_model, "recs"):
         _install_model_watcher(app, runtime)
     if settings.guardrail_check_s > 0:
         _install_guardrail_monitor(app, runtime)
@@ -129,7 +129,7 @@ def _install_guardrail_monitor(app: faust.App, runtime: Runtime) -> None:
 
 
 def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
-    """Hot swap of the fraud model when its registry alias moves (see model_updates.py)."""
+    """Hot swap of the fraud model, and of the recommender, when a registry alias moves (see model_updates.py)."""
     settings = runtime.settings
 
     async def report(doc: dict[str, Any]) -> None:
@@ -143,8 +143,10 @@ def _install_model_watcher(app: faust.App, runtime: Runtime) -> None:
         if settings.shadow_alias:
             served.append(Served(settings.shadow_alias, lambda: processor.shadow.version if processor.shadow else None,
                                  processor.set_shadow, required=False))
-        watcher = ModelWatcher(settings.broker, settings.fraud_model, served, fraud_policy(settings), report=report,
-                               on_result=lambda result: runtime.metrics.model_swaps.labels(result).inc())
+        fraud_registry = settings.fraud_model if is_registry(settings.fraud_model, "fraud") else None
+        watcher = ModelWatcher(settings.broker, fraud_registry, served, fraud_policy(settings), report=report,
+                               on_result=lambda result: runtime.metrics.model_swaps.labels(result).inc(),
+                               doorbells={"recs": processor.recs_router.ring})
         await _until_done(watcher.run, "model watcher stopped", cap_s=10.0)  # run() returns only when cancelled
 
 

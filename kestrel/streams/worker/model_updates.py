@@ -23,7 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,24 @@ def load_checked_scorer(record: ModelRecord, policy: Policy) -> ModelScorer:
     return scorer
 
 
+def heard_moves(values: Any) -> dict[str, set[str]]:
+    """The aliases announced as moved, by kind, from raw ``models.updates`` values (unreadable ones skipped).
+
+    >>> heard_moves([announcement("recs", "champion", "v2", "/r", 3), b"not json", None,
+    ...              announcement("fraud", "shadow", None, "/f", 4)])
+    {'recs': {'champion'}, 'fraud': {'shadow'}}
+    """
+    heard: dict[str, set[str]] = {}
+    for value in values:
+        try:
+            doc = orjson.loads(value) if value else None
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("kind"), str) and isinstance(doc.get("alias"), str):
+            heard.setdefault(doc["kind"], set()).add(doc["alias"])
+    return heard
+
+
 @dataclass
 class Served:
     """One alias a worker serves: what version it serves now, and how to put another one in place.
@@ -103,14 +121,20 @@ class Served:
 class ModelWatcher:
     """Listens on ``models.updates`` and swaps what the worker serves when one of its aliases moves.
 
+    Fraud aliases (``served``, from the fraud registry at ``registry_root``)
+    are loaded, checked and installed here. Other kinds ring a doorbell:
+    ``doorbells[kind](aliases)`` is called with the aliases heard moving (the
+    recommender checks its registry at once and swaps in its own thread).
     ``report(doc)`` sends an operator event; ``on_result`` counts outcomes.
     """
 
-    def __init__(self, bootstrap: str, registry_root: str, served: list[Served], policy: Policy,
-                 report: Callable[[dict[str, Any]], Awaitable[None]], on_result: Callable[[str], None]) -> None:
+    def __init__(self, bootstrap: str, registry_root: str | None, served: list[Served], policy: Policy,
+                 report: Callable[[dict[str, Any]], Awaitable[None]], on_result: Callable[[str], None],
+                 doorbells: Mapping[str, Callable[[set[str]], None]] | None = None) -> None:
         self.bootstrap = bootstrap
-        self.registry = Registry(registry_root, "fraud")
-        self.served = {s.alias: s for s in served}
+        self.registry = Registry(registry_root, "fraud") if registry_root else None
+        self.served = {s.alias: s for s in served} if registry_root else {}
+        self.doorbells = dict(doorbells or {})
         self.policy = policy
         self.report = report
         self.on_result = on_result
@@ -128,9 +152,11 @@ class ModelWatcher:
                 await self.check(alias)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000)
-                heard = {d.get("alias") for recs in batches.values() for r in recs if r.value
-                         for d in [orjson.loads(r.value)] if d.get("kind") == "fraud"}
-                for alias in heard & set(self.served):
+                heard = heard_moves(r.value for recs in batches.values() for r in recs)
+                for kind, aliases in heard.items():
+                    if kind in self.doorbells:
+                        self.doorbells[kind](aliases)
+                for alias in heard.get("fraud", set()) & set(self.served):
                     self.failed = {f for f in self.failed if f[0] != alias}  # it moved: try again
                     await self.check(alias)
         finally:
@@ -146,6 +172,7 @@ class ModelWatcher:
 
     async def check(self, alias: str) -> None:
         """Resolve ``alias``; load, check and install its version if it is not the one served."""
+        assert self.registry is not None  # served is empty without a fraud registry
         served = self.served[alias]
         version = self.registry.aliases().get(alias)
         if version is None:

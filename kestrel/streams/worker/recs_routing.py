@@ -101,6 +101,12 @@ class RecsRouter:
                     exposures.append(exposure)
         return out
 
+    def ring(self, aliases: set[str]) -> None:
+        """Aliases of the recs registry were announced as moved: the services serving them check now."""
+        for ref, service in [(self.served.alias, self.served), *self.variants.items()]:
+            if ref in aliases:
+                service.ring()
+
     def _services(self, experiments: Sequence[Experiment]) -> dict[str, RecommendationService]:
         """The loaded services of the models the variants name (a recs registry's aliases or versions);
         those not loaded yet are started, those no longer named dropped."""
