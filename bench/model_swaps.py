@@ -1,6 +1,13 @@
-"""Memory and time of fraud model hot swaps: N swaps through the worker's own load and swap path.
+"""Memory and time of model hot swaps: N swaps through the worker's own load and swap path.
 
     .venv/bin/python bench/model_swaps.py [--swaps 50] [--artifact DIR] [--json]
+    .venv/bin/python bench/model_swaps.py --kind recs [--swaps 50] [--artifact DIR] [--json]
+
+``--kind recs``: the recommender instead (towers and FAISS index): two
+registered versions of one two-tower artifact, the service's alias moved N
+times, each move rung as an announcement rings it (``ring()``: checksum,
+load, index build in a thread, atomic swap), 200 users recommended after
+each; the control is the same recommendations with no move.
 
 Registers two versions of one trained artifact (trained here in seconds if
 ``--artifact`` is not given), then alternates them N times, each time as a
@@ -101,14 +108,76 @@ async def run(swaps: int, artifact: Path, tmp: Path) -> dict[str, object]:
             "load_s_p50": round(load_s[len(load_s) // 2], 3), "load_s_max": round(load_s[-1], 3)}
 
 
+async def run_recs(swaps: int, artifact: Path, tmp: Path) -> dict[str, object]:
+    from kestrel.feature_store.keys import KeyedHasher, KeySpace
+    from kestrel.streams.recs.service import RecommendationService, RecOptions
+
+    registry = Registry(tmp / "registry", "recs")
+    meta = json.loads((artifact / "metadata.json").read_text())
+    versions = []
+    for suffix in ("a", "b"):
+        target = tmp / "artifacts" / f"{meta['version']}-{suffix}"
+        shutil.copytree(artifact, target)
+        (target / "metadata.json").write_text(json.dumps({**meta, "version": target.name}))
+        versions.append(registry.register(ModelRecord.new("recs", target.name, target)).version)
+    registry.move("champion", versions[0], action="force", why="bench")
+    settings = Settings.from_env()
+    client = aioredis.Redis.from_url(settings.redis_url)
+    service = RecommendationService(client, KeySpace(f"bench-recs-swaps-{secrets.token_hex(4)}"),
+                                    KeyedHasher(b"bench"), str(tmp / "registry"))
+    await service.wait_loaded()
+    users = [f"user-{i}" for i in range(200)]
+
+    async def rounds(swap: bool) -> tuple[list[float], list[float]]:
+        rss, load_s = [], []
+        for i in range(swaps):
+            if swap:
+                want = versions[(i + 1) % 2]
+                registry.move("champion", want, action="force", why="bench")
+                t0 = time.perf_counter()
+                service.ring()
+                while service.version != want:
+                    await asyncio.sleep(0.005)
+                load_s.append(time.perf_counter() - t0)
+            await service.recommend(users, RecOptions())
+            gc.collect()
+            rss.append(rss_mb())
+            print(f"\r{'swap' if swap else 'batch without swap'} {i + 1}/{swaps}: {service.version}, "
+                  f"rss {rss[-1]:.0f} MB", end="", file=sys.stderr)
+        return rss, load_s
+
+    control, _ = await rounds(swap=False)
+    rss, load_s = await rounds(swap=True)
+    print(file=sys.stderr)
+    await client.aclose()
+    load_s.sort()
+    return {"kind": "recs", "swaps": swaps, "rss_mb_before_swaps": round(rss[0], 1),
+            "rss_mb_after_last": round(rss[-1], 1), "rss_growth_mb_with_swaps": round(rss[-1] - rss[0], 1),
+            "rss_growth_mb_same_batches_without_swaps": round(control[-1] - control[0], 1),
+            "load_s_p50": round(load_s[len(load_s) // 2], 3), "load_s_max": round(load_s[-1], 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swaps", type=int, default=50)
-    parser.add_argument("--artifact", type=Path, default=None, help="a trained fraud artifact (default: train one)")
+    parser.add_argument("--kind", choices=["fraud", "recs"], default="fraud")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help="a trained artifact of that kind (default: train one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact
+        if args.kind == "recs":
+            if artifact is None:
+                from kestrel.offline.recs_data import simulated_interactions
+                from kestrel.offline.recs_train import train_two_tower
+                from kestrel.streams.cli.recs import load_interactions_frame
+
+                art = train_two_tower(load_interactions_frame(simulated_interactions(30_000)), epochs=2, progress=False)
+                artifact = art.save(Path(tmp) / "trained")
+            result = asyncio.run(run_recs(args.swaps, Path(artifact), Path(tmp)))
+            print(json.dumps(result) if args.json else "\n".join(f"{k:>30}  {v}" for k, v in result.items()))
+            return 0
         if artifact is None:
             from kestrel.offline.fraud_train import train_on_simulated_history
 

@@ -40,11 +40,13 @@ def _gate_view(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | Path, *, alias: str = "champion",
                          epochs: int = 8, dim: int = 64, batch_size: int = 512, lr: float = 3e-3, seed: int = 7,
-                         progress: Progress | None = None) -> tuple[RecsArtifact, ModelRecord]:
+                         user_ids: str = "raw", progress: Progress | None = None) -> tuple[RecsArtifact, ModelRecord]:
     """Train on all but each user's newest interactions, measure candidate and ``alias`` there, register.
 
     Registering promotes nothing: ``kestrel models promote --kind recs`` (or
-    ``train recs --promote``) asks the gate.
+    ``train recs --promote``) asks the gate. ``user_ids``: how ``df`` names
+    users ("tokens" from the archive, "raw" ids otherwise), kept in the
+    artifact so that serving looks users up the same way.
     """
     say = progress or (lambda _m: None)
     train, held = temporal_split(df)
@@ -73,6 +75,7 @@ def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | P
                           champion_saw_window=float(record.data_range.get("last_event", 0.0))
                           >= window["first_event"])
         say(f"champion {parent} on the same split: {evaluation['champion_metrics']}")
+    art.metadata["user_ids"] = user_ids
     folder = art.save(out_root)
     evaluation["plots"] = report_plots(
         lambda plots: recs_plots(plots, curves, art.metadata.get("loss_per_epoch", [])), folder, say)

@@ -191,3 +191,48 @@ def test_an_announced_recs_alias_move_swaps_the_running_worker(settings, worker,
     print(f"recs alias move -> first answer by the new version: {swap_s:.2f}s")
     assert v2 in seen and swap_s < 10, (seen, swap_s)  # the issue asks for 5 s; margin for a loaded CI machine
     assert versions(20) == {v2}
+
+
+def test_the_recs_loop_trains_from_the_archive_and_serves_users_by_their_tokens(tmp_path):
+    """`train recs --from-archive --every`: the interactions the archiver wrote (user ids as keyed tokens),
+    rebuilt in time order, trained, registered, gated and reported with plots; the artifact says it knows
+    users by token, so serving looks them up by token. An empty archive registers nothing."""
+    import itertools
+
+    from kestrel.feature_store import topics
+    from kestrel.models.two_tower import UNKNOWN_USER, load_artifact
+    from kestrel.offline.archive import ArchivedRecord, ArchiveWriter, row_of
+    from kestrel.offline.simulator import SimConfig, Simulator
+
+    hasher = KeyedHasher(b"archive-test-key")
+    sim = Simulator(SimConfig(seed=11, transaction_share=0.0, fraud_incidents_per_sim_hour=0.0, invalid_share=0.0,
+                              n_users=300, n_items=400))
+    events = [r.event for r in itertools.islice((r for r in sim.records() if r.kind == "interaction"), 12000)]
+    archive = tmp_path / "archive"
+    ArchiveWriter(str(archive)).write([row_of(ArchivedRecord(topics.INTERACTIONS, 0, i, 1_764_000_000_000, b"k",
+                                                             e.model_dump_json().encode()), hasher)
+                                       for i, e in enumerate(events)])
+    root, reports = tmp_path / "registry", tmp_path / "runs"
+    loop = ["train", "recs", "--registry", str(root), "--out", str(tmp_path / "artifacts"), "--promote",
+            "--every", "1s", "--max-runs", "1", "--reports", str(reports), "--epochs", "2", "--dim", "16",
+            "--no-progress"]
+    proc = _kestrel(*loop, "--from-archive", str(archive))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert run["ok"] and run["promotion"] == "promote", run
+    report = Path(run["report"]).read_text()
+    champion = Registry(root, "recs").aliases()["champion"]
+    assert champion in report and "recall_at_k" in report and "| recall_at_20 |" in report
+    art = load_artifact(Registry(root, "recs").get(champion).path)
+    assert art.metadata["user_ids"] == "tokens"
+    user = events[0].user_id
+    assert art.vocab.user_bucket(hasher.token("user", user)) != UNKNOWN_USER  # known by its token ...
+    assert art.vocab.user_bucket(user) == UNKNOWN_USER  # ... and the raw id never reached the archive
+
+    empty = tmp_path / "empty-archive"
+    empty.mkdir()
+    proc = _kestrel(*loop, "--from-archive", str(empty))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failed["ok"] and failed["promotion"] is None
+    assert Registry(root, "recs").aliases()["champion"] == champion and len(Registry(root, "recs").versions()) == 1

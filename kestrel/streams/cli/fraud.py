@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from kestrel.streams.cli.every import add_every_args, finite
 
 
 def _add_columns(p: argparse.ArgumentParser, csv_required: bool = True) -> None:
@@ -44,61 +45,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say("give one of --csv FILE, --from-broker, --from-archive ROOT")
         return 2
     if args.every:
-        return _train_every(args)
+        from kestrel.streams.cli.every import train_every
+
+        return train_every(args, "fraud", lambda: _train_once(args, quiet=True))
     return _train_once(args)
-
-
-def _train_every(args: argparse.Namespace) -> int:
-    """The unattended loop: train, register, gate, promote, every ``--every``; a failed run changes nothing.
-
-    Each run writes ``REPORTS/<started>.md`` and ``.json`` (what it trained on, the metrics of candidate and
-    champion on the same window, the gate's checks, what moved), also when it failed.
-    """
-    import time
-    import traceback
-    from datetime import UTC, datetime
-
-    from kestrel.offline.run_report import run_report
-    from kestrel.streams.cli.models import registry_root
-
-    if not args.promote:
-        _say("--every runs the whole loop: add --promote (and --registry)")
-        return 2
-    period = _duration_s(args.every)
-    reports = Path(args.reports or Path(registry_root(args)) / "runs")
-    reports.mkdir(parents=True, exist_ok=True)
-    runs = 0
-    while args.max_runs == 0 or runs < args.max_runs:
-        started = time.time()
-        stamp = datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
-        _say(f"[{stamp}] training run {runs + 1}")
-        try:
-            outcome = _train_once(args, quiet=True)
-            doc = {"started": stamp, "ok": outcome is not None and outcome.get("model_version") is not None,
-                   **(outcome or {"error": "no training data"})}
-        except Exception as exc:  # nothing was promoted: a failed run never touches what workers serve
-            doc = {"started": stamp, "ok": False, "error": repr(exc), "traceback": traceback.format_exc()}
-        (reports / f"{stamp}.json").write_text(json.dumps(_finite(doc), indent=1))
-        (reports / f"{stamp}.md").write_text(run_report(doc, "fraud", reports))
-        print(json.dumps(_finite({"started": stamp, "ok": doc["ok"], "report": str(reports / f"{stamp}.md"),
-                                  "promotion": (doc.get("promotion") or {}).get("action")})), flush=True)
-        runs += 1
-        if args.max_runs and runs >= args.max_runs:
-            break
-        time.sleep(max(0.0, started + period - time.time()))
-    return 0
-
-
-def _duration_s(text: str) -> float:
-    """``6h``, ``30m``, ``90s``, ``1d`` or seconds.
-
-    >>> _duration_s("6h"), _duration_s("30m"), _duration_s("45")
-    (21600.0, 1800.0, 45.0)
-    """
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
 
 
 def _train_once(args: argparse.Namespace, quiet: bool = False) -> Any:
@@ -112,7 +62,7 @@ def _train_once(args: argparse.Namespace, quiet: bool = False) -> Any:
         out = _train_candidate(args, rows, labels, epoch_s, ids, cards, source)
         if quiet:
             return out
-        print(json.dumps(_finite(out)))
+        print(json.dumps(finite(out)))
         return 0
     from kestrel.offline.fraud_train import fit_fraud_model
 
@@ -201,19 +151,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      members=args.members, seed=args.seed, audit_share=args.audit_share)
     summary = run_eval(cfg, _say)
     if args.json:
-        print(json.dumps(_finite(summary)))
+        print(json.dumps(finite(summary)))
     else:
         _print_table(summary)
     return 0
-
-
-def _finite(doc: Any) -> Any:
-    """JSON has no NaN: undefined metrics (e.g. no fraud in a window) become null."""
-    if isinstance(doc, dict):
-        return {k: _finite(v) for k, v in doc.items()}
-    if isinstance(doc, float) and not math.isfinite(doc):
-        return None
-    return doc
 
 
 def _print_table(summary: dict[str, Any]) -> None:
@@ -253,11 +194,7 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--gate-share", type=float, default=0.15, help="with --registry: the held-out newest share")
     p.add_argument("--promote", action="store_true", help="register, then move champion if the gate passes")
     p.add_argument("--why", default=None, help="with --promote: the reason, for the audit log")
-    p.add_argument("--every", default=None, metavar="PERIOD",
-                   help="run unattended: train, register, gate and promote every PERIOD (6h, 30m, ...); a failed "
-                        "run promotes nothing; a report per run under --reports")
-    p.add_argument("--reports", default=None, help="with --every: report folder (default REGISTRY/runs)")
-    p.add_argument("--max-runs", type=int, default=0, help="with --every: stop after this many runs (0: never)")
+    add_every_args(p)
     p.set_defaults(func=cmd_train)
 
     p = evaluate.add_parser("fraud", help="train on one window, replay the next with delayed labels, "

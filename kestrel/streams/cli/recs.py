@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kestrel.streams.cli.every import add_every_args
+
 
 def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--csv", required=required, help="interaction CSV (plain or .gz)")
@@ -48,6 +50,10 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--alias", default="champion", help="with --promote: the alias to move (workers serve "
                                                         "KESTREL_RECS_ALIAS)")
     p.add_argument("--why", default=None, help="with --promote: the reason, for the audit log")
+    p.add_argument("--from-archive", default=None, metavar="ROOT",
+                   help="the interactions of the event archive (kestrel archive), in time order up to --cutoff")
+    p.add_argument("--cutoff", default=None, help="with --from-archive: ISO time the set is built as of (default now)")
+    add_every_args(p)
     _model_args(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_train)
@@ -80,8 +86,18 @@ def _load(args: argparse.Namespace) -> Any:
     if getattr(args, "simulate", 0):
         df = simulated_interactions(args.simulate, seed=args.seed)
         return load_interactions_frame(df)
+    if getattr(args, "from_archive", None):
+        import time
+
+        from kestrel.feature_store.schemas import epoch_of
+        from kestrel.offline.training_sets import interaction_frame
+
+        frame = interaction_frame(args.from_archive, epoch_of(args.cutoff) if args.cutoff else time.time())
+        print(f"archive {args.from_archive} as of {args.cutoff or 'now'}: {len(frame):,} interactions of "
+              f"{frame['user'].nunique():,} users", file=sys.stderr)
+        return frame
     if not args.csv:
-        raise SystemExit("give --csv FILE or --simulate N")
+        raise SystemExit("give --csv FILE, --from-archive ROOT or --simulate N")
     return load_interactions(args.csv, args.user_col, args.item_col, args.time_col, args.rating_col,
                              args.min_rating, args.category_col)
 
@@ -101,6 +117,10 @@ def load_interactions_frame(df: Any) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from kestrel.offline.recs_train import train_two_tower
 
+    if args.every:
+        from kestrel.streams.cli.every import train_every
+
+        return train_every(args, "recs", lambda: _train_candidate(args, _load(args)))
     df = _load(args)
     if args.registry or args.promote:
         summary = _train_candidate(args, df)
@@ -108,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     art = train_two_tower(df, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, progress=not args.no_progress)
+    art.metadata["user_ids"] = _user_ids(args)
     folder = art.save(args.out)
     summary = {"version": art.version, "path": str(folder), "items": len(art.vocab.item_ids),
                **{k: art.metadata[k] for k in ("examples", "train_seconds", "examples_per_s", "loss_per_epoch")}}
@@ -115,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any]:
+def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any] | None:
     """Train with each user's newest interactions held out, register the version, ask the gate if ``--promote``."""
     from kestrel.models.gate import GatePolicy
     from kestrel.models.registry import Registry, promote
@@ -123,9 +144,11 @@ def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any]:
     from kestrel.streams.cli.models import announce_move, registry_root
 
     registry = Registry(registry_root(args), "recs")
+    if len(df) == 0:
+        return None  # nothing to learn from (an empty archive): the loop reports it, nothing is registered
     art, record = train_recs_candidate(df, registry, args.out, alias=args.alias, epochs=args.epochs, dim=args.dim,
                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                       progress=lambda m: print(m, file=sys.stderr))
+                                       user_ids=_user_ids(args), progress=lambda m: print(m, file=sys.stderr))
     out: dict[str, Any] = {"model_version": art.version, "path": record.path, "registry": str(registry.root),
                            "metrics": record.metrics, "evaluation": record.evaluation}
     if args.promote:
@@ -136,8 +159,14 @@ def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any]:
                                                           out["promotion"]["seq"])
         print(f"{args.alias}: {out['promotion']['from']} -> {out['promotion']['to']} ({out['promotion']['action']})"
               + "".join(f"\n  - {r}" for r in out["promotion"]["reasons"]), file=sys.stderr)
-    out["report"] = str(_write_run_report(registry.root, out))
+    if not args.every:  # the loop writes each run's report itself
+        out["report"] = str(_write_run_report(registry.root, out))
     return out
+
+
+def _user_ids(args: argparse.Namespace) -> str:
+    """How the artifact knows users: "tokens" (the archive stores keyed tokens, not ids) or "raw"."""
+    return "tokens" if getattr(args, "from_archive", None) else "raw"
 
 
 def _write_run_report(root: Any, out: dict[str, Any]) -> Path:

@@ -252,17 +252,23 @@ class RecommendationService:
         excluded = {m.decode() for m in excluded_raw}
         recents = [[m.decode() for m in per_user[2 * i]] for i in range(len(tokens))]
         seens = [{m.decode() for m in per_user[2 * i + 1]} for i in range(len(tokens))]
-        return self.rank(user_ids, recents, seens, trending, excluded, opts)
+        return self.rank(user_ids, recents, seens, trending, excluded, opts, tokens)
 
     def rank(self, user_ids: Sequence[str], recents: Sequence[list[str]], seens: Sequence[set[str]],
-             trending: Sequence[str], excluded: set[str], opts: Sequence[RecOptions]) -> list[RecResult]:
-        """The CPU part of a request (no I/O): query tower, FAISS, filters, re-ranking, fallback."""
+             trending: Sequence[str], excluded: set[str], opts: Sequence[RecOptions],
+             tokens: Sequence[str] | None = None) -> list[RecResult]:
+        """The CPU part of a request (no I/O): query tower, FAISS, filters, re-ranking, fallback.
+
+        ``tokens``: the users' keyed tokens, which a model trained from the archive knows them by.
+        """
         snap = self.holder.current  # read once: model and index of the same version for the whole batch
         results: list[RecResult | None] = [None] * len(user_ids)
         personal = [i for i, r in enumerate(recents) if r and not opts[i].fallback_only] if snap is not None else []
         if personal and snap is not None:
             live: _Live = snap.extra
-            q = live.artifact.encoder().encode([user_ids[i] for i in personal], [recents[i] for i in personal])
+            by_token = live.artifact.metadata.get("user_ids") == "tokens"
+            names = tokens if by_token and tokens is not None else user_ids
+            q = live.artifact.encoder().encode([names[i] for i in personal], [recents[i] for i in personal])
             depth = min(snap.size, max(_pool(opts[i]) + len(seens[i]) + len(opts[i].exclude) for i in personal))
             scores, rows = snap.search(q, depth)
             for j, i in enumerate(personal):
