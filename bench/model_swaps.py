@@ -54,15 +54,21 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def run(swaps: int, artifact: Path, tmp: Path) -> dict[str, object]:
-    registry = Registry(tmp / "registry", "fraud")
-    meta = json.loads((artifact / "meta.json").read_text())
-    versions = []
+def two_versions(artifact: Path, tmp: Path, kind: str, meta_file: str) -> tuple[Registry, list[ModelRecord]]:
+    """A registry of ``kind`` holding two copies of ``artifact`` under two versions (same weights)."""
+    registry = Registry(tmp / "registry", kind)
+    meta = json.loads((artifact / meta_file).read_text())
+    records = []
     for suffix in ("a", "b"):
         target = tmp / "artifacts" / f"{meta['version']}-{suffix}"
         shutil.copytree(artifact, target)
-        (target / "meta.json").write_text(json.dumps({**meta, "version": target.name}))
-        versions.append(registry.register(ModelRecord.new("fraud", target.name, target)))
+        (target / meta_file).write_text(json.dumps({**meta, "version": target.name}))
+        records.append(registry.register(ModelRecord.new(kind, target.name, target)))
+    return registry, records
+
+
+async def run(swaps: int, artifact: Path, tmp: Path) -> dict[str, object]:
+    registry, versions = two_versions(artifact, tmp, "fraud", "meta.json")
     settings = Settings.from_env().with_(redis_prefix=f"bench-swaps-{secrets.token_hex(4)}",
                                          fraud_model=str(tmp / "registry"))
     registry.move("champion", versions[0].version, action="force", why="bench")
@@ -112,14 +118,8 @@ async def run_recs(swaps: int, artifact: Path, tmp: Path) -> dict[str, object]:
     from kestrel.feature_store.keys import KeyedHasher, KeySpace
     from kestrel.streams.recs.service import RecommendationService, RecOptions
 
-    registry = Registry(tmp / "registry", "recs")
-    meta = json.loads((artifact / "metadata.json").read_text())
-    versions = []
-    for suffix in ("a", "b"):
-        target = tmp / "artifacts" / f"{meta['version']}-{suffix}"
-        shutil.copytree(artifact, target)
-        (target / "metadata.json").write_text(json.dumps({**meta, "version": target.name}))
-        versions.append(registry.register(ModelRecord.new("recs", target.name, target)).version)
+    registry, records = two_versions(artifact, tmp, "recs", "metadata.json")
+    versions = [r.version for r in records]
     registry.move("champion", versions[0], action="force", why="bench")
     settings = Settings.from_env()
     client = aioredis.Redis.from_url(settings.redis_url)
