@@ -619,22 +619,16 @@ def train_and_promote_recs(registry_root: str, broker: str, seed: int, interacti
 def demo_registry(fraud_model: str, recs_model: str, root: Path) -> Path:
     """A registry for one run whose ``champion`` of each kind is the demo's model ("" recs model: none)."""
     from kestrel.models.fraud_model import latest_artifact
-    from kestrel.models.registry import ModelRecord, Registry
+    from kestrel.models.registry import Registry
     from kestrel.models.two_tower import resolve_artifact
 
     artifact = latest_artifact(fraud_model)
     if artifact is None:
         raise FileNotFoundError(f"--promote-midway needs a trained fraud model; none at {fraud_model}")
-    version = json.loads((artifact / "meta.json").read_text())["version"]
-    registry = Registry(root, "fraud")
-    registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
-    registry.move("champion", version, action="force", why="the demo's starting model")
+    _register_as(Registry(root, "fraud"), artifact, "meta.json", "champion", "the demo's starting model")
     if recs_model:
-        folder = resolve_artifact(recs_model)
-        version = json.loads((folder / "metadata.json").read_text())["version"]
-        recs = Registry(root, "recs")
-        recs.register(ModelRecord.new("recs", version, folder, metrics={}))
-        recs.move("champion", version, action="force", why="the demo's starting recommender")
+        _register_as(Registry(root, "recs"), resolve_artifact(recs_model), "metadata.json", "champion",
+                     "the demo's starting recommender")
     return root
 
 
@@ -642,7 +636,7 @@ def experiment_registry(fraud_model: str, root: Path, say: Callable[[str], None]
     """A registry for ``--experiment``: ``champion`` learned nothing (shuffled labels), ``challenger`` is the
     demo's model, so the experiment has a truly better variant B to find."""
     from kestrel.models.fraud_model import latest_artifact
-    from kestrel.models.registry import ModelRecord, Registry
+    from kestrel.models.registry import Registry
 
     trained = latest_artifact(fraud_model) if fraud_model else None
     if trained is None:
@@ -655,12 +649,18 @@ def experiment_registry(fraud_model: str, root: Path, say: Callable[[str], None]
         say("training the experiment's champion on shuffled labels (first run only, ~10 s)")
         shuffled = shuffled_root / train_on_shuffled_labels(shuffled_root).version
     registry = Registry(root, "fraud")
-    for alias, artifact, why in (("champion", shuffled, "the demo experiment's control: no skill"),
-                                 ("challenger", trained, "the demo experiment's variant B: the demo's model")):
-        version = json.loads((artifact / "meta.json").read_text())["version"]
-        registry.register(ModelRecord.new("fraud", version, artifact, metrics={}))
-        registry.move(alias, version, action="force", why=why)
+    _register_as(registry, shuffled, "meta.json", "champion", "the demo experiment's control: no skill")
+    _register_as(registry, trained, "meta.json", "challenger", "the demo experiment's variant B: the demo's model")
     return root
+
+
+def _register_as(registry: Any, artifact: Path, meta_file: str, alias: str, why: str) -> None:
+    """Register a demo artifact (its version read from its metadata) and point ``alias`` at it."""
+    from kestrel.models.registry import ModelRecord
+
+    version = json.loads((artifact / meta_file).read_text())["version"]
+    registry.register(ModelRecord.new(registry.kind, version, artifact, metrics={}))
+    registry.move(alias, version, action="force", why=why)
 
 
 EXPERIMENT_FRAUD_SCALE = 10  # with --experiment: ~650 frauds in 20,000 events instead of ~65

@@ -400,8 +400,8 @@ class Processor:
                                       self.keys.decision(e.event_id), self.keys.decision(e.event_id)))
             return outputs, docs, exposures, durations
 
-        # the payment's time at the broker
-        stamps = [rec.timestamp_ms / 1000 if rec.timestamp_ms else None for rec, _ in valid]
+        # the payment's time at the broker, for the decision latency of enrolled payments (none enrolled: not read)
+        stamps = [] if routes is None else [rec.timestamp_ms / 1000 if rec.timestamp_ms else None for rec, _ in valid]
         try:
             _, (outputs, docs, exposures, durations) = await self.store.apply_units_then(
                 [self._payment_unit(e) for e in events], decide)
