@@ -71,15 +71,20 @@ class HeadReader:
         self.usable = not any(isinstance(f, Windowed) and f.delay_s for f in fs.vector)
         self._bucket_sizes = sorted({f.bucket_s for f in fs.vector if isinstance(f, Windowed)})
         self.source = self._source() if self.usable else ("def decode(blob, at, lasts):\n    return PAST\n"
-                                                          "def decode_values(v, ss, at, lasts):\n    return PAST\n")
+                                                          "def decode_values(v, ss, at, lasts):\n    return PAST\n"
+                                                          "def decode_event(v, ss, at, tp, sp):\n    return PAST\n")
         numbers = struct.Struct(self.layout.fmt)
         scope: dict[str, Any] = {"UNPACK": numbers.unpack_from,
                                  "LEN": struct.Struct("<I").unpack_from, "STD": std_from_moments,
-                                 "PAST": PAST, "OFFSET": numbers.size, "NAN": math.nan}
+                                 "PAST": PAST, "OFFSET": numbers.size, "NAN": math.nan, "FLOOR": math.floor}
         exec(compile(self.source, f"<head decoder {fs.qualified_version}>", "exec"), scope)
         self.decode: Decoder = scope["decode"]
         # the same from a head already unpacked: its numbers and strings (head_state.py's worker arithmetic)
         self.decode_values: Callable[[Any, list[str | None], float, list[int]], Any] = scope["decode_values"]
+        # an event's vector from its entity's head just after it: windows from that head, time since and last
+        # values from before the event (``tp``, the latest time before it, NaN if none; ``sp``, the strings)
+        self.decode_event: Callable[[Any, list[str | None], float, float, list[str | None]], Any] = \
+            scope["decode_event"]
 
     def previous(self, blob: bytes | None, at: float) -> dict[str, Any]:
         """The features an event reads from before itself (time since the previous event, previous values),
@@ -126,6 +131,8 @@ class HeadReader:
             lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: {past.format(f'd{j}')}"]
         from_blob = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
         from_values = ["def decode_values(v, ss, at, lasts):"]
+        from_event = ["def decode_event(v, ss, at, tp, sp):",
+                      f"    lasts = [{', '.join(f'FLOOR(at / {b})' for b in self._bucket_sizes)}]"]
         if lay.strings:
             from_blob.append("    o = OFFSET")
             for j, _ in enumerate(lay.strings):
@@ -133,6 +140,7 @@ class HeadReader:
                               f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
                               "    if n != 0xFFFFFFFF: o += n"]
                 from_values.append(f"    s{j} = ss[{j}]")
+                from_event.append(f"    s{j} = sp[{j}]")
         out = []
         distinct = {name: j for j, (name, *_rest) in enumerate(lay.distinct)}
         strings = {name: j for j, name in enumerate(lay.strings)}
@@ -163,4 +171,6 @@ class HeadReader:
                 j = strings[feat.name]
                 out.append(f"{key}: (s{j} if s{j} is not None else {default})")
         lines.append("    return {" + ", ".join(out) + "}")
-        return "\n".join(from_blob + lines) + "\n" + "\n".join(from_values + lines) + "\n"
+        event_lines = [line.replace(f"t_ = v[{lay.last_time}]", "t_ = tp") for line in lines]
+        return "\n".join(from_blob + lines) + "\n" + "\n".join(from_values + lines) + "\n" + \
+            "\n".join(from_event + event_lines) + "\n"
