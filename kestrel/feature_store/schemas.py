@@ -28,8 +28,31 @@ def epoch_of(iso: str) -> float:
 
 
 def iso_of(ts: float) -> str:
-    """The system's output time format: UTC, milliseconds, ``Z`` suffix."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The system's output time format: UTC, milliseconds, ``Z`` suffix.
+
+    Every decision writes one, so the minute's text is kept and only the
+    seconds are formatted: the same text as ``datetime.fromtimestamp(ts,
+    UTC).isoformat(timespec="milliseconds")`` (microseconds rounded half to
+    even, then truncated to milliseconds), which a time within a microsecond
+    of the next second, or before 1970, still takes.
+
+    >>> iso_of(1767225600.0), iso_of(1767225661.2345), iso_of(1767225599.9999996), iso_of(-0.5)
+    ('2026-01-01T00:00:00.000Z', '2026-01-01T00:01:01.234Z', '2026-01-01T00:00:00.000Z', '1969-12-31T23:59:59.500Z')
+    """
+    whole = math.floor(ts)
+    frac = ts - whole  # exact (Sterbenz): the fraction datetime rounds to microseconds
+    if frac > 0.999998 or whole < 0:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    minute = whole // 60
+    prefix = _MINUTES.get(minute)
+    if prefix is None:
+        if len(_MINUTES) >= 4096:
+            _MINUTES.clear()
+        prefix = _MINUTES[minute] = datetime.fromtimestamp(minute * 60, UTC).strftime("%Y-%m-%dT%H:%M:")
+    return f"{prefix}{whole - minute * 60:02d}.{round(frac * 1e6) // 1000:03d}Z"
+
+
+_MINUTES: dict[int, str] = {}
 
 
 class _Event(BaseModel):

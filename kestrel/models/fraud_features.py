@@ -9,6 +9,7 @@ codes come from the model's attributions with the payment's own numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,9 +29,14 @@ def payment_context(epoch_s: float, card_present: bool | None, device_id: str | 
     >>> payment_context(1767225600.0 + 3 * 3600, False, "d1")  # Thursday 2026-01-01 03:00 UTC
     {'hour_utc': 3.0, 'weekday': 3.0, 'card_present': 0.0, 'has_device': 1.0}
     """
-    at = datetime.fromtimestamp(epoch_s, UTC)
+    whole = math.floor(epoch_s)
+    if epoch_s - whole > 0.999998:  # datetime rounds to the microsecond: this one may reach the next hour
+        at = datetime.fromtimestamp(epoch_s, UTC)
+        hour, weekday = at.hour, at.weekday()
+    else:  # the calendar's arithmetic, without a datetime per payment (1970-01-01 was a Thursday: 3)
+        hour, weekday = whole // 3600 % 24, (whole // 86400 + 3) % 7
     present = -1.0 if card_present is None else float(card_present)
-    return {"hour_utc": float(at.hour), "weekday": float(at.weekday()), "card_present": present,
+    return {"hour_utc": float(hour), "weekday": float(weekday), "card_present": present,
             "has_device": float(device_id is not None)}
 
 
