@@ -49,8 +49,10 @@ def payment_features(amount: float, epoch_s: float, card_present: bool | None, d
     """
     from kestrel.models.rules import derive
 
-    return derive(amount, vector) | payment_context(epoch_s, card_present, device_id) | {  # type: ignore[arg-type]
-        "prev_terminal": vector.get("prev_terminal", "")}
+    features: dict[str, object] = derive(amount, vector)  # type: ignore[arg-type, assignment]
+    features.update(payment_context(epoch_s, card_present, device_id))  # in place: a payment's dict is copied once
+    features["prev_terminal"] = vector.get("prev_terminal", "")
+    return features
 
 
 # Input functions take a feature dict (one payment: floats) or a :class:`Columns` (a batch: arrays), so the
