@@ -466,8 +466,11 @@ def vector_reads(fs: FeatureSet, entity_key: str, t: float) -> tuple[list[list[A
     return pre, post
 
 
-def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHasher) -> EventOps:
+def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHasher, in_unit: bool = False) -> EventOps:
     """The store operations that apply ``event`` to every feature of ``fs``.
+
+    ``in_unit``: the operations are a part of an :class:`EventUnit`, whose own
+    marker guards them, so they get no marker key of their own.
 
     >>> from types import SimpleNamespace as E
     >>> fs = FeatureSet("t", "1", "card", "transaction", lambda e: e.card, lambda e: e.ts,
@@ -483,8 +486,8 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     t = fs.time_of(event)
     writes: list[list[Any]] = []
     if not fs.buckets:
-        _compact_head_writes(fs, event, key, token, t, keys, hasher, writes)
-        return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
+        fs.compact_writer(event, key, token, t, keys, hasher, writes)
+        return EventOps("" if in_unit else keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
     has_hash = False
     for storage, where, value_of, bucket_s, kept, comps, late in fs.write_plan.series:
         if where is not None and not where(event):
@@ -521,7 +524,7 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
         writes.append(["expire", key, "", [fs.ttl_s]])
     if fs.cached_reads and writes:
         writes.append(["version", keys.version_of(key), "", [fs.ttl_s]])
-    return EventOps(keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
+    return EventOps("" if in_unit else keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
 
 
 def _compact_head_writes(fs: FeatureSet, event: Any, key: str, token: str, t: float, keys: KeySpace,

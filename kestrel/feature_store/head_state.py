@@ -337,6 +337,7 @@ class HeadBatch:
         for unit in units:
             self.markers[unit.applied_key] = None
             parts = []
+            paired = False
             for ops in unit.parts:
                 arith = sets[id(ops.reads_of)]
                 entity_key = ops.entity_key
@@ -347,12 +348,14 @@ class HeadBatch:
                 if tomb is None:
                     tomb = tombstones[entity_key] = keys.tombstone_of(entity_key)
                     self.tombs[tomb] = None
-                for op in ops.writes:
-                    if op[0] == "z" and op[1] not in arith.paired:
-                        self.members[(distinct_key(entity_key, op[1]), op[2])] = hk
+                if arith.distinct_names:  # sorted sets to read (a count told by a pair's head reads none)
+                    for op in ops.writes:
+                        if op[0] == "z" and op[1] not in arith.paired:
+                            self.members[(distinct_key(entity_key, op[1]), op[2])] = hk
                 parts.append((ops, arith, hk, tomb))
+                paired = paired or bool(arith.paired)
             self.parts.append(parts)
-            self.pairings.append(_pairings(parts) if any(arith.paired for _, arith, _, _ in parts) else [])
+            self.pairings.append(_pairings(parts) if paired else [])
         self.results: list[tuple[bool, list[dict[str, Any]]]] = []
         self._heads: dict[str, Head] = {}
         self._touched: dict[str, None] = {}

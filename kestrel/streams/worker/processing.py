@@ -458,10 +458,10 @@ class Processor:
         """A payment's one idempotency unit: the sets it feeds (terminal risk, which labels feed, is read apart)."""
         keys, hasher = self.keys, self.hasher
         return event_unit(e.event_id, (
-            compile_event(CARD_PROFILE, e, keys, hasher),
-            compile_event(TERMINAL_ACTIVITY, e, keys, hasher),
-            compile_event(CARD_TERMINAL, e, keys, hasher),
-            compile_event(CARD_DEVICE, e, keys, hasher)), keys, "payment")
+            compile_event(CARD_PROFILE, e, keys, hasher, in_unit=True),
+            compile_event(TERMINAL_ACTIVITY, e, keys, hasher, in_unit=True),
+            compile_event(CARD_TERMINAL, e, keys, hasher, in_unit=True),
+            compile_event(CARD_DEVICE, e, keys, hasher, in_unit=True)), keys, "payment")
 
     def _decision_doc(self, e: Transaction, f: dict[str, Any], s: FraudScore, version: str, started: float,
                       now: float, card: str | None = None, degraded: bool = False,
