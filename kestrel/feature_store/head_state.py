@@ -48,6 +48,7 @@ from typing import Any
 
 import orjson
 
+from kestrel.feature_store import head_kernels
 from kestrel.feature_store.definitions import (
     NO_BUCKET,
     VECTOR_KINDS,
@@ -357,6 +358,9 @@ class HeadBatch:
             self.parts.append(parts)
             self.pairings.append(_pairings(parts) if paired else [])
         self.results: list[tuple[bool, list[dict[str, Any]]]] = []
+        # the sets' compiled kernels (head_kernels.py), when every set of the batch has one
+        self.kernels = _kernels(sets) if head_kernels.enabled() else None
+        self._packed: dict[str, tuple[bytes, bytes]] = {}  # head key -> (tag as read, new head): the kernel path
         self._heads: dict[str, Head] = {}
         self._touched: dict[str, None] = {}
         self._live_tombs: dict[str, None] = {}  # the tombstones of the parts applied: still absent at commit
@@ -371,10 +375,13 @@ class HeadBatch:
     def apply(self, replies: Sequence[Any]) -> None:
         """Apply the batch, in order, to what :meth:`read_commands` read (their replies)."""
         blobs, tombs, markers, *scores = replies
-        for (hk, (_, arith)), blob in zip(self.head_keys.items(), blobs, strict=True):
-            self._heads[hk] = arith.unpack(blob)
         erased = {key for key, flag in zip(self.tombs, tombs, strict=True) if flag is not None}
         priors = dict(zip(self.markers, markers, strict=True))
+        if self.kernels is not None and not self.members:
+            self._apply_compiled(blobs, erased, priors)
+            return
+        for (hk, (_, arith)), blob in zip(self.head_keys.items(), blobs, strict=True):
+            self._heads[hk] = arith.unpack(blob)
         heads = self._heads
         for ((zkey, member), hk), raw in zip(self.members.items(), scores, strict=True):
             # an absent head's entity has nothing stored: a sorted set left without it is not read
@@ -411,6 +418,88 @@ class HeadBatch:
                 done[unit.applied_key] = vectors
             self.results.append((applied, vectors))
 
+    def _apply_compiled(self, blobs: Sequence[bytes | None], erased: set[str], priors: dict[str, Any]) -> None:
+        """:meth:`apply` with each set's events run by its compiled kernel (the same results and heads).
+
+        The units are walked once to hand each applied part to its set's run
+        (and to note which pair times each distinct count reads); the runs that
+        keep pairs go first, since the others read their events' times before.
+        """
+        assert self.kernels is not None
+        runs: dict[int, head_kernels.SetRun] = {}
+        where: dict[str, tuple[head_kernels.SetRun, int]] = {}
+        for (hk, (_, arith)), blob in zip(self.head_keys.items(), blobs, strict=True):
+            run = runs.get(id(arith))
+            if run is None:
+                run = runs[id(arith)] = head_kernels.SetRun(self.kernels[id(arith)])
+            where[hk] = (run, run.head(hk, blob))
+        slots: list[Any] = []  # per unit: (False, vectors) | its duplicate's marker | (applied, parts, marker)
+        reads: list[tuple[head_kernels.SetRun, int, int, head_kernels.SetRun, int]] = []
+        done: set[str] = set()
+        for unit, parts, pairings in zip(self.units, self.parts, self.pairings, strict=True):
+            prior = priors[unit.applied_key]
+            if prior is not None:
+                slots.append((False, self.decode_snapshot(prior, unit)))
+                continue
+            if unit.applied_key in done:  # the same event twice in one batch
+                slots.append(unit.applied_key)
+                continue
+            placed: list[Any] = []  # per part: (run, event), or the defaults of an erased subject
+            for ops, _arith, hk, tomb in parts:
+                if tomb in erased:
+                    placed.append(finalize(ops.reads_of, {}, ops.time))
+                    continue
+                self._live_tombs[tomb] = None
+                self._touched[hk] = None
+                run, row = where[hk]
+                placed.append((run, run.add(row, ops.time, ops.writes)))
+            for i, name, j in pairings:
+                if isinstance(placed[i], dict):
+                    continue
+                run, event = placed[i]
+                count = run.kernel.distinct_index[name]
+                if isinstance(placed[j], dict):  # an erased pair reads as seen at this very time
+                    run.pair_at(event, count, parts[i][0].time)
+                else:
+                    reads.append((run, event, count, *placed[j]))
+            applied = any(not isinstance(p, dict) for p in placed)
+            if applied:
+                done.add(unit.applied_key)
+            slots.append((applied, placed, unit.applied_key))
+        sources = {id(source) for *_, source, _ in reads}
+        if sources & {id(run) for run, *_ in reads}:
+            raise ValueError("a pair set's distinct counts are told by another pair set: not supported")
+        for run in runs.values():
+            if id(run) in sources:
+                run.run()
+        for run, event, count, source, at in reads:
+            run.pair_at(event, count, source.tp[at])
+        for run in runs.values():
+            if id(run) not in sources:
+                run.run()
+        vectors_of: dict[int, list[dict[str, Any]]] = {}
+        for run in runs.values():
+            vectors, tails = run.vectors()
+            vectors_of[id(run)] = vectors
+            touched = [r for r, key in enumerate(run.keys) if key in self._touched]
+            for r, head in zip(touched, run.packed_heads(touched, tails), strict=True):
+                blob = run.blobs[r]
+                self._packed[run.keys[r]] = (blob[-8:] if blob is not None else b"", head)
+        unit_vectors: dict[str, list[dict[str, Any]]] = {}
+        for slot in slots:
+            if isinstance(slot, str):
+                self.results.append((False, unit_vectors[slot]))
+                continue
+            if len(slot) == 2:
+                self.results.append(slot)
+                continue
+            applied, placed, marker = slot
+            vectors = [p if isinstance(p, dict) else vectors_of[id(p[0])][p[1]] for p in placed]
+            if applied:  # a unit with nothing applied (every part erased) leaves no marker, as in Lua
+                self._new_markers.append((marker, SNAPSHOT_VECTORS + orjson.dumps(vectors)))
+                unit_vectors[marker] = vectors
+            self.results.append((applied, vectors))
+
     def commit_args(self) -> list[Any]:
         """``lua/commit_heads.lua``'s arguments, once :meth:`apply` ran."""
         heads: list[Any] = []
@@ -418,9 +507,15 @@ class HeadBatch:
         stale: list[str] = []
         for hk in self._touched:
             entity_key, arith = self.head_keys[hk]
-            head = self._heads[hk]
-            heads += [hk, head.tag, arith.pack(head), arith.ttl_s]
-            if head.absent:
+            if self._packed:
+                tag, packed = self._packed[hk]
+                heads += [hk, tag, packed, arith.ttl_s]
+                absent = not tag
+            else:
+                head = self._heads[hk]
+                heads += [hk, head.tag, arith.pack(head), arith.ttl_s]
+                absent = head.absent
+            if absent:
                 stale += [distinct_key(entity_key, name) for name in arith.distinct_names]
         n_commands = 0
         if stale:  # sorted sets left without their head: the entity has nothing stored
@@ -437,6 +532,18 @@ class HeadBatch:
 
 
 Part = tuple[EventOps, HeadArithmetic, str, str]
+
+
+def _kernels(sets: dict[int, HeadArithmetic]) -> dict[int, head_kernels.SetKernel] | None:
+    """Each set's kernel by ``id`` of its arithmetic, or None unless every set has one (a batch runs wholly
+    compiled or wholly in Python)."""
+    kernels = {}
+    for arith in sets.values():
+        kernel = head_kernels.kernel_for(arith)
+        if kernel is None:
+            return None
+        kernels[id(arith)] = kernel
+    return kernels
 
 
 # by the ids of the unit's sets (every payment's are the same); the sets are kept too, so an id is never reused

@@ -112,9 +112,13 @@ class HeadReader:
         """The newest bucket of a window read at ``at``, per bucket size (undelayed: the bucket of ``at``)."""
         return [math.floor(at / b) for b in self._bucket_sizes]
 
-    def _source(self) -> str:
-        """Python source of ``decode(blob, at, lasts)`` and ``decode_values(numbers, strings, at, lasts)``:
-        the vector, or PAST."""
+    def vector_code(self, integral: bool = False) -> tuple[list[str], list[tuple[Any, str]]]:
+        """The statements that read ``v`` (a head's numbers) at ``at`` (``lasts``: its newest buckets, per
+        bucket size; ``t_``: the previous event's time; ``s{j}``: the strings) and each feature's expression.
+
+        ``integral``: window positions are made ``int`` (for a compiled twin that indexes arrays of doubles,
+        see :mod:`kestrel.feature_store.head_kernels`); the values are the same.
+        """
         lay = self.layout
         lines: list[str] = []
         # before the newest bucket: the buckets answer, or for a head-only set the head as of that bucket
@@ -122,35 +126,26 @@ class HeadReader:
         slot = {b: i for i, b in enumerate(self._bucket_sizes)}
         names = {storage: i for i, (storage, *_rest) in enumerate(lay.series)}
         used = {f.storage for f in self.fs.vector if isinstance(f, Windowed) and f.agg != "distinct"}
+        whole = "int({})" if integral else "{}"
         for storage, top, _, _ in lay.series:
             if storage in used:
                 bucket_s = int(storage.rsplit("@", 1)[1])
                 i = names[storage]
-                lines += [f"    k{i} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if k{i} < 0: {past.format(f'k{i}')}"]
+                lines += [f"    k{i} = {whole.format(f'lasts[{slot[bucket_s]}] - v[{top}]')}",
+                          f"    if k{i} < 0: {past.format(f'k{i}')}"]
         for j, (_name, top, bucket_s, _) in enumerate(lay.distinct):
-            lines += [f"    d{j} = lasts[{slot[bucket_s]}] - v[{top}]", f"    if d{j} < 0: {past.format(f'd{j}')}"]
-        from_blob = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
-        from_values = ["def decode_values(v, ss, at, lasts):"]
-        from_event = ["def decode_event(v, ss, at, tp, sp):",
-                      f"    lasts = [{', '.join(f'FLOOR(at / {b})' for b in self._bucket_sizes)}]"]
-        if lay.strings:
-            from_blob.append("    o = OFFSET")
-            for j, _ in enumerate(lay.strings):
-                from_blob += ["    (n,) = LEN(blob, o)", "    o += 4",
-                              f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
-                              "    if n != 0xFFFFFFFF: o += n"]
-                from_values.append(f"    s{j} = ss[{j}]")
-                from_event.append(f"    s{j} = sp[{j}]")
-        out = []
+            lines += [f"    d{j} = {whole.format(f'lasts[{slot[bucket_s]}] - v[{top}]')}",
+                      f"    if d{j} < 0: {past.format(f'd{j}')}"]
+        exprs: list[tuple[Any, str]] = []
         distinct = {name: j for j, (name, *_rest) in enumerate(lay.distinct)}
         strings = {name: j for j, name in enumerate(lay.strings)}
         read_by: dict[tuple[int, int], int] = {}
         for n, feat in enumerate(self.fs.vector):
-            key, default = repr(feat.name), repr(getattr(feat, "default", None))
+            default = repr(getattr(feat, "default", None))
             if isinstance(feat, Windowed) and feat.agg == "distinct":
                 j = distinct[feat.name]
                 _, top, _, w = lay.distinct[j]
-                out.append(f"{key}: (float(v[{top + 1} + d{j}]) if d{j} < {w} else 0.0)")
+                exprs.append((feat, f"(float(v[{top + 1} + d{j}]) if d{j} < {w} else 0.0)"))
             elif isinstance(feat, Windowed):
                 i, w = names[feat.storage], feat.buckets
                 for s, m in COMPONENTS[feat.agg]:  # this window's components, as locals c{n}_{s}
@@ -163,13 +158,33 @@ class HeadReader:
                         "std": f"STD(c{n}_n, c{n}_s, c{n}_q, {default})",
                         "min": f"(c{n}_lo if c{n}_lo == c{n}_lo else {default})",
                         "max": f"(c{n}_hi if c{n}_hi == c{n}_hi else {default})"}[feat.agg]
-                out.append(f"{key}: {expr}")
+                exprs.append((feat, expr))
             elif isinstance(feat, TimeSince):
                 lines.append(f"    t_ = v[{lay.last_time}]")
-                out.append(f"{key}: (max(at - t_, 0.0) if t_ == t_ else {default})")
+                exprs.append((feat, f"(max(at - t_, 0.0) if t_ == t_ else {default})"))
             elif isinstance(feat, LastValue):
                 j = strings[feat.name]
-                out.append(f"{key}: (s{j} if s{j} is not None else {default})")
+                exprs.append((feat, f"(s{j} if s{j} is not None else {default})"))
+        return lines, exprs
+
+    def _source(self) -> str:
+        """Python source of ``decode(blob, at, lasts)`` and ``decode_values(numbers, strings, at, lasts)``:
+        the vector, or PAST."""
+        lay = self.layout
+        lines, exprs = self.vector_code()
+        from_blob = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
+        from_values = ["def decode_values(v, ss, at, lasts):"]
+        from_event = ["def decode_event(v, ss, at, tp, sp):",
+                      f"    lasts = [{', '.join(f'FLOOR(at / {b})' for b in self._bucket_sizes)}]"]
+        if lay.strings:
+            from_blob.append("    o = OFFSET")
+            for j, _ in enumerate(lay.strings):
+                from_blob += ["    (n,) = LEN(blob, o)", "    o += 4",
+                              f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
+                              "    if n != 0xFFFFFFFF: o += n"]
+                from_values.append(f"    s{j} = ss[{j}]")
+                from_event.append(f"    s{j} = sp[{j}]")
+        out = [f"{feat.name!r}: {expr}" for feat, expr in exprs]
         lines.append("    return {" + ", ".join(out) + "}")
         event_lines = [line.replace(f"t_ = v[{lay.last_time}]", "t_ = tp") for line in lines]
         return "\n".join(from_blob + lines) + "\n" + "\n".join(from_values + lines) + "\n" + \

@@ -40,6 +40,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from kestrel.feature_store import head_kernels
 from kestrel.feature_store.definitions import (
     COMPONENTS,
     EventOps,
@@ -349,6 +350,11 @@ class _StoreBase:
                         return None
                     sets[id(fs)] = arith
         return sets
+
+
+def prepare_kernels(sets: Sequence[FeatureSet]) -> int:
+    """Compile the head kernels of ``sets`` now (see :func:`head_kernels.prepare`); how many have one."""
+    return head_kernels.prepare([a for a in (_arithmetic(fs) for fs in sets) if a is not None])
 
 
 class RedisOnlineStore(_StoreBase):

@@ -543,3 +543,72 @@ def test_a_paired_count_needs_its_pair_set_in_the_unit_and_long_enough(space):
     unit = event_unit(e.event_id, [compile_event(card, e, keys, HASHER), compile_event(short, e, keys, HASHER)], keys)
     with pytest.raises(ValueError, match="forgets pairs"):
         worker.apply_units([unit])
+
+
+# -- the compiled head arithmetic (kestrel/feature_store/head_kernels.py) against the Python path -----------------
+
+# HEAD_ONLY but for its distinct count kept in a sorted set (a compiled kernel tells distinct counts by pairs only)
+COMPILED = dataclasses.replace(HEAD_ONLY, name="compiled", features=tuple(
+    f for f in HEAD_ONLY.features if not (isinstance(f, Windowed) and f.agg == "distinct")))
+
+
+def test_the_sets_a_worker_applies_have_compiled_kernels():
+    """numba is a pinned dependency: every set a payment feeds, and the test sets below, run compiled."""
+    from kestrel.feature_store.head_kernels import kernel_for
+    from kestrel.feature_store.redis_store import _arithmetic
+    from kestrel.feature_store.sets import CARD_DEVICE, CARD_PROFILE, CARD_TERMINAL, TERMINAL_ACTIVITY
+
+    for fs in (CARD_PROFILE, TERMINAL_ACTIVITY, CARD_TERMINAL, CARD_DEVICE, COMPILED, PAIR, PAIRED_CARD,
+               PAIRED_TERMINAL):
+        assert kernel_for(_arithmetic(fs)) is not None, fs.name
+    assert kernel_for(_arithmetic(HEAD_ONLY)) is None  # its sorted set: the Python path
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 3 * 3600), st.integers(1, 4000), st.sampled_from("abcd"),
+                          st.integers(-1500, 0), st.sampled_from("xyz")), min_size=1, max_size=40),
+       st.integers(1, 9), st.booleans(), st.booleans())
+def test_the_compiled_path_gives_what_the_python_path_gives(space, raw, batch, erase_one, paired):
+    """Any arrival order (late, too late, redelivered), any batching, several cards per batch, an erased card,
+    single-set units or units of a card, its terminal and their pair: each event's vectors and every stored head
+    (write count included) are the same whether the compiled kernels or the Python code apply the batch, and
+    the same as the Lua path's (but for the write count; and but for an erased card among a terminal's distinct
+    cards, which the Lua path's sorted set counts and a pair's head does not: see the test above)."""
+    client, keys = space
+    spaces = {name: KeySpace(f"{keys.prefix}:{name}") for name in ("compiled", "python", "lua")}
+    stores = {name: RedisOnlineStore(client, dedup_ttl_s=3600, keys=ks, hasher=HASHER,
+                                     heads_in_worker=name != "lua") for name, ks in spaces.items()}
+    tag = secrets.token_hex(3)  # cards and terminals of their own: an erased card sets the paths apart for good
+    events = [_ev(f"{card}{tag}", i, 7_500_000.0 + t + late, a / 100, f"{term}{tag}")
+              for i, (t, a, term, late, card) in enumerate(raw)]
+    cards = sorted({e.card for e in events})
+    if erase_one:
+        for ks in spaces.values():
+            client.set(ks.tombstone("card", HASHER.token("card", cards[0])), b"1")
+    events += events[: len(events) // 3]  # redeliveries: applied once, answered with the first vectors
+    sets = (PAIRED_CARD, PAIRED_TERMINAL, PAIR) if paired else (COMPILED,)
+
+    def units(chunk, ks):
+        return [event_unit(e.event_id, [compile_event(fs, e, ks, HASHER) for fs in sets], ks) for e in chunk]
+
+    for i in range(0, len(events), batch):
+        chunk = events[i:i + batch]
+        got = {}
+        for name, store in stores.items():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KESTREL_HEAD_KERNELS", "0" if name == "python" else "1")
+                got[name] = store.apply_units(units(chunk, spaces[name]))
+        for e, compiled, python, lua in zip(chunk, got["compiled"], got["python"], got["lua"], strict=True):
+            assert compiled[0] == python[0] == lua[0], e
+            assert orjson.dumps(compiled[1]) == orjson.dumps(python[1]), e  # the same values and types, in order
+            if not (erase_one and paired):
+                for vector, want in zip(compiled[1], lua[1], strict=True):
+                    _assert_same(vector, want, e)
+    for fs in sets:
+        ids = sorted({fs.entity_id_of(e) for e in events})
+        heads = {name: [client.get(k + head_suffix(fs)) for k in _entity_keys(ks, fs, ids)]
+                 for name, ks in spaces.items()}
+        assert heads["compiled"] == heads["python"], fs.name
+        if not (erase_one and paired):
+            lua_heads = [h[:-8] if h else h for h in heads["lua"]]
+            assert [h[:-8] if h else h for h in heads["compiled"]] == lua_heads, fs.name

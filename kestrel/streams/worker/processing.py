@@ -26,7 +26,7 @@ from kestrel.feature_store import topics
 from kestrel.feature_store.cached_reads import VersionedReads
 from kestrel.feature_store.definitions import EventUnit, compile_event, event_unit
 from kestrel.feature_store.keys import KeyedHasher, KeySpace
-from kestrel.feature_store.redis_store import AsyncRedisOnlineStore, Snapshot
+from kestrel.feature_store.redis_store import AsyncRedisOnlineStore, Snapshot, prepare_kernels
 from kestrel.feature_store.schemas import Interaction, Label, Transaction, epoch_of, iso_of
 from kestrel.feature_store.sets import (
     CARD_DEVICE,
@@ -280,6 +280,8 @@ class Processor:
         (measured in the demo: p50 1.1 s over the first 3,000 events).
         """
         await self.client.ping()
+        if self.store.heads_in_worker:  # a thread: compiling the head kernels the first time takes seconds
+            await asyncio.to_thread(prepare_kernels, (CARD_PROFILE, TERMINAL_ACTIVITY, CARD_TERMINAL, CARD_DEVICE))
         if isinstance(self.scorer, ModelScorer):
             self.scorer.score_batch([None], [payment_features(10.0, time.time(), None, None, {})])
         if self.settings.recs_model:
