@@ -18,6 +18,7 @@ import faust
 import orjson
 
 from kestrel.feature_store import topics
+from kestrel.feature_store.redis_store import prepare_kernels
 from kestrel.models.registry import is_registry
 from kestrel.streams.config import Settings
 from kestrel.streams.records import Output
@@ -28,7 +29,7 @@ from kestrel.streams.web.views import install_views
 from kestrel.streams.worker.consumer import patch_faust_consumer
 from kestrel.streams.worker.heap import settle_heap
 from kestrel.streams.worker.model_updates import ModelWatcher, Served
-from kestrel.streams.worker.processing import fraud_policy
+from kestrel.streams.worker.processing import PAYMENT_SETS, fraud_policy
 from kestrel.streams.worker.runtime import Runtime, take_batches
 
 log = logging.getLogger("kestrel.worker")
@@ -37,6 +38,8 @@ log = logging.getLogger("kestrel.worker")
 def create_app(settings: Settings | None = None) -> faust.App:
     settings = settings or Settings.from_env()
     patch_faust_consumer(settings.fetch_max_wait_ms)
+    if settings.head_arithmetic != "redis":  # before the app runs: no batch waits for them, no heartbeat is late
+        prepare_kernels(PAYMENT_SETS)
     brokers = [f"kafka://{host.strip()}" for host in settings.broker.split(",") if host.strip()]
     app = faust.App(
         settings.app_id,

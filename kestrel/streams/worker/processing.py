@@ -63,6 +63,7 @@ from kestrel.streams.worker.variant_models import VariantModels, model_refs
 
 log = logging.getLogger("kestrel.worker")
 RECS_PER_DECISION = 10
+PAYMENT_SETS = (CARD_PROFILE, TERMINAL_ACTIVITY, CARD_TERMINAL, CARD_DEVICE)  # a payment's unit, in this order
 
 
 DRIFT_MESSAGES = {
@@ -281,7 +282,7 @@ class Processor:
         """
         await self.client.ping()
         if self.store.heads_in_worker:  # a thread: compiling the head kernels the first time takes seconds
-            await asyncio.to_thread(prepare_kernels, (CARD_PROFILE, TERMINAL_ACTIVITY, CARD_TERMINAL, CARD_DEVICE))
+            await asyncio.to_thread(prepare_kernels, PAYMENT_SETS)
         if isinstance(self.scorer, ModelScorer):
             self.scorer.score_batch([None], [payment_features(10.0, time.time(), None, None, {})])
         if self.settings.recs_model:
@@ -459,11 +460,8 @@ class Processor:
     def _payment_unit(self, e: Transaction) -> EventUnit:
         """A payment's one idempotency unit: the sets it feeds (terminal risk, which labels feed, is read apart)."""
         keys, hasher = self.keys, self.hasher
-        return event_unit(e.event_id, (
-            compile_event(CARD_PROFILE, e, keys, hasher, in_unit=True),
-            compile_event(TERMINAL_ACTIVITY, e, keys, hasher, in_unit=True),
-            compile_event(CARD_TERMINAL, e, keys, hasher, in_unit=True),
-            compile_event(CARD_DEVICE, e, keys, hasher, in_unit=True)), keys, "payment")
+        return event_unit(e.event_id, [compile_event(fs, e, keys, hasher, in_unit=True) for fs in PAYMENT_SETS],
+                          keys, "payment")
 
     def _decision_doc(self, e: Transaction, f: dict[str, Any], s: FraudScore, version: str, started: float,
                       now: float, card: str | None = None, degraded: bool = False,
