@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
@@ -285,7 +285,22 @@ class EventOps:
     entity_key: str
     time: float
     reads_of: FeatureSet
-    writes: list[list[Any]] = field(default_factory=list)
+    _writes: list[list[Any]] | None = None
+    # a head-only set's event: its compact writes are made when first asked for (the compiled head arithmetic
+    # reads the event itself, see head_kernels.SetKernel.columns)
+    source: Any = None
+    token: str = ""
+    keys: KeySpace | None = None
+    hasher: KeyedHasher | None = None
+
+    @property
+    def writes(self) -> list[list[Any]]:
+        if self._writes is None:
+            self._writes = []
+            if self.source is not None:
+                self.reads_of.compact_writer(self.source, self.entity_key, self.token, self.time, self.keys,
+                                             self.hasher, self._writes)
+        return self._writes
 
 
 @dataclass(slots=True)
@@ -485,9 +500,9 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     key = keys.entity(fs.entity, token)
     t = fs.time_of(event)
     writes: list[list[Any]] = []
-    if not fs.buckets:
-        fs.compact_writer(event, key, token, t, keys, hasher, writes)
-        return EventOps("" if in_unit else keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
+    if not fs.buckets:  # the compact writes, made when first asked for
+        return EventOps("" if in_unit else keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, None, event,
+                        token, keys, hasher)
     has_hash = False
     for storage, where, value_of, bucket_s, kept, comps, late in fs.write_plan.series:
         if where is not None and not where(event):

@@ -118,6 +118,7 @@ class SetKernel:
         self.empty = struct.pack(lay.fmt, *arith._empty)
         self.source = self._source()
         self.run = _compile(self.source, f"{fs.name}_{fs.version}")
+        self.columns = self._columns()
 
     # -- heads ----------------------------------------------------------------
     def matrix(self, blobs: Sequence[bytes | None]) -> np.ndarray:
@@ -174,6 +175,51 @@ class SetKernel:
             s = strings[j]
             values.insert(at, s if s is not None else self.string_defaults[j])
         return dict(zip(self.names, values, strict=True))
+
+    def _columns(self) -> Any:
+        """``columns(event, c, present, strings)``: an event's inputs to the kernel straight from the event, as
+        its compact writes (``definitions.compact_writer``) would give them: components ``c`` (3 per series),
+        ``present`` flags and (string, value) pairs of its last values. Generated from the same write plan."""
+        plan = self.fs.write_plan
+        n_series = self.n_series
+        scope: dict[str, Any] = {}
+        lines = ["def columns(event, c, present, strings):"]
+        converted: dict[int, str] = {}
+        for storage, where, value_of, _, _, comps, _ in plan.series:
+            i = self.series_index[storage]
+            indent = "    "
+            if where is not None:
+                scope[f"W{i}"] = where
+                lines.append(f"    if W{i}(event):")
+                indent = "        "
+            if value_of is None:
+                values = ["1.0" for _ in comps]
+            else:
+                x = converted.get(id(value_of)) if where is None else None
+                if x is None:
+                    x = f"x{i}"
+                    scope[f"V{i}"] = value_of
+                    lines.append(f"{indent}{x} = float(V{i}(event))")
+                    if where is None:
+                        converted[id(value_of)] = x
+                values = ["1.0" if c == "n" else f"{x} * {x}" if c == "q" else x for c, _ in comps]
+            lines.append(f"{indent}present[{i}] = 1")
+            lines += [f"{indent}c[{3 * i + k}] = {value}" for k, value in enumerate(values)]
+        for j, (kind, feat) in enumerate(plan.others):
+            scope[f"F{j}"] = feat
+            if kind == "distinct":
+                flag = f"present[{n_series + 1 + self.distinct_index[feat.name]}] = 1"
+                lines.append(f"    if F{j}.where(event):\n        {flag}" if feat.where is not None else f"    {flag}")
+            elif kind == "since":
+                lines.append(f"    present[{n_series}] = 1")
+            elif kind == "last":
+                lines.append(f"    strings.append(({self.string_index[feat.name]}, str(F{j}.value_of(event))))")
+            else:
+                raise ValueError(f"{self.fs.name}: a {kind} feature has no kernel column")
+        if len(lines) == 1:
+            lines.append("    pass")
+        exec(compile("\n".join(lines) + "\n", f"<kernel columns {self.fs.qualified_version}>", "exec"), scope)
+        return scope["columns"]
 
     # -- the generated kernel ---------------------------------------------------
     def _source(self) -> str:
@@ -334,10 +380,19 @@ def prepare(ariths: Sequence[Any]) -> int:
         kernel = kernel_for(arith) if enabled() else None
         if kernel is not None:
             run = SetRun(kernel)
-            run.add(run.head("", None), 0.0, [])
+            run.add(run.head("", None), _NoOps())
             run.run()
             ready += 1
     return ready
+
+
+class _NoOps:
+    """An event that writes nothing (a kernel's warm-up call)."""
+
+    _writes: tuple[list[Any], ...] = ()
+    writes: tuple[list[Any], ...] = ()
+    source = None
+    time = 0.0
 
 
 class SetRun:
@@ -368,13 +423,21 @@ class SetRun:
         self.blobs.append(blob)
         return len(self.keys) - 1
 
-    def add(self, row: int, time: float, writes: Sequence[list[Any]]) -> int:
-        """Event (its compact writes at ``time``) on head ``row``; its index in this run."""
+    def add(self, row: int, ops: Any) -> int:
+        """Event ``ops`` (an ``EventOps``) on head ``row``; its index in this run."""
         k = self.kernel
         n_series = k.n_series
         c = [0.0] * (3 * n_series)
         present = [0] * (n_series + 1 + k.n_distinct)
         e = len(self.rows)
+        if ops._writes is None and ops.source is not None:  # straight from the event: no compact writes made
+            strings: list[tuple[int, str]] = []
+            k.columns(ops.source, c, present, strings)
+            if strings:
+                self._strings[e] = strings
+            writes: Sequence[list[Any]] = ()
+        else:
+            writes = ops.writes
         for op in writes:
             kind = op[0]
             if kind == "b":
@@ -392,7 +455,7 @@ class SetRun:
             else:
                 raise ValueError(f"write {op!r} is not applied in the worker")
         self.rows.append(row)
-        self.ts.append(time)
+        self.ts.append(ops.time)
         self._c.append(c)
         self._present.append(present)
         return e

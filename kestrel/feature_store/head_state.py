@@ -452,7 +452,7 @@ class HeadBatch:
                 self._live_tombs[tomb] = None
                 self._touched[hk] = None
                 run, row = where[hk]
-                placed.append((run, run.add(row, ops.time, ops.writes)))
+                placed.append((run, run.add(row, ops)))
             for i, name, j in pairings:
                 if isinstance(placed[i], dict):
                     continue
