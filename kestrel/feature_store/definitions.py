@@ -562,6 +562,39 @@ def compact_writer(fs: FeatureSet) -> Callable[..., None]:
     plan = fs.write_plan
     scope: dict[str, Any] = {"_other_write": _other_compact_write}
     lines = ["def write(event, key, token, t, keys, hasher, writes):", "    append = writes.append"]
+    lines += series_code(plan, scope, lambda i, storage, indent, values: [
+        f"{indent}append(['b', {storage!r}, [{', '.join(values)}]])"])
+    for j, (kind, feat) in enumerate(plan.others):
+        scope[f"F{j}"] = feat
+        if kind == "distinct":
+            indent = "    "
+            if feat.where is not None:
+                lines.append(f"    if F{j}.where(event):")
+                indent = "        "
+            lines.append(f"{indent}member = str(F{j}.value_of(event))")
+            member = f"hasher.token({feat.hash_as!r}, member)" if feat.hash_as else "member"
+            lines.append(f"{indent}append(['z', {feat.name!r}, {member}])")
+        elif kind == "since":
+            lines.append("    append(['l', '@', ''])")
+        elif kind == "last":
+            lines.append(f"    append(['l', {feat.name!r}, str(F{j}.value_of(event))])")
+        else:
+            lines.append(f"    append(_other_write({kind!r}, F{j}, fs, event, token, t, keys))")
+    scope["fs"] = fs
+    exec(compile("\n".join(lines) + "\n", f"<compact writes {fs.qualified_version}>", "exec"), scope)
+    return scope["write"]
+
+
+def series_code(plan: WritePlan, scope: dict[str, Any],
+                store: Callable[[int, str, str, list[str]], list[str]]) -> list[str]:
+    """Generated lines that give each stored series of ``plan`` an event's component values: ``store(i,
+    storage, indent, values)`` says what to do with them (expressions, in the series' component order).
+
+    Shared by :func:`compact_writer` and the compiled head arithmetic's inputs (``head_kernels``), so both
+    see the same values: a filter is an ``if``, a value function is called and converted once per event
+    (once for all the unfiltered series that share it: the amount family's five), its square once.
+    """
+    lines: list[str] = []
     converted: dict[int, str] = {}  # unfiltered value functions already converted: id -> local name
     squared: set[str] = set()
     for i, (storage, where, value_of, _, _, comps, _) in enumerate(plan.series):
@@ -584,26 +617,8 @@ def compact_writer(fs: FeatureSet) -> Callable[..., None]:
                 lines.append(f"{indent}q{x[1:]} = {x} * {x}")
                 squared.add(x)
             values = ["1.0" if c == "n" else f"q{x[1:]}" if c == "q" else x for c, _ in comps]
-        lines.append(f"{indent}append(['b', {storage!r}, [{', '.join(values)}]])")
-    for j, (kind, feat) in enumerate(plan.others):
-        scope[f"F{j}"] = feat
-        if kind == "distinct":
-            indent = "    "
-            if feat.where is not None:
-                lines.append(f"    if F{j}.where(event):")
-                indent = "        "
-            lines.append(f"{indent}member = str(F{j}.value_of(event))")
-            member = f"hasher.token({feat.hash_as!r}, member)" if feat.hash_as else "member"
-            lines.append(f"{indent}append(['z', {feat.name!r}, {member}])")
-        elif kind == "since":
-            lines.append("    append(['l', '@', ''])")
-        elif kind == "last":
-            lines.append(f"    append(['l', {feat.name!r}, str(F{j}.value_of(event))])")
-        else:
-            lines.append(f"    append(_other_write({kind!r}, F{j}, fs, event, token, t, keys))")
-    scope["fs"] = fs
-    exec(compile("\n".join(lines) + "\n", f"<compact writes {fs.qualified_version}>", "exec"), scope)
-    return scope["write"]
+        lines += store(i, storage, indent, values)
+    return lines
 
 
 def _other_compact_write(kind: str, feat: Any, fs: FeatureSet, event: Any, token: str, t: float,

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from kestrel.feature_store.definitions import NO_BUCKET, LastValue, Windowed
+from kestrel.feature_store.definitions import NO_BUCKET, LastValue, Windowed, series_code
 from kestrel.feature_store.read_path import head_strings
 
 log = logging.getLogger("kestrel.feature_store")
@@ -184,27 +184,9 @@ class SetKernel:
         n_series = self.n_series
         scope: dict[str, Any] = {}
         lines = ["def columns(event, c, present, strings):"]
-        converted: dict[int, str] = {}
-        for storage, where, value_of, _, _, comps, _ in plan.series:
-            i = self.series_index[storage]
-            indent = "    "
-            if where is not None:
-                scope[f"W{i}"] = where
-                lines.append(f"    if W{i}(event):")
-                indent = "        "
-            if value_of is None:
-                values = ["1.0" for _ in comps]
-            else:
-                x = converted.get(id(value_of)) if where is None else None
-                if x is None:
-                    x = f"x{i}"
-                    scope[f"V{i}"] = value_of
-                    lines.append(f"{indent}{x} = float(V{i}(event))")
-                    if where is None:
-                        converted[id(value_of)] = x
-                values = ["1.0" if c == "n" else f"{x} * {x}" if c == "q" else x for c, _ in comps]
-            lines.append(f"{indent}present[{i}] = 1")
-            lines += [f"{indent}c[{3 * i + k}] = {value}" for k, value in enumerate(values)]
+        lines += series_code(plan, scope, lambda i, storage, indent, values: [
+            f"{indent}present[{self.series_index[storage]}] = 1",
+            *(f"{indent}c[{3 * self.series_index[storage] + k}] = {value}" for k, value in enumerate(values))])
         for j, (kind, feat) in enumerate(plan.others):
             scope[f"F{j}"] = feat
             if kind == "distinct":
