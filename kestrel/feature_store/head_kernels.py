@@ -21,8 +21,8 @@ numba use the Python path; ``KESTREL_HEAD_KERNELS=0`` forces it.
 
 Kernels are compiled once per machine: the generated source is written under
 ``KESTREL_KERNEL_CACHE`` (default ``~/.cache/kestrel/kernels``) and numba caches
-the machine code beside it, so a worker's start pays ~0.1 s, the first ever a
-few seconds.
+the machine code beside it, so a worker's start pays ~0.9 s (numba's import
+and the cached code), the first ever ~10 s on this machine.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def kernel_for(arith: Any) -> SetKernel | None:
         if eligible(arith):
             try:
                 kernel = SetKernel(arith)
+                kernel.warm()  # numba compiles at the first call: a failure here falls back, not a batch later
             except ImportError:
                 log.warning("numba is not installed: head arithmetic runs in Python")
             except Exception:
@@ -119,6 +120,12 @@ class SetKernel:
         self.source = self._source()
         self.run = _compile(self.source, f"{fs.name}_{fs.version}")
         self.columns = self._columns()
+
+    def warm(self) -> None:
+        """One call on an event that writes nothing: numba compiles (or loads) the machine code now."""
+        run = SetRun(self)
+        run.add(run.head("", None), _NoOps())
+        run.run()
 
     # -- heads ----------------------------------------------------------------
     def matrix(self, blobs: Sequence[bytes | None]) -> np.ndarray:
@@ -355,17 +362,8 @@ def _compile(source: str, name: str) -> Any:
 
 def prepare(ariths: Sequence[Any]) -> int:
     """Compile (or load from the disk cache) and run once the kernels of ``ariths``' sets, so that a worker pays
-    this before it reports ready, not in its first batch; how many sets have a kernel. Blocking: the worker runs
-    it in a thread."""
-    ready = 0
-    for arith in ariths:
-        kernel = kernel_for(arith) if enabled() else None
-        if kernel is not None:
-            run = SetRun(kernel)
-            run.add(run.head("", None), _NoOps())
-            run.run()
-            ready += 1
-    return ready
+    this before it starts, not in its first batch; how many sets have a kernel. Blocking."""
+    return sum(1 for arith in ariths if enabled() and kernel_for(arith) is not None)
 
 
 class _NoOps:
