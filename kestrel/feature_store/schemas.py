@@ -23,28 +23,8 @@ ContextValue = str | int | float | bool
 
 
 def epoch_of(iso: str) -> float:
-    """Epoch seconds of a time the system wrote (ISO 8601, ``Z`` suffix).
-
-    The form :func:`iso_of` writes (``YYYY-MM-DDTHH:MM:SS.mmmZ``) is read with
-    its minute kept, as ``datetime`` reads it (whole microseconds over 10**6);
-    any other form goes through ``datetime``.
-
-    >>> epoch_of("2026-01-01T00:01:01.234Z"), epoch_of("2026-01-01T00:01:01Z"), epoch_of(iso_of(1767225661.2345))
-    (1767225661.234, 1767225661.0, 1767225661.234)
-    """
-    if len(iso) == 24 and iso[23] == "Z" and iso[19] == "." and iso[16] == ":":
-        minute = _MINUTE_EPOCHS.get(iso[:17])
-        if minute is None:
-            if len(_MINUTE_EPOCHS) >= 4096:
-                _MINUTE_EPOCHS.clear()
-            minute = _MINUTE_EPOCHS[iso[:17]] = int(datetime.fromisoformat(iso[:16] + "+00:00").timestamp())
-        sec, ms = iso[17:19], iso[20:23]
-        if sec.isdigit() and ms.isdigit():
-            return ((minute + int(sec)) * 1_000_000 + int(ms) * 1000) / 1_000_000
+    """Epoch seconds of a time the system wrote (ISO 8601, ``Z`` suffix)."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-_MINUTE_EPOCHS: dict[str, int] = {}
 
 
 def iso_of(ts: float) -> str:
