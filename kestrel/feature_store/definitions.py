@@ -542,19 +542,12 @@ def compile_event(fs: FeatureSet, event: Any, keys: KeySpace, hasher: KeyedHashe
     return EventOps("" if in_unit else keys.applied(f"{fs.name}:{event.event_id}"), key, t, fs, writes)
 
 
-def _compact_head_writes(fs: FeatureSet, event: Any, key: str, token: str, t: float, keys: KeySpace,
-                         hasher: KeyedHasher, writes: list[list[Any]]) -> None:
-    """A head-only set's writes: only what changes per event (the store's template has the rest; the
-    entity key and time are the part's), a third of the bytes Redis would otherwise decode per payment.
-
-    Runs :func:`compact_writer`'s code generated for ``fs`` (the same writes, in the same order, as
-    walking its :class:`WritePlan`; a loop over the plan cost a payment ~3x more).
-    """
-    fs.compact_writer(event, key, token, t, keys, hasher, writes)
-
-
 def compact_writer(fs: FeatureSet) -> Callable[..., None]:
     """``write(event, key, token, t, keys, hasher, writes)`` for ``fs``: its plan unrolled into straight code.
+
+    A head-only set's writes: only what changes per event (the store's template has the rest; the entity key
+    and time are the part's), a third of the bytes Redis would otherwise decode per payment; straight code,
+    since a loop over the plan cost a payment ~3x more.
 
     A series' value is converted once per filter and value function (the amount family's five series share
     one); lists, seen sets and global scores keep their general form.

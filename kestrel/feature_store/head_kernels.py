@@ -42,12 +42,9 @@ from typing import Any
 import numpy as np
 
 from kestrel.feature_store.definitions import NO_BUCKET, LastValue, Windowed, series_code
-from kestrel.feature_store.read_path import head_strings
+from kestrel.feature_store.read_path import head_tail, pack_tail
 
 log = logging.getLogger("kestrel.feature_store")
-_SEQ = struct.Struct("<d")
-_LEN = struct.Struct("<I")
-_NONE = 0xFFFFFFFF
 _KINDS = {"q": "<i8", "I": "<u4", "d": "<f8"}
 _KERNELS: dict[int, tuple[Any, SetKernel | None]] = {}  # id(arith) -> (arith kept alive, its kernel or None)
 
@@ -141,14 +138,7 @@ class SetKernel:
     def tails(self, blobs: Sequence[bytes | None]) -> list[tuple[list[str | None], float]]:
         """Each head's strings and write count (what follows its numbers)."""
         n, size = len(self.string_index), self.size
-        out = []
-        for blob in blobs:
-            if blob is None:
-                out.append(([None] * n, 0.0))
-                continue
-            strings, pos = head_strings(blob, size, n) if n else ([], size)
-            out.append((strings, _SEQ.unpack_from(blob, pos)[0] if len(blob) >= pos + 8 else 0.0))
-        return out
+        return [head_tail(blob, size, n) if blob is not None else ([None] * n, 0.0) for blob in blobs]
 
     def packed(self, H: np.ndarray, rows: Sequence[int], tails: Sequence[tuple[list[str | None], float]]
                ) -> list[bytes]:
@@ -160,18 +150,7 @@ class SetKernel:
         for i, name in enumerate(self.dtype.names):
             packed[name] = chosen[:, i]
         raw, size = packed.tobytes(), self.size
-        out = []
-        for k, (strings, seq) in enumerate(tails):
-            parts = [raw[k * size:(k + 1) * size]]
-            for s in strings:
-                if s is None:
-                    parts.append(_LEN.pack(_NONE))
-                else:
-                    b = s.encode()
-                    parts.append(_LEN.pack(len(b)) + b)
-            parts.append(_SEQ.pack(seq + 1))
-            out.append(b"".join(parts))
-        return out
+        return [raw[k * size:(k + 1) * size] + pack_tail(strings, seq) for k, (strings, seq) in enumerate(tails)]
 
     def vector(self, numbers: list[float], strings: list[str | None]) -> dict[str, Any]:
         """An event's vector from its numeric features (in order) and its head's strings before it."""

@@ -60,11 +60,8 @@ from kestrel.feature_store.definitions import (
     finalize,
 )
 from kestrel.feature_store.keys import KeySpace
-from kestrel.feature_store.read_path import HeadReader, head_strings
+from kestrel.feature_store.read_path import HeadReader, head_tail, pack_tail
 
-_LEN = struct.Struct("<I")
-_SEQ = struct.Struct("<d")
-_NONE = 0xFFFFFFFF
 NAN = math.nan
 SNAPSHOT_VECTORS = b"V"  # a marker holding the event's vectors as JSON (the Lua path stores framed heads)
 
@@ -141,9 +138,9 @@ class HeadArithmetic:
     >>> head = arith.unpack(None)  # an entity with nothing stored
     >>> for i, ts in enumerate((1000.0, 1090.0)):
     ...     ops = compile_event(fs, E(event_id=f"e{i}", card="c1", ts=ts), KeySpace("k"), KeyedHasher(b"x"))
-    ...     before = arith.previous(head, ts)
+    ...     before = arith.before(head)
     ...     arith.apply(head, ops.entity_key, ts, ops.writes, scores)
-    >>> arith.vector(head, before, 1090.0)
+    >>> arith.event_vector(head, before, 1090.0)
     {'n_10m': 2.0, 'since': 90.0}
     >>> stored = arith.unpack(arith.pack(head))  # what is stored reads back the same, its write count bumped
     >>> stored.numbers == head.numbers, stored.seq
@@ -185,45 +182,25 @@ class HeadArithmetic:
     def unpack(self, blob: bytes | None) -> Head:
         if blob is None:
             return Head(list(self._empty), [None] * self.n_strings, 0.0, b"")
-        numbers = list(self.numbers.unpack_from(blob))
-        strings, pos = head_strings(blob, self.numbers.size, self.n_strings)
-        seq = _SEQ.unpack_from(blob, pos)[0] if len(blob) >= pos + 8 else 0.0
-        return Head(numbers, strings, seq, blob[-8:])
+        strings, seq = head_tail(blob, self.numbers.size, self.n_strings)
+        return Head(list(self.numbers.unpack_from(blob)), strings, seq, blob[-8:])
 
     def pack(self, head: Head) -> bytes:
         """The head as stored, its write count bumped (as ``save_head`` in head.lua packs it)."""
-        parts = [self.numbers.pack(*head.numbers)]
-        for s in head.strings:
-            if s is None:
-                parts.append(_LEN.pack(_NONE))
-            else:
-                raw = s.encode()
-                parts.append(_LEN.pack(len(raw)) + raw)
-        parts.append(_SEQ.pack(head.seq + 1))
-        return b"".join(parts)
+        return self.numbers.pack(*head.numbers) + pack_tail(head.strings, head.seq)
 
     # -- one event ----------------------------------------------------------
     def apply(self, head: Head, entity_key: str, t: float, writes: Sequence[list[Any]],
               scores: DistinctScores) -> None:
-        """Apply one event's compact writes (``definitions._compact_head_writes``) at time ``t``."""
+        """Apply one event's compact writes (``definitions.compact_writer``) at time ``t``."""
         self._apply(head.numbers, head.strings, t, writes, scores, entity_key, self.ttl_s)
-
-    def previous(self, head: Head, t: float) -> dict[str, Any]:
-        """What an event reads from before itself (time since the previous event, previous values)."""
-        return self.reader.previous_values(head.numbers, head.strings, t)
-
-    def vector(self, head: Head, previous: dict[str, Any], t: float) -> dict[str, Any]:
-        """The event's vector: windows from the head after it, the rest from before (as ``vector_after``)."""
-        vector = self.reader.decode_values(head.numbers, head.strings, t, self.reader.lasts(t))
-        vector.update(previous)
-        return vector
 
     def before(self, head: Head) -> tuple[float, list[str | None]]:
         """What :meth:`event_vector` needs of the head before the event: its latest time (NaN: none) and strings."""
         return (head.numbers[self.last_time_at] if self.last_time_at is not None else NAN), list(head.strings)
 
     def event_vector(self, head: Head, before: tuple[float, list[str | None]], t: float) -> dict[str, Any]:
-        """:meth:`vector` from :meth:`before` (one generated call instead of two dicts merged)."""
+        """The event's vector: windows from the head after it, time since and last values from :meth:`before`."""
         return self.reader.decode_event(head.numbers, head.strings, t, before[0], before[1])
 
     def _source(self) -> str:
@@ -413,10 +390,7 @@ class HeadBatch:
                 arith.apply(head, ops.entity_key, ops.time, ops.writes, scores)
                 touched[hk] = None
                 vectors.append(arith.event_vector(head, before, ops.time))
-            if applied:  # a unit with nothing applied (every part erased) leaves no marker, as in Lua
-                self._new_markers.append((unit.applied_key, SNAPSHOT_VECTORS + orjson.dumps(vectors)))
-                done[unit.applied_key] = vectors
-            self.results.append((applied, vectors))
+            self._finish(unit.applied_key, applied, vectors, done)
 
     def _apply_compiled(self, blobs: Sequence[bytes | None], erased: set[str], priors: dict[str, Any]) -> None:
         """:meth:`apply` with each set's events run by its compiled kernel (the same results and heads).
@@ -494,11 +468,23 @@ class HeadBatch:
                 self.results.append(slot)
                 continue
             applied, placed, marker = slot
-            vectors = [p if isinstance(p, dict) else vectors_of[id(p[0])][p[1]] for p in placed]
-            if applied:  # a unit with nothing applied (every part erased) leaves no marker, as in Lua
-                self._new_markers.append((marker, SNAPSHOT_VECTORS + orjson.dumps(vectors)))
-                unit_vectors[marker] = vectors
-            self.results.append((applied, vectors))
+            self._finish(marker, applied, [p if isinstance(p, dict) else vectors_of[id(p[0])][p[1]] for p in placed],
+                         unit_vectors)
+
+    def _finish(self, marker: str, applied: bool, vectors: list[dict[str, Any]],
+                done: dict[str, list[dict[str, Any]]]) -> None:
+        """A unit's result, and its marker unless nothing was applied (every part erased: none, as in Lua)."""
+        if applied:
+            self._new_markers.append((marker, SNAPSHOT_VECTORS + orjson.dumps(vectors)))
+            done[marker] = vectors
+        self.results.append((applied, vectors))
+
+    def _written(self, hk: str, arith: HeadArithmetic) -> tuple[bytes, bytes]:
+        """A touched head's tag as read (b"": it was absent) and its new stored form, whichever path applied it."""
+        if hk in self._packed:
+            return self._packed[hk]
+        head = self._heads[hk]
+        return head.tag, arith.pack(head)
 
     def commit_args(self) -> list[Any]:
         """``lua/commit_heads.lua``'s arguments, once :meth:`apply` ran."""
@@ -507,15 +493,9 @@ class HeadBatch:
         stale: list[str] = []
         for hk in self._touched:
             entity_key, arith = self.head_keys[hk]
-            if self._packed:
-                tag, packed = self._packed[hk]
-                heads += [hk, tag, packed, arith.ttl_s]
-                absent = not tag
-            else:
-                head = self._heads[hk]
-                heads += [hk, head.tag, arith.pack(head), arith.ttl_s]
-                absent = head.absent
-            if absent:
+            tag, packed = self._written(hk, arith)
+            heads += [hk, tag, packed, arith.ttl_s]
+            if not tag:  # absent when read
                 stale += [distinct_key(entity_key, name) for name in arith.distinct_names]
         n_commands = 0
         if stale:  # sorted sets left without their head: the entity has nothing stored

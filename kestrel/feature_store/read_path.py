@@ -40,6 +40,7 @@ Decoder = Callable[[bytes, float, list[int]], Any]
 
 
 _LEN = struct.Struct("<I")
+_SEQ = struct.Struct("<d")  # a stored head's last 8 bytes: its write count (the compare-and-set tag)
 _NONE = 0xFFFFFFFF
 
 
@@ -61,6 +62,29 @@ def head_strings(blob: bytes, pos: int, count: int) -> tuple[list[str | None], i
     return strings, pos
 
 
+def head_tail(blob: bytes, pos: int, count: int) -> tuple[list[str | None], float]:
+    """A stored head's ``count`` strings from ``pos`` and the write count after them (0 if it has none).
+
+    >>> head_tail(pack_tail(["ab", None], 4.0), 0, 2)
+    (['ab', None], 5.0)
+    """
+    strings, end = head_strings(blob, pos, count)
+    return strings, _SEQ.unpack_from(blob, end)[0] if len(blob) >= end + 8 else 0.0
+
+
+def pack_tail(strings: list[str | None], seq: float) -> bytes:
+    """What follows a head's numbers when stored: its strings, then its write count bumped (head.lua's form)."""
+    parts = []
+    for s in strings:
+        if s is None:
+            parts.append(_LEN.pack(_NONE))
+        else:
+            raw = s.encode()
+            parts.append(_LEN.pack(len(raw)) + raw)
+    parts.append(_SEQ.pack(seq + 1))
+    return b"".join(parts)
+
+
 class HeadReader:
     """Decodes ``fs``'s heads into feature vectors (or :data:`PAST` when the buckets must answer)."""
 
@@ -71,7 +95,6 @@ class HeadReader:
         self.usable = not any(isinstance(f, Windowed) and f.delay_s for f in fs.vector)
         self._bucket_sizes = sorted({f.bucket_s for f in fs.vector if isinstance(f, Windowed)})
         self.source = self._source() if self.usable else ("def decode(blob, at, lasts):\n    return PAST\n"
-                                                          "def decode_values(v, ss, at, lasts):\n    return PAST\n"
                                                           "def decode_event(v, ss, at, tp, sp):\n    return PAST\n")
         numbers = struct.Struct(self.layout.fmt)
         scope: dict[str, Any] = {"UNPACK": numbers.unpack_from,
@@ -79,10 +102,8 @@ class HeadReader:
                                  "PAST": PAST, "OFFSET": numbers.size, "NAN": math.nan, "FLOOR": math.floor}
         exec(compile(self.source, f"<head decoder {fs.qualified_version}>", "exec"), scope)
         self.decode: Decoder = scope["decode"]
-        # the same from a head already unpacked: its numbers and strings (head_state.py's worker arithmetic)
-        self.decode_values: Callable[[Any, list[str | None], float, list[int]], Any] = scope["decode_values"]
-        # an event's vector from its entity's head just after it: windows from that head, time since and last
-        # values from before the event (``tp``, the latest time before it, NaN if none; ``sp``, the strings)
+        # head_state.py's worker arithmetic: an event's vector from its entity's head just after it (windows),
+        # time since and last values from before it (``tp``, the latest time before it, NaN if none; ``sp``)
         self.decode_event: Callable[[Any, list[str | None], float, float, list[str | None]], Any] = \
             scope["decode_event"]
 
@@ -168,12 +189,11 @@ class HeadReader:
         return lines, exprs
 
     def _source(self) -> str:
-        """Python source of ``decode(blob, at, lasts)`` and ``decode_values(numbers, strings, at, lasts)``:
+        """Python source of ``decode(blob, at, lasts)`` and ``decode_event(numbers, strings, at, tp, sp)``:
         the vector, or PAST."""
         lay = self.layout
         lines, exprs = self.vector_code()
         from_blob = ["def decode(blob, at, lasts):", "    v = UNPACK(blob)"]
-        from_values = ["def decode_values(v, ss, at, lasts):"]
         from_event = ["def decode_event(v, ss, at, tp, sp):",
                       f"    lasts = [{', '.join(f'FLOOR(at / {b})' for b in self._bucket_sizes)}]"]
         if lay.strings:
@@ -182,10 +202,8 @@ class HeadReader:
                 from_blob += ["    (n,) = LEN(blob, o)", "    o += 4",
                               f"    s{j} = None if n == 0xFFFFFFFF else blob[o:o + n].decode()",
                               "    if n != 0xFFFFFFFF: o += n"]
-                from_values.append(f"    s{j} = ss[{j}]")
                 from_event.append(f"    s{j} = sp[{j}]")
         out = [f"{feat.name!r}: {expr}" for feat, expr in exprs]
         lines.append("    return {" + ", ".join(out) + "}")
         event_lines = [line.replace(f"t_ = v[{lay.last_time}]", "t_ = tp") for line in lines]
-        return "\n".join(from_blob + lines) + "\n" + "\n".join(from_values + lines) + "\n" + \
-            "\n".join(from_event + event_lines) + "\n"
+        return "\n".join(from_blob + lines) + "\n" + "\n".join(from_event + event_lines) + "\n"
