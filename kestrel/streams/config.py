@@ -36,6 +36,11 @@ class Settings:
     commit_interval_s: float = 1.0
     fetch_max_wait_ms: int = 10
     linger_ms: float = 1.0
+    # Record batches of up to this many bytes (before compression), compressed with this codec ("" for none).
+    # A payment's decision is ~2 KB of JSON that zstd shrinks ~15x per batch: fewer bytes through the worker's
+    # socket, the broker and every reader (docs/engine.md, 2026-12-06 evening).
+    producer_compression: str = "zstd"
+    producer_batch_bytes: int = 512 * 1024
     fraud_model: str = ""  # artifact directory, a root of versioned ones (the newest), or a registry; empty: rules
     model_alias: str = "champion"  # the registry alias a worker serves, when fraud_model is a registry
     guardrail_check_s: float = 15.0  # how often every worker checks running experiments' guardrails (0: never)
@@ -78,6 +83,8 @@ class Settings:
             commit_interval_s=float(_env("KESTREL_COMMIT_INTERVAL_S", str(d.commit_interval_s))),
             fetch_max_wait_ms=int(_env("KESTREL_FETCH_MAX_WAIT_MS", str(d.fetch_max_wait_ms))),
             linger_ms=float(_env("KESTREL_LINGER_MS", str(d.linger_ms))),
+            producer_compression=_env("KESTREL_PRODUCER_COMPRESSION", d.producer_compression),
+            producer_batch_bytes=int(_env("KESTREL_PRODUCER_BATCH_BYTES", str(d.producer_batch_bytes))),
             fraud_model=_env("KESTREL_FRAUD_MODEL", d.fraud_model),
             model_alias=_env("KESTREL_MODEL_ALIAS", d.model_alias),
             shadow_alias=_env("KESTREL_SHADOW_ALIAS", d.shadow_alias),
@@ -118,6 +125,8 @@ class Settings:
             "KESTREL_COMMIT_INTERVAL_S": str(self.commit_interval_s),
             "KESTREL_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
             "KESTREL_LINGER_MS": str(self.linger_ms),
+            "KESTREL_PRODUCER_COMPRESSION": self.producer_compression,
+            "KESTREL_PRODUCER_BATCH_BYTES": str(self.producer_batch_bytes),
             "KESTREL_FRAUD_MODEL": self.fraud_model,
             "KESTREL_MODEL_ALIAS": self.model_alias,
             "KESTREL_SHADOW_ALIAS": self.shadow_alias,

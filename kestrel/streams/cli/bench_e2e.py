@@ -208,11 +208,11 @@ class E2EBench:
             reader = self.reader(ph, (BARE_OUT,), len(records), "bare Faust agent (consume + produce)")
             s = ph.settings
             log = ph.log_path("bare")
+            env = {**os.environ, **s.to_env(), "PYTHONUNBUFFERED": "1"}  # the worker's settings, as it reads them
             with log.open("ab") as fh:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "kestrel.streams.cli.bench_e2e", "bare-worker", s.broker, str(s.partitions),
-                     str(s.batch_size), str(s.batch_within_s), str(s.fetch_max_wait_ms), str(s.linger_ms)],
-                    stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen([sys.executable, "-m", "kestrel.streams.cli.bench_e2e", "bare-worker"], env=env,
+                                        stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
             ph.workers.append(proc)
             reader.pids = [proc.pid]
             return reader.wait()
@@ -561,24 +561,29 @@ class LatencyRig:
 
 
 # -- the bare Faust agent (run in its own process) ---------------------------------
-def bare_worker(broker: str, partitions: int, batch_size: int, within_s: float, fetch_wait_ms: int,
-                linger_ms: float) -> None:
-    """Takes the worker's batches from events.transactions and produces each input, acked, to BARE_OUT."""
+def bare_worker(s: Settings) -> None:
+    """Takes the worker's batches from events.transactions and produces each input, acked, to BARE_OUT.
+
+    Its consumer and producer are configured as the worker's are (fetch wait, linger, record batches and their
+    compression), so the floor is like for like.
+    """
     import faust
 
     from kestrel.streams.worker.app import run_worker
     from kestrel.streams.worker.consumer import set_fetch_wait
 
-    set_fetch_wait(fetch_wait_ms)
-    app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{broker}", store="memory://",
-                    topic_partitions=partitions, consumer_auto_offset_reset="earliest", broker_session_timeout=3,
-                    broker_heartbeat_interval=0.5, producer_acks=-1, producer_linger=linger_ms / 1000,
+    set_fetch_wait(s.fetch_max_wait_ms)
+    app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{s.broker}", store="memory://",
+                    topic_partitions=s.partitions, consumer_auto_offset_reset="earliest", broker_session_timeout=3,
+                    broker_heartbeat_interval=0.5, producer_acks=-1, producer_linger=s.linger_ms / 1000,
+                    producer_compression_type=s.producer_compression or None,
+                    producer_max_batch_size=s.producer_batch_bytes,
                     web_port=free_port(), web_bind="127.0.0.1", web_host="127.0.0.1")
     source = app.topic(topics.TRANSACTIONS, value_serializer="raw", key_serializer="raw")
 
     @app.agent(source)
     async def relay(stream: Any) -> None:
-        async for events in stream.take_events(batch_size, within=within_s):
+        async for events in stream.take_events(s.batch_size, within=s.batch_within_s):
             producer = app.producer
             futures = [await producer.send(BARE_OUT, e.message.key, e.message.value, None, None, None)
                        for e in events]
@@ -664,9 +669,8 @@ def register(bench: argparse._SubParsersAction) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "bare-worker":
-        a = sys.argv[2:]
-        bare_worker(a[0], int(a[1]), int(a[2]), float(a[3]), int(a[4]), float(a[5]))
+    if sys.argv[1:] == ["bare-worker"]:
+        bare_worker(Settings.from_env())
     else:
         print("usage: kestrel bench e2e (this module's own entry point only runs the bare agent)", file=sys.stderr)
         sys.exit(2)
