@@ -161,8 +161,32 @@ def _replay_online(model_score: Callable[[np.ndarray, OnlineFraudLearner], np.nd
     return scores
 
 
-def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+@dataclass
+class Replay:
+    """A history's point-in-time features and the evaluation's windows: what :func:`run_eval` trains and scores
+    on, for any other study of the same split (``bench/fraud_members.py``)."""
+
+    frame: pd.DataFrame
+    rows: list[dict[str, Any]]  # each payment's feature row, point-in-time
+    x: np.ndarray  # the model inputs of ``rows``
+    x_textbook: np.ndarray  # the textbook features of the same payments
+    y: np.ndarray
+    t: np.ndarray  # epoch seconds
+    ids: np.ndarray
+    cards: np.ndarray
+    train: np.ndarray  # row indices of each window
+    gap: np.ndarray
+    test: np.ndarray  # cards with fraud known before the test removed
+    label_idx: np.ndarray  # labels that come back during the test, in time order of their payments
+    known_fraud_cards: set[Any]
+    train_start: float
+    test_start: float
+    test_end: float
+    warm_days: float
+
+
+def replay_windows(cfg: EvalConfig, say: Callable[[str], None]) -> Replay:
+    """Read the history, compute every payment's features point-in-time, and cut the windows."""
     frame = read_history(cfg.csv, cfg.columns)
     t_all = frame["epoch_s"].to_numpy()
     span = (cfg.train_days + cfg.delay_days + cfg.test_days) * DAY
@@ -209,6 +233,16 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
         f"(frauds {int(y[test].sum())}; {len(known_fraud_cards)} cards with known fraud removed)")
     label_idx = np.concatenate([train, gap, np.flatnonzero((t >= test_start) & (t < test_end))])
     label_idx = label_idx[t[label_idx] >= train_end]  # training labels are learned at training time
+    return Replay(frame, rows, x, x_textbook, y, t, ids, cards, train, gap, test, label_idx, known_fraud_cards,
+                  train_start, test_start, test_end, warm_days)
+
+
+def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    r = replay_windows(cfg, say)
+    frame, rows, x, x_textbook, y, t, ids, cards = r.frame, r.rows, r.x, r.x_textbook, r.y, r.t, r.ids, r.cards
+    train, test, label_idx, known_fraud_cards = r.train, r.test, r.label_idx, r.known_fraud_cards
+    train_start, test_start, test_end, warm_days = r.train_start, r.test_start, r.test_end, r.warm_days
     delay_s = cfg.delay_days * DAY
 
     model = fit_fraud_model([rows[i] for i in train], y[train], t[train], ids[train].tolist(), epochs=cfg.epochs,
@@ -250,7 +284,7 @@ def run_eval(cfg: EvalConfig, say: Callable[[str], None] | None = None) -> dict[
         "windows": {"train_start": _iso(train_start), "test_start": _iso(test_start), "test_end": _iso(test_end),
                     "delay_days": cfg.delay_days},
         "removed_known_fraud_cards": len(known_fraud_cards),
-        "warm_up_days": round(warm_days, 2), "longest_feature_window_days": longest,
+        "warm_up_days": round(warm_days, 2), "longest_feature_window_days": longest_window_days(),
         "label_audit_share": cfg.audit_share,
         # what the river layer went through in the replay: labels learned, and ADWIN's drift events (labels seen)
         "online": {"labels_learned": learner.labels_seen - seen_before,
