@@ -25,3 +25,21 @@ def test_patching_replaces_the_hand_over_once() -> None:
     assert faust_consumer.Consumer._kestrel_hand_over is True
     assert faust_consumer.Consumer._drain_messages is patched
     assert "wait_first" in inspect.getsource(patched)  # the interruptible form is kept for blocking hand-overs
+
+
+def test_the_raw_schema_gives_the_events_fausts_raw_serializers_give() -> None:
+    import asyncio
+
+    import faust
+    from faust.types import TP
+    from faust.types.tuples import Message
+
+    app = faust.App("raw-schema-test", broker="kafka://127.0.0.1:1", store="memory://")
+    stock = faust.Schema(key_serializer="raw", value_serializer="raw").compile(app)
+    lean = consumer.RawSchema().compile(app)
+    for key, value in [(b"card", b'{"amount": 1}'), (None, b"\x00\xff raw"), (b"k", b""), (b"k", None)]:
+        message = Message("events.transactions", 3, 17, 1.0, 0, [("event-id", b"e1")], key, value, None,
+                          tp=TP("events.transactions", 3))
+        want, got = asyncio.run(stock(message)), asyncio.run(lean(message))
+        assert type(got) is type(want)
+        assert (got.key, got.value, got.headers, got.message) == (want.key, want.value, want.headers, message)

@@ -22,6 +22,7 @@ from kestrel.feature_store import topics
 from kestrel.streams.config import Settings
 from kestrel.streams.metrics import Metrics
 from kestrel.streams.records import Output, RawRecord
+from kestrel.streams.worker.consumer import RawSchema
 from kestrel.streams.worker.processing import Processor
 
 log = logging.getLogger("kestrel.worker")
@@ -105,8 +106,7 @@ class Runtime:
 
     def topic(self, name: str) -> Any:
         if name not in self._topics:
-            self._topics[name] = self.app.topic(name, key_serializer="raw", value_serializer="raw",
-                                                partitions=self.settings.partitions)
+            self._topics[name] = self.app.topic(name, schema=RawSchema(), partitions=self.settings.partitions)
         return self._topics[name]
 
     async def send(self, outputs: list[Output]) -> None:
