@@ -99,6 +99,12 @@ class Settings:
             head_arithmetic=_env("KESTREL_HEAD_ARITHMETIC", d.head_arithmetic),
         )
 
+    def faust_producer(self) -> dict[str, object]:
+        """The Faust app settings of the producer: the worker's, and the bench's bare agent's (like for like)."""
+        return {"producer_acks": -1, "producer_linger": self.linger_ms / 1000,
+                "producer_compression_type": self.producer_compression or None,
+                "producer_max_batch_size": self.producer_batch_bytes}
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
 

@@ -575,10 +575,8 @@ def bare_worker(s: Settings) -> None:
     set_fetch_wait(s.fetch_max_wait_ms)
     app = faust.App(f"bare-{secrets.token_hex(3)}", broker=f"kafka://{s.broker}", store="memory://",
                     topic_partitions=s.partitions, consumer_auto_offset_reset="earliest", broker_session_timeout=3,
-                    broker_heartbeat_interval=0.5, producer_acks=-1, producer_linger=s.linger_ms / 1000,
-                    producer_compression_type=s.producer_compression or None,
-                    producer_max_batch_size=s.producer_batch_bytes,
-                    web_port=free_port(), web_bind="127.0.0.1", web_host="127.0.0.1")
+                    broker_heartbeat_interval=0.5, **s.faust_producer(), web_port=free_port(), web_bind="127.0.0.1",
+                    web_host="127.0.0.1")
     source = app.topic(topics.TRANSACTIONS, value_serializer="raw", key_serializer="raw")
 
     @app.agent(source)
