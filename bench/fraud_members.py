@@ -48,27 +48,20 @@ def forest_as_node_walk(rf: object, n_features: int) -> object:
     each leaf's fraud share (smoothed toward the forest's base rate by one pseudo-payment) as log-odds divided
     by the number of trees, so that the log-odds add up over trees as the walk sums them (the mean of the trees'
     log-odds, where scikit-learn averages probabilities)."""
-    from kestrel.models.fraud_trees import TreeEnsemble
+    from kestrel.models.fraud_trees import NodeTree, ensemble_of
 
     estimators = rf.estimators_  # type: ignore[attr-defined]
     prior = float(np.mean([e.tree_.value[0, 0, 1] for e in estimators]))
-    parts, roots, offset, depth = [], [], 0, 0
+    trees = []
     for est in estimators:
         t = est.tree_
-        leaf, n = t.children_left < 0, t.weighted_n_node_samples
+        n = t.weighted_n_node_samples
         p = (t.value[:, 0, 1] * n + prior) / (n + 1.0)
-        value = np.log(p / (1 - p)) / len(estimators)
-        for node in np.flatnonzero(~leaf)[::-1]:  # children follow parents: fill bottom-up, as from_sklearn does
-            lo, ro = t.children_left[node], t.children_right[node]
-            value[node] = (n[lo] * value[lo] + n[ro] * value[ro]) / (n[lo] + n[ro])
-        parts.append((np.where(leaf, 0, t.feature), np.where(leaf, 0.0, t.threshold),
-                      t.missing_go_to_left.astype(bool) & ~leaf, np.where(leaf, -1, t.children_left + offset),
-                      np.where(leaf, -1, t.children_right + offset), value))
-        roots.append(offset)
-        offset, depth = offset + t.node_count, max(depth, t.max_depth)
-    cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
-    return TreeEnsemble(cols[0].astype(np.int32), cols[1].astype(np.float64), cols[2], cols[3].astype(np.int32),
-                        cols[4].astype(np.int32), cols[5], np.asarray(roots, dtype=np.int32), 0.0, n_features, depth)
+        leaf = t.children_left < 0
+        trees.append(NodeTree(np.where(leaf, 0, t.feature), np.where(leaf, 0.0, t.threshold),
+                              t.missing_go_to_left.astype(bool), t.children_left, t.children_right,
+                              np.log(p / (1 - p)) / len(estimators), n, t.max_depth))
+    return ensemble_of(trees, 0.0, n_features)
 
 
 def run(source: str, seed: int, out: Path) -> dict:

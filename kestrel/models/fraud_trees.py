@@ -182,31 +182,55 @@ def from_sklearn(clf: Any, n_features: int) -> TreeEnsemble:
 
     Reads its per-tree node records (``_predictors``: private, so the pinned
     scikit-learn is part of the contract; the unit test compares this walk
-    with ``decision_function``). Internal values are recomputed as the
-    count-weighted mean of the children, so contributions add up exactly.
+    with ``decision_function``).
     """
     if getattr(clf, "is_categorical_", None) is not None and np.any(clf.is_categorical_):
         raise ValueError("categorical splits are not supported by the node-array walk")
-    parts, roots, offset, depth = [], [], 0, 0
+    trees = []
     for (predictor,) in clf._predictors:
         nodes = predictor.nodes
         leaf = nodes["is_leaf"].astype(bool)
-        left = np.where(leaf, -1, nodes["left"].astype(np.int64) + offset)
-        right = np.where(leaf, -1, nodes["right"].astype(np.int64) + offset)
-        value = nodes["value"].astype(np.float64).copy()
-        count = nodes["count"].astype(np.float64)
+        trees.append(NodeTree(np.where(leaf, 0, nodes["feature_idx"]), np.where(leaf, 0.0, nodes["num_threshold"]),
+                              nodes["missing_go_to_left"].astype(bool),
+                              np.where(leaf, -1, nodes["left"].astype(np.int64)),
+                              np.where(leaf, -1, nodes["right"].astype(np.int64)), nodes["value"], nodes["count"],
+                              int(nodes["depth"].max())))
+    return ensemble_of(trees, float(np.ravel(clf._baseline_prediction)[0]), n_features)
+
+
+@dataclass
+class NodeTree:
+    """One tree's nodes as a fitted model gives them: children indexed within the tree (-1 at leaves), each
+    node's training count; only the leaves' ``value`` is used (the log-odds share they add)."""
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    missing_left: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    value: np.ndarray
+    count: np.ndarray
+    depth: int
+
+
+def ensemble_of(trees: list[NodeTree], base: float, n_features: int) -> TreeEnsemble:
+    """Trees laid end to end as one :class:`TreeEnsemble`. Internal values are recomputed as the count-weighted
+    mean of the children, so that path contributions add up exactly."""
+    parts, roots, offset = [], [], 0
+    for t in trees:
+        leaf = t.left < 0
+        value, count = t.value.astype(np.float64).copy(), t.count.astype(np.float64)
         for node in np.flatnonzero(~leaf)[::-1]:  # children come after parents: fill bottom-up
-            lo, ro = nodes["left"][node], nodes["right"][node]
+            lo, ro = t.left[node], t.right[node]
             value[node] = (count[lo] * value[lo] + count[ro] * value[ro]) / max(count[lo] + count[ro], 1.0)
-        parts.append((np.where(leaf, 0, nodes["feature_idx"]), np.where(leaf, 0.0, nodes["num_threshold"]),
-                      nodes["missing_go_to_left"].astype(bool) & ~leaf, left, right, value))
+        parts.append((t.feature, t.threshold, t.missing_left & ~leaf, np.where(leaf, -1, t.left + offset),
+                      np.where(leaf, -1, t.right + offset), value))
         roots.append(offset)
-        offset += len(nodes)
-        depth = max(depth, int(nodes["depth"].max()))
+        offset += len(leaf)
     cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
-    return TreeEnsemble(cols[0].astype(np.int32), cols[1].astype(np.float64), cols[2], cols[3].astype(np.int32),
-                        cols[4].astype(np.int32), cols[5], np.asarray(roots, dtype=np.int32),
-                        float(np.ravel(clf._baseline_prediction)[0]), n_features, depth)
+    return TreeEnsemble(cols[0].astype(np.int32), cols[1].astype(np.float64), cols[2].astype(bool),
+                        cols[3].astype(np.int32), cols[4].astype(np.int32), cols[5], np.asarray(roots, dtype=np.int32),
+                        base, n_features, max((t.depth for t in trees), default=0))
 
 
 def _sum_rows(table: np.ndarray, index: np.ndarray) -> np.ndarray:

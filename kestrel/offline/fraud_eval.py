@@ -175,7 +175,6 @@ class Replay:
     ids: np.ndarray
     cards: np.ndarray
     train: np.ndarray  # row indices of each window
-    gap: np.ndarray
     test: np.ndarray  # cards with fraud known before the test removed
     label_idx: np.ndarray  # labels that come back during the test, in time order of their payments
     known_fraud_cards: set[Any]
@@ -233,7 +232,7 @@ def replay_windows(cfg: EvalConfig, say: Callable[[str], None]) -> Replay:
         f"(frauds {int(y[test].sum())}; {len(known_fraud_cards)} cards with known fraud removed)")
     label_idx = np.concatenate([train, gap, np.flatnonzero((t >= test_start) & (t < test_end))])
     label_idx = label_idx[t[label_idx] >= train_end]  # training labels are learned at training time
-    return Replay(frame, rows, x, x_textbook, y, t, ids, cards, train, gap, test, label_idx, known_fraud_cards,
+    return Replay(frame, rows, x, x_textbook, y, t, ids, cards, train, test, label_idx, known_fraud_cards,
                   train_start, test_start, test_end, warm_days)
 
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+
 import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from kestrel.streams.config import Settings
 from kestrel.streams.services import EmbeddedBroker, LocalRedis, free_port, redis_answers
+from kestrel.streams.worker.app import create_app
 
 
 def test_embedded_broker_answers_metadata_and_stops_cleanly():
@@ -39,15 +46,6 @@ def test_an_answering_redis_is_used_as_it_is(redis_url):
 def test_the_worker_s_compressed_record_batches_round_trip_through_the_embedded_broker(broker):
     """The worker's producer settings (zstd, large batches) against tansu: aiokafka writes, librdkafka and
     aiokafka read back every record, byte for byte and in order per key."""
-    import asyncio
-    import secrets
-
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from confluent_kafka import Consumer, TopicPartition
-
-    from kestrel.streams.config import Settings
-    from kestrel.streams.worker.app import create_app
-
     s = Settings().with_(broker=broker.bootstrap)
     conf = create_app(s).conf  # what the worker's Faust producer is given
     assert (conf.producer_compression_type, conf.producer_max_batch_size) == ("zstd", 512 * 1024)

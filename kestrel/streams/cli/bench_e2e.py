@@ -61,7 +61,15 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from kestrel.feature_store import topics
 from kestrel.offline.simulator import SimConfig, SimRecord, Simulator
-from kestrel.streams.cli.demo import Collector, Progress, _wait_ready, erase_prefix, start_worker, stop_worker
+from kestrel.streams.cli.demo import (
+    Collector,
+    Progress,
+    _wait_ready,
+    erase_prefix,
+    start_worker,
+    stop_worker,
+    worker_env,
+)
 from kestrel.streams.cli.produce import paced, send
 from kestrel.streams.config import Settings
 from kestrel.streams.ingest.producer import EventProducer
@@ -208,9 +216,9 @@ class E2EBench:
             reader = self.reader(ph, (BARE_OUT,), len(records), "bare Faust agent (consume + produce)")
             s = ph.settings
             log = ph.log_path("bare")
-            env = {**os.environ, **s.to_env(), "PYTHONUNBUFFERED": "1"}  # the worker's settings, as it reads them
-            with log.open("ab") as fh:
-                proc = subprocess.Popen([sys.executable, "-m", "kestrel.streams.cli.bench_e2e", "bare-worker"], env=env,
+            with log.open("ab") as fh:  # the worker's settings, read from the environment as the worker reads them
+                proc = subprocess.Popen([sys.executable, "-m", "kestrel.streams.cli.bench_e2e", "bare-worker"],
+                                        env=worker_env(s),
                                         stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             ph.workers.append(proc)

@@ -230,8 +230,13 @@ def _wait_ready(base: str, worker: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"worker not ready after {timeout_s}s")
 
 
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker process (or the bench's bare agent) reads ``settings`` from."""
+    return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+
+
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    env = worker_env(settings)
     log = log_path.open("ab")
     try:
         return subprocess.Popen([sys.executable, "-m", "kestrel", "worker", "--loglevel", "warning"],
