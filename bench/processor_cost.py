@@ -1,8 +1,10 @@
 """Cost of the processing stage alone: worker CPU and Redis CPU per event, no broker, no Faust.
 
-    .venv/bin/python bench/processor_cost.py [--kind transaction|interaction] [--events 10000] [--json]
+    .venv/bin/python bench/processor_cost.py [--kind transaction|interaction] [--events 10000] [--batch 500] [--json]
 
-Feeds simulated events in batches of 500 straight into ``Processor.process``
+Feeds simulated events in batches (500, the worker's size under load; a
+light load's batches hold a few events, and ``--batch 10`` shows their fixed
+cost as ``batch_ms`` p50/p99) straight into ``Processor.process``
 (validation, features, scoring, decisions, outboxes) and marks the outputs
 delivered, as a worker does between taking a batch and producing it. Worker
 CPU is this process's (``time.process_time``, after ``settle_heap`` as the
@@ -21,6 +23,7 @@ import secrets
 import sys
 import time
 
+import numpy as np
 import redis
 import redis.asyncio as aioredis
 
@@ -42,7 +45,7 @@ def _redis_cpu(client: redis.Redis) -> float:
     return info["used_cpu_sys"] + info["used_cpu_user"]
 
 
-async def run(kind: str, n: int, commands: bool, experiment: bool = False) -> dict[str, object]:
+async def run(kind: str, n: int, commands: bool, experiment: bool = False, batch: int = 500) -> dict[str, object]:
     settings = Settings.from_env().with_(redis_prefix=f"bench-proc-{secrets.token_hex(4)}")
     client = aioredis.Redis.from_url(settings.redis_url)
     sync = redis.Redis.from_url(settings.redis_url)
@@ -59,9 +62,13 @@ async def run(kind: str, n: int, commands: bool, experiment: bool = False) -> di
     await proc.warm_up()
     settle_heap()
     stats0, redis0, cpu0, wall0 = sync.info("commandstats"), _redis_cpu(sync), time.process_time(), time.perf_counter()
-    for i in range(0, len(records), 500):
-        await proc.mark_delivered(await proc.process(topic, records[i:i + 500]))
-        print(f"\r{min(i + 500, len(records)):,} / {len(records):,}", end="", file=sys.stderr)
+    batch_s = []
+    for i in range(0, len(records), batch):
+        t0 = time.perf_counter()
+        await proc.mark_delivered(await proc.process(topic, records[i:i + batch]))
+        batch_s.append(time.perf_counter() - t0)
+        if len(batch_s) % max(1, 500 // batch) == 0:
+            print(f"\r{min(i + batch, len(records)):,} / {len(records):,}", end="", file=sys.stderr)
     wall, cpu, redis_cpu = time.perf_counter() - wall0, time.process_time() - cpu0, _redis_cpu(sync) - redis0
     print(file=sys.stderr)
     per_command = {}
@@ -74,7 +81,9 @@ async def run(kind: str, n: int, commands: bool, experiment: bool = False) -> di
     await client.aclose()
     return {"kind": kind, "events": len(records), "events_per_s_sequential": round(len(records) / wall, 1),
             "worker_cpu_us_per_event": round(1e6 * cpu / len(records), 1),
-            "redis_cpu_us_per_event": round(1e6 * redis_cpu / len(records), 1),
+            "redis_cpu_us_per_event": round(1e6 * redis_cpu / len(records), 1), "batch": batch,
+            "batch_ms": {"p50": round(1e3 * float(np.percentile(batch_s, 50)), 2),
+                         "p99": round(1e3 * float(np.percentile(batch_s, 99)), 2)},
             **({"redis_commands_per_event": per_command} if commands else {})}
 
 
@@ -84,9 +93,10 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--commands", action="store_true", help="Redis commands per event, by command")
     parser.add_argument("--experiment", action="store_true", help="with a running fraud experiment on every card")
+    parser.add_argument("--batch", type=int, default=500, help="events per batch")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(run(args.kind, args.events, args.commands, args.experiment))
+    result = asyncio.run(run(args.kind, args.events, args.commands, args.experiment, args.batch))
     print(json.dumps(result) if args.json else "\n".join(f"{k:>28}  {v}" for k, v in result.items()))
     return 0
 
