@@ -32,6 +32,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.modules.embedding_configs import PoolingType
 
 from kestrel.models.device import pick_device
+from kestrel.models.hybrid_recs import ItemItem
 
 QUERY_KEYS = ("user_id", "hist_items", "recent_items", "hist_cats", "context")
 ITEM_KEYS = ("item_id", "item_cat")
@@ -248,6 +249,7 @@ class RecsArtifact:
     vocab: Vocab
     item_embeddings: np.ndarray
     metadata: dict[str, Any]
+    item_item: ItemItem | None = None  # EASE's weights blended in at serving (hybrid_recs), when trained with them
 
     def encoder(self) -> QueryEncoder:
         return QueryEncoder(self.model, self.vocab, next(self.model.parameters()).device)
@@ -266,6 +268,8 @@ class RecsArtifact:
                     "config": asdict(self.model.config), "item_ids": self.vocab.item_ids,
                     "item_category": self.vocab.item_category, "categories": self.vocab.categories}
             (tmp / "metadata.json").write_text(json.dumps(meta))
+            if self.item_item is not None:
+                self.item_item.save(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -303,4 +307,4 @@ def load_artifact(path: str | Path, device: torch.device | None = None) -> RecsA
                   np.load(folder / "user_hashes.npy"), config)
     embeddings = np.load(folder / "item_embeddings.npy")
     extra = {k: v for k, v in meta.items() if k not in ("item_ids", "item_category", "categories", "config")}
-    return RecsArtifact(meta["version"], model, vocab, embeddings, extra)
+    return RecsArtifact(meta["version"], model, vocab, embeddings, extra, ItemItem.load(folder))

@@ -25,47 +25,13 @@ import numpy as np
 import pandas as pd
 
 from kestrel.models.retrieval import build_snapshot
-from kestrel.offline.recs_baselines import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity, interaction_matrix
+from kestrel.offline.recs_baselines import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity
 from kestrel.offline.recs_data import temporal_split
+from kestrel.offline.recs_hybrid import ServedRanking, user_matrix, with_blend
+from kestrel.offline.recs_metrics import ranking_metrics, recall_curve
 from kestrel.offline.recs_train import query_for_users, train_two_tower
 
 LATENCY_SAMPLE = 300
-
-
-def ranking_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], n_items: int) -> dict[str, float]:
-    """Recall@10/@20, NDCG@10 and coverage@10 of ranked item rows against each user's relevant rows.
-
-    >>> m = ranking_metrics([[1, 2, 3]], [{2}], 10)
-    >>> m["recall_at_10"], round(m["ndcg_at_10"], 4), m["coverage_at_10"]
-    (1.0, 0.6309, 0.3)
-    """
-    r10, r20, ndcg = [], [], []
-    covered: set[int] = set()
-    discounts = 1.0 / np.log2(np.arange(2, 12))
-    for ranked, rel in zip(rankings, relevant, strict=True):
-        top10, top20 = list(ranked[:10]), list(ranked[:20])
-        covered.update(top10)
-        r10.append(len(rel.intersection(top10)) / min(10, len(rel)))
-        r20.append(len(rel.intersection(top20)) / min(20, len(rel)))
-        dcg = sum(discounts[i] for i, item in enumerate(top10) if item in rel)
-        ndcg.append(dcg / discounts[: min(10, len(rel))].sum())
-    return {"recall_at_10": float(np.mean(r10)), "recall_at_20": float(np.mean(r20)),
-            "ndcg_at_10": float(np.mean(ndcg)), "coverage_at_10": len(covered) / max(n_items, 1)}
-
-
-def recall_curve(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], max_k: int = 20) -> list[float]:
-    """Recall@K for K = 1..max_k, as ``ranking_metrics`` defines it (hits in the top K / min(K, relevant)).
-
-    >>> recall_curve([[5, 1, 2]], [{1, 2}], max_k=3)
-    [0.0, 0.5, 1.0]
-    """
-    curve = np.zeros(max_k)
-    for ranked, rel in zip(rankings, relevant, strict=True):
-        if not rel:
-            continue
-        hits = np.cumsum([item in rel for item in list(ranked[:max_k])] + [False] * max(0, max_k - len(ranked)))
-        curve += hits[:max_k] / np.minimum(np.arange(1, max_k + 1), len(rel))
-    return [round(float(v), 4) for v in curve / max(len(rankings), 1)]
 
 
 def _latency(fn: Callable[[int], object], users: Sequence[int]) -> dict[str, float]:
@@ -94,7 +60,7 @@ def _top_unseen(scores: np.ndarray, seen_rows: Sequence[np.ndarray], k: int) -> 
 def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], *, index_kind: str = "auto",
                       seed: int = 7, snap: Any = None) -> dict[str, Any]:
     """A two-tower artifact's ranking metrics on a split, through the serving path (query tower, FAISS index,
-    seen items dropped), with its retrieval latency.
+    seen items dropped; with the artifact's EASE part, the hybrid's blend), with its retrieval latency.
 
     ``art`` need not be the model trained on ``train``: an older version (the
     champion a candidate is gated against) is measured on the same users and
@@ -123,13 +89,21 @@ def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], 
         return out
 
     ranked: list[list[int]] = []
-    for start in range(0, len(users), 1024):
-        end = start + 1024
-        ranked.extend(retrieve(encoder.encode(users[start:end], recents[start:end], times[start:end]),
-                               seen[start:end]))
-    metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
+    part = art.item_item
+    if part is not None:  # the hybrid: served as blend_rank over both parts' candidates
+        served = ServedRanking(art, train, users, snap)
+        ranked = served.rank(part, [part.weight])[part.weight]
+        metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
+        metrics |= _latency(lambda i: served.rank(part, [part.weight], i, i + 1), sample)
+    else:
+        for start in range(0, len(users), 1024):
+            end = start + 1024
+            ranked.extend(retrieve(encoder.encode(users[start:end], recents[start:end], times[start:end]),
+                                   seen[start:end]))
+        metrics = ranking_metrics(ranked, relevant, n_items)
+        metrics |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]), [seen[i]]),
+                            sample)
     metrics["recall_at_k"] = recall_curve(ranked, relevant, 20)  # K = 1..20, for the run report's plot
-    metrics |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]), [seen[i]]), sample)
     return metrics | {"index": snap.kind, "index_recall_at_20": snap.measured_recall}
 
 
@@ -150,18 +124,13 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     n_items = len(vocab.item_ids)
     users = sorted(held)
     relevant = [{vocab.item_index[i] for i in held[u]} for u in users]
-    user_row = {u: r for r, u in enumerate(sorted(train["user"].unique()))}
-    item_rows = np.fromiter((vocab.item_index[i] for i in train["item"]), dtype=np.int64, count=len(train))
-    x = interaction_matrix(train["user"].map(user_row).to_numpy(), item_rows, len(user_row), n_items)
+    x, user_row = user_matrix(train, vocab.item_index, n_items)
     seen = [x.indices[x.indptr[user_row[u]]:x.indptr[user_row[u] + 1]] for u in users]
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(users), min(LATENCY_SAMPLE, len(users)), replace=False)
 
     snap = build_snapshot(vocab.item_ids, art.item_embeddings, art.version, kind=index_kind)
     results: dict[str, Any] = {"two_tower": two_tower_metrics(art, train, held, seed=seed, snap=snap)}
-    encoder = art.encoder()
-    recents, times = query_for_users(train, users, art.model.config.history_len)
-
     # -- baselines ------------------------------------------------------------------------------------
     baselines: list[Any] = [Popularity(), ItemKNN(knn_neighbours)]
     skipped = {}
@@ -182,58 +151,28 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
         metrics["fit_s"] = round(time.perf_counter() - fit_start, 3)
         results[model.name] = metrics
         say(f"baseline {model.name}: recall@20 {metrics['recall_at_20']:.4f}")
-        if model.name == "ease":
-            ease_model = model
 
-    # -- hybrids of the two-tower and EASE, measured, not deployed (issue 16 item 3) -----------------
-    hybrids: dict[str, Any] = {}
-    if "ease" in results:
-        hybrids = _hybrids(ease_model, x, rows_of, seen, relevant, n_items, art, encoder, users, recents, times,
-                           snap)
-        for name, m in hybrids.items():
-            say(f"hybrid {name}: recall@20 {m['recall_at_20']:.4f}")
+    # -- what `kestrel train recs` deploys: the tower and EASE blended, the weight chosen on validation ----------
+    def tower(frame: pd.DataFrame) -> Any:
+        return train_two_tower(frame, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                               progress=False, **train_options)
 
+    served = with_blend(art, train, tower, ease_lambda, log=say)
     two_tower = results.pop("two_tower")
     two_tower |= {"model_version": art.version, "train_seconds": art.metadata["train_seconds"],
                   "examples": art.metadata["examples"], "target_window": art.metadata["target_window"]}
-    # what `kestrel train recs` deploys, whatever its parts: today the two-tower alone (issue 16 adds parts)
-    deployed = {"deployed": "two_tower", **_round(two_tower)}
+    if served.item_item is not None:
+        hybrid = served.metadata["hybrid"]
+        deployed = {"deployed": "two_tower+ease", "blend_weight": hybrid["weight"],
+                    "validation_recall_at_20": hybrid["validation_recall_at_20"],
+                    **_round(two_tower_metrics(served, train, held, seed=seed, snap=snap))}
+        say(f"kestrel (blend weight {hybrid['weight']}): recall@20 {deployed['recall_at_20']:.4f}")
+    else:
+        deployed = {"deployed": "two_tower", **_round(two_tower)}
     return {"kestrel": deployed, "two_tower": _round(two_tower),
             "baselines": {k: _round(v) for k, v in results.items()},
-            "hybrids": {k: _round(v) for k, v in hybrids.items()},
             "users_evaluated": len(users), "items": n_items, "train_interactions": len(train),
-            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2), "artifact": art}
-
-
-def _hybrids(ease: Any, x: Any, rows_of: np.ndarray, seen: Sequence[np.ndarray], relevant: Sequence[set[int]],
-             n_items: int, art: Any, encoder: Any, users: Sequence[str], recents: Any, times: Any,
-             snap: Any, candidates: int = 200) -> dict[str, dict[str, Any]]:
-    """Two ways to combine the two-tower with EASE, on the same split (research: nothing here is served).
-
-    ``rerank``: the two-tower's top ``candidates`` unseen items (its FAISS
-    retrieval, as served) ordered by EASE's score. ``blend``: both scores
-    standardised per user over the whole catalogue and added.
-    """
-    items = np.asarray(art.item_embeddings, dtype=np.float32)
-    rerank: list[list[int]] = []
-    blend: list[list[int]] = []
-    for start in range(0, len(users), 1024):
-        end = min(start + 1024, len(users))
-        q = encoder.encode(users[start:end], recents[start:end], times[start:end])
-        e = ease.scores(x[rows_of[start:end]])
-        _, found = snap.search(q, min(n_items, candidates + max(len(s) for s in seen[start:end])))
-        for j, (cand, s) in enumerate(zip(found, seen[start:end], strict=True)):
-            sset = set(s.tolist())
-            pool = [int(r) for r in cand if r >= 0 and r not in sset][:candidates]
-            rerank.append(sorted(pool, key=lambda r, row=e[j]: -row[r])[:20])
-        t = q @ items.T
-
-        def z(m: np.ndarray) -> np.ndarray:
-            return (m - m.mean(axis=1, keepdims=True)) / (m.std(axis=1, keepdims=True) + 1e-9)
-
-        blend.extend(_top_unseen(z(t) + z(e), seen[start:end], 20))
-    return {"two_tower_candidates_ease_rerank": ranking_metrics(rerank, relevant, n_items),
-            "two_tower_ease_blend": ranking_metrics(blend, relevant, n_items)}
+            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2), "artifact": served}
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:

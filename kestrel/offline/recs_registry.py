@@ -24,6 +24,7 @@ from kestrel.models.registry import ModelRecord, Registry, code_version
 from kestrel.models.two_tower import RecsArtifact, load_artifact
 from kestrel.offline.recs_data import temporal_split
 from kestrel.offline.recs_eval import two_tower_metrics
+from kestrel.offline.recs_hybrid import with_blend
 from kestrel.offline.recs_train import train_two_tower
 from kestrel.offline.run_report import recs_plots, report_plots
 
@@ -53,7 +54,10 @@ def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | P
     if len(held) < 20:
         raise ValueError(f"the gate's split holds {len(held)} users out: need 20+ users with 5+ interactions")
     say(f"gate split: {len(held):,} users' newest interactions held out of {len(df):,}")
-    art = train_two_tower(train, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+    def tower(frame: pd.DataFrame) -> RecsArtifact:
+        return train_two_tower(frame, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+
+    art = with_blend(tower(train), train, tower, log=say)  # the served form: the tower and EASE blended
     measured = two_tower_metrics(art, train, held, seed=seed)
     metrics = _gate_view(measured)
     curves = {f"candidate {art.version}": measured["recall_at_k"]}

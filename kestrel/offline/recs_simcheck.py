@@ -9,7 +9,8 @@ measured without an A/B test:
   recent items (as the feature store would after a short session); the share
   of that category in the top 10 must rise within a few interactions;
 * **expected CTR**: the mean click probability of the top 10 unseen items
-  from the two-tower versus from popularity, for the same users.
+  from the served recommender (the two-tower, or its blend with EASE)
+  versus from popularity, for the same users.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from kestrel.models.hybrid_recs import POOL, SESSION_ITEMS, blend_rank
 from kestrel.models.two_tower import RecsArtifact
 from kestrel.offline.recs_data import recent_distinct
 
@@ -37,6 +39,21 @@ def _top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str], k: 
     return out
 
 
+def _top_served(art: RecsArtifact, q: np.ndarray, seen: set[str], recent: Sequence[str], k: int) -> list[str]:
+    """The top ``k`` unseen items as served: the tower's order, or with an EASE part the hybrid's blend of the
+    tower's candidates and EASE's weights summed over the seen items (as the worker does)."""
+    ids, vectors = art.vocab.item_ids, art.item_embeddings
+    scores = vectors @ q
+    part = art.item_item
+    if part is None:
+        return _top_unseen(scores, ids, seen, k)
+    seen_rows = np.fromiter((art.vocab.item_index[i] for i in seen if i in art.vocab.item_index), dtype=np.int64)
+    candidates = np.argsort(-scores)[:POOL + len(seen_rows)]
+    session = [art.vocab.item_index[i] for i in recent[:SESSION_ITEMS] if i in art.vocab.item_index]
+    rows, _ = blend_rank(q, vectors, candidates, part.scores(seen_rows, session), seen_rows, part.weight, k)
+    return [ids[r] for r in rows]
+
+
 def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfig, users: int = 200,
                     steps: Sequence[int] = (0, 1, 2, 3, 5), k: int = 10, seed: int = 0) -> dict[str, Any]:
     """Session shift (category share in the top ``k`` after n in-category interactions) and expected CTR."""
@@ -45,7 +62,6 @@ def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfi
     sim = Simulator(sim_config)
     rng = np.random.default_rng(seed)
     enc, ids = art.encoder(), art.vocab.item_ids
-    vectors = art.item_embeddings
     cat_of = {i: int(c) for i, c in zip(ids, art.vocab.item_category, strict=True) if c != ""}
     known_users = sorted(train["user"].unique())
     grouped = train.groupby("user")
@@ -60,7 +76,7 @@ def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfi
         u = Simulator.user_index(user)
         # Expected click-through: two-tower vs popularity, top k unseen for this user now.
         q = enc.encode([user], [hist])[0]
-        top_tt = _top_unseen(vectors @ q, ids, seen, k)
+        top_tt = _top_served(art, q, seen, hist, k)
         top_pop = [i for i in pop.index if i not in seen][:k]
         ctr_tt.append(np.mean([sim.click_probability(u, Simulator.item_index(i)) for i in top_tt]))
         ctr_pop.append(np.mean([sim.click_probability(u, Simulator.item_index(i)) for i in top_pop]))
@@ -73,7 +89,7 @@ def simulator_check(art: RecsArtifact, train: pd.DataFrame, sim_config: SimConfi
         for n in steps:
             recent = list(reversed(session[:n])) + [h for h in hist if h not in session[:n]]
             q = enc.encode([user], [recent[: art.model.config.history_len]])[0]
-            top = _top_unseen(vectors @ q, ids, seen | set(session[:n]), k)
+            top = _top_served(art, q, seen | set(session[:n]), recent, k)
             shares[n].append(sum(cat_of.get(i) == cat for i in top) / k)
     return {"users": len(picked),
             "session_category_share_at_10": {str(n): round(float(np.mean(v)), 4) for n, v in shares.items()},

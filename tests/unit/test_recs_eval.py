@@ -1,4 +1,5 @@
-"""`kestrel eval recs` on a small generated CSV: the CLI contract and that the two-tower beats popularity."""
+"""`kestrel eval recs` on a small generated CSV: the CLI contract, that the two-tower beats popularity, and that
+`kestrel` reports the served hybrid with the blend weight its validation split chose."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def test_eval_recs_cli_reports_two_tower_and_baselines_in_one_json_line(tmp_path
     summary = json.loads(lines[0])
     metrics = ("recall_at_10", "recall_at_20", "ndcg_at_10", "coverage_at_10", "retrieval_p99_ms")
     assert set(metrics) <= set(summary["two_tower"])
-    assert summary["kestrel"]["deployed"] == "two_tower"  # one line says what would be served
-    assert summary["kestrel"]["recall_at_20"] == summary["two_tower"]["recall_at_20"]
+    served = summary["kestrel"]  # one line says what would be served: the tower and EASE blended
+    assert served["deployed"] == "two_tower+ease" and set(metrics) <= set(served)
+    validation = {float(w): r for w, r in served["validation_recall_at_20"].items()}
+    assert set(validation) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert validation[served["blend_weight"]] == max(validation.values())  # the rule: best on validation
     assert set(summary["baselines"]) == {"popularity", "item_knn", "ease"}
     for m in summary["baselines"].values():
         assert set(metrics) <= set(m)

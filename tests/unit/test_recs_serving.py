@@ -8,9 +8,12 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from kestrel.feature_store.keys import KeyedHasher, KeySpace
+from kestrel.models.hybrid_recs import ItemItem
 from kestrel.models.retrieval import build_snapshot
+from kestrel.models.two_tower import load_artifact
 from kestrel.offline.recs_train import train_two_tower
 from kestrel.streams.recs.service import FALLBACK, PERSONALISED, RecommendationService, RecOptions, _Live, parse_request
 
@@ -55,6 +58,36 @@ def test_no_model_means_fallback_for_everyone():
     svc = RecommendationService(client=None, keys=KeySpace("t"), hasher=KeyedHasher(b"k"))  # type: ignore[arg-type]
     (res,) = svc.rank(["u"], [["i1"]], [{"i1"}], ["i1", "i2"], set(), [RecOptions(3)])
     assert res.path == FALLBACK and res.items == ["i2"] and svc.version == "popularity-v1"
+
+
+def _serving(service: RecommendationService, part: ItemItem, root) -> RecommendationService:
+    """A service whose artifact carries ``part``, through a save and a load (as a worker gets it)."""
+    snap = service.holder.current
+    live: _Live = snap.extra
+    loaded = load_artifact(dataclasses.replace(live.artifact, item_item=part).save(root))
+    svc = RecommendationService(client=None, keys=KeySpace("t"), hasher=KeyedHasher(b"k"))  # type: ignore[arg-type]
+    svc.holder.swap(dataclasses.replace(snap, extra=_Live(loaded, live.category_of), row_of=snap.row_of))
+    return svc
+
+
+def test_the_hybrid_blends_ease_weights_summed_over_the_seen_items(service, tmp_path):
+    row = service.holder.current.row_of
+    n = service.holder.current.size
+    w = np.zeros((n, n), dtype=np.float32)
+    w[row["i12"], row["i39"]], w[row["i12"], row["i38"]] = 5.0, 1.0  # i12 recommends two items of another category
+    weights = sp.csr_matrix(w)
+    ease_only = _serving(service, ItemItem(weights, 1.0), tmp_path / "ease")
+    assert ease_only.holder.current.extra.artifact.item_item.weights.nnz == 2  # saved beside the tower, loaded
+    args = (["u1"], [["i12"]], [{"i12"}], [], set(), [RecOptions(3)])
+    (res,) = ease_only.rank(*args)
+    assert res.path == PERSONALISED and res.items[:2] == ["i39", "i38"]  # weight 1: EASE's order
+    (tower,) = _serving(service, ItemItem(weights, 0.0), tmp_path / "tower").rank(*args)
+    assert tower.items == service.rank(*args)[0].items  # weight 0: the tower's order, as without the part
+    clicked_now = (["u1"], [["i12"]], [set()], [], set(), [RecOptions(3)])  # i12 newest, not yet in seen
+    (session,) = ease_only.rank(*clicked_now)
+    assert session.items[0] == "i39"  # the session's rows lift what its newest item recommends
+    (no_session,) = _serving(service, ItemItem(weights, 1.0, session_weight=0.0), tmp_path / "x").rank(*clicked_now)
+    assert "i39" not in no_session.items[:1]  # nothing seen and no session weight: no EASE lift
 
 
 def test_category_cap_applies_to_personalised_lists(service):

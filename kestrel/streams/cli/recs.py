@@ -126,11 +126,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = _train_candidate(args, df)
         print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
         return 0
-    art = train_two_tower(df, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, progress=not args.no_progress)
+    from kestrel.offline.recs_hybrid import with_blend
+
+    def tower(frame: Any, progress: bool = False) -> Any:
+        return train_two_tower(frame, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, progress=progress)
+
+    # the served form: the tower and EASE's weights blended, the weight chosen on a validation split of df
+    art = with_blend(tower(df, not args.no_progress), df, tower, log=lambda m: print(m, file=sys.stderr))
     art.metadata["user_ids"] = _user_ids(args)
     folder = art.save(args.out)
     summary = {"version": art.version, "path": str(folder), "items": len(art.vocab.item_ids),
+               "hybrid": art.metadata.get("hybrid"),
                **{k: art.metadata[k] for k in ("examples", "train_seconds", "examples_per_s", "loss_per_epoch")}}
     print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0

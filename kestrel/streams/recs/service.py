@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from kestrel.feature_store.keys import KeyedHasher, KeySpace
 from kestrel.feature_store.redis_store import WINDOWED_TOP_LUA, windowed_top_args
 from kestrel.feature_store.sets import TRENDING
+from kestrel.models.hybrid_recs import POOL, SESSION_ITEMS, blend_rank
 from kestrel.models.popularity import PopularityRecommender
 from kestrel.models.retrieval import IndexHolder, IndexSnapshot
 
@@ -269,10 +270,20 @@ class RecommendationService:
             by_token = live.artifact.metadata.get("user_ids") == "tokens"
             names = tokens if by_token and tokens is not None else user_ids
             q = live.artifact.encoder().encode([names[i] for i in personal], [recents[i] for i in personal])
-            depth = min(snap.size, max(_pool(opts[i]) + len(seens[i]) + len(opts[i].exclude) for i in personal))
+            part = live.artifact.item_item
+            wanted = max(_pool(opts[i]) + len(seens[i]) + len(opts[i].exclude) for i in personal)
+            # the hybrid takes the tower's POOL best unseen candidates, as measured by `kestrel eval recs`
+            depth = min(snap.size, wanted + (POOL if part is not None else 0))
             scores, rows = snap.search(q, depth)
             for j, i in enumerate(personal):
-                items = self._pick(snap, live, scores[j], rows[j], seens[i] | excluded | set(opts[i].exclude), opts[i])
+                if part is not None:  # the hybrid: EASE's weights summed over the user's seen items
+                    seen_rows = np.fromiter((snap.row_of[s] for s in seens[i] if s in snap.row_of), dtype=np.int64)
+                    session = [snap.row_of[s] for s in recents[i][:SESSION_ITEMS] if s in snap.row_of]
+                    rows_j, scores_j = blend_rank(q[j], snap.vectors, rows[j], part.scores(seen_rows, session),
+                                                  seen_rows, part.weight, depth)
+                else:
+                    rows_j, scores_j = rows[j], scores[j]
+                items = self._pick(snap, live, scores_j, rows_j, seens[i] | excluded | set(opts[i].exclude), opts[i])
                 if items:
                     results[i] = RecResult(items, PERSONALISED, snap.version)
         for i, res in enumerate(results):

@@ -1,0 +1,43 @@
+"""Ranking metrics of recommendation lists against held-out items (``kestrel eval recs``, the hybrid's rule)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def ranking_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], n_items: int) -> dict[str, float]:
+    """Recall@10/@20, NDCG@10 and coverage@10 of ranked item rows against each user's relevant rows.
+
+    >>> m = ranking_metrics([[1, 2, 3]], [{2}], 10)
+    >>> m["recall_at_10"], round(m["ndcg_at_10"], 4), m["coverage_at_10"]
+    (1.0, 0.6309, 0.3)
+    """
+    r10, r20, ndcg = [], [], []
+    covered: set[int] = set()
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    for ranked, rel in zip(rankings, relevant, strict=True):
+        top10, top20 = list(ranked[:10]), list(ranked[:20])
+        covered.update(top10)
+        r10.append(len(rel.intersection(top10)) / min(10, len(rel)))
+        r20.append(len(rel.intersection(top20)) / min(20, len(rel)))
+        dcg = sum(discounts[i] for i, item in enumerate(top10) if item in rel)
+        ndcg.append(dcg / discounts[: min(10, len(rel))].sum())
+    return {"recall_at_10": float(np.mean(r10)), "recall_at_20": float(np.mean(r20)),
+            "ndcg_at_10": float(np.mean(ndcg)), "coverage_at_10": len(covered) / max(n_items, 1)}
+
+
+def recall_curve(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], max_k: int = 20) -> list[float]:
+    """Recall@K for K = 1..max_k, as ``ranking_metrics`` defines it (hits in the top K / min(K, relevant)).
+
+    >>> recall_curve([[5, 1, 2]], [{1, 2}], max_k=3)
+    [0.0, 0.5, 1.0]
+    """
+    curve = np.zeros(max_k)
+    for ranked, rel in zip(rankings, relevant, strict=True):
+        if not rel:
+            continue
+        hits = np.cumsum([item in rel for item in list(ranked[:max_k])] + [False] * max(0, max_k - len(ranked)))
+        curve += hits[:max_k] / np.minimum(np.arange(1, max_k + 1), len(rel))
+    return [round(float(v), 4) for v in curve / max(len(rankings), 1)]
