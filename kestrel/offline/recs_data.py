@@ -57,9 +57,15 @@ def simulated_interactions(events: int, seed: int = 7, n_users: int = 1000, n_it
     return df
 
 
+# The evaluation protocols by name: each user's last 20% of interactions (the long horizon: the rest of a
+# history), or only the last one (the short horizon: the next item).
+SPLITS = {"temporal": 0.2, "last": 0.0}
+
+
 def temporal_split(df: pd.DataFrame, test_share: float = 0.2,
                    min_interactions: int = 5) -> tuple[pd.DataFrame, dict[str, set[str]]]:
-    """Each user's last ``test_share`` of interactions (by time) held out.
+    """Each user's last ``test_share`` of interactions (by time) held out, at least one: ``test_share`` 0 is the
+    next-item protocol (leave-last-out, :data:`SPLITS` ``"last"``).
 
     Returns the training frame (every user's early interactions, plus all of
     those of users too short to evaluate) and, per evaluated user, the held-out
@@ -143,3 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

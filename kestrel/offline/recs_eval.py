@@ -26,7 +26,7 @@ import pandas as pd
 
 from kestrel.models.retrieval import build_snapshot
 from kestrel.offline.recs_baselines import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity
-from kestrel.offline.recs_data import temporal_split
+from kestrel.offline.recs_data import SPLITS, temporal_split
 from kestrel.offline.recs_hybrid import ServedRanking, user_matrix, with_blend
 from kestrel.offline.recs_metrics import ranking_metrics, recall_curve
 from kestrel.offline.recs_train import query_for_users, train_two_tower
@@ -109,12 +109,17 @@ def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], 
 
 def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_size: int = 512, lr: float = 3e-3,
                   ease_lambda: float = 200.0, knn_neighbours: int = 100, seed: int = 7, progress: bool = True,
-                  index_kind: str = "auto", log: Callable[[str], None] | None = None,
+                  index_kind: str = "auto", log: Callable[[str], None] | None = None, split: str = "temporal",
                   **train_options: Any) -> dict[str, Any]:
-    """Train the two-tower and the baselines on the split and report the same metrics for each."""
+    """Train the two-tower and the baselines on the split and report the same metrics for each.
+
+    ``split``: ``"temporal"`` (each user's last 20% held out: the rest of a history) or ``"last"`` (the last
+    interaction: the next item); the hybrid's validation split is cut the same way.
+    """
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
-    train, held = temporal_split(df)
+    test_share = SPLITS[split]
+    train, held = temporal_split(df, test_share)
     if not held:
         raise ValueError("no user has held-out interactions: need users with at least 5 interactions")
     say(f"split: {len(train):,} training interactions, {len(held):,} users evaluated")
@@ -157,21 +162,20 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
         return train_two_tower(frame, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                progress=False, **train_options)
 
-    served = with_blend(art, train, tower, ease_lambda, log=say)
+    served = with_blend(art, train, tower, ease_lambda, log=say, test_share=test_share)
     two_tower = results.pop("two_tower")
     two_tower |= {"model_version": art.version, "train_seconds": art.metadata["train_seconds"],
                   "examples": art.metadata["examples"], "target_window": art.metadata["target_window"]}
+    rule = served.metadata.get("hybrid")  # what the blend rule saw on validation (absent: no EASE part)
     if served.item_item is not None:
-        hybrid = served.metadata["hybrid"]
-        deployed = {"deployed": "two_tower+ease", "blend_weight": hybrid["weight"],
-                    "validation_recall_at_20": hybrid["validation_recall_at_20"],
+        deployed = {"deployed": "two_tower+ease", "blend_weight": served.item_item.weight, "hybrid_rule": rule,
                     **_round(two_tower_metrics(served, train, held, seed=seed, snap=snap))}
-        say(f"kestrel (blend weight {hybrid['weight']}): recall@20 {deployed['recall_at_20']:.4f}")
+        say(f"kestrel (blend weight {served.item_item.weight}): recall@20 {deployed['recall_at_20']:.4f}")
     else:
-        deployed = {"deployed": "two_tower", **_round(two_tower)}
+        deployed = {"deployed": "two_tower", "blend_weight": 0.0, "hybrid_rule": rule, **_round(two_tower)}
     return {"kestrel": deployed, "two_tower": _round(two_tower),
             "baselines": {k: _round(v) for k, v in results.items()},
-            "users_evaluated": len(users), "items": n_items, "train_interactions": len(train),
+            "split": split, "users_evaluated": len(users), "items": n_items, "train_interactions": len(train),
             "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2), "artifact": served}
 
 

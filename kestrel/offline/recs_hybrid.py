@@ -1,12 +1,13 @@
 """Fitting the hybrid recommender (``kestrel.models.hybrid_recs``): EASE's weights and the blend weight.
 
 The blend weight is chosen by a rule fixed in code, on a validation split
-carved from the training data only (each user's last 20% of training
-interactions, as the test split is carved from the whole): a two-tower and
+carved from the training data only, the way the test split is carved from
+the whole (each user's last 20% of training interactions, or the last one): a two-tower and
 EASE are fitted on the rest, every weight of ``WEIGHT_GRID`` is scored by
-Recall@20 on the validation users, and :func:`choose_weight` takes the best.
-The grid holds 0 (the tower alone) and 1 (EASE alone), so the deployed blend
-is never one of its parts' losers on validation. Above ``EASE_MAX_ITEMS``
+Recall@20 on the validation users, and :func:`choose_weight` takes the best
+if it beats the tower alone beyond noise, else the tower alone. The grid
+holds 1 (EASE alone), so the deployed blend is not a loser to either part on
+validation. Above ``EASE_MAX_ITEMS``
 items EASE is not fitted and the tower serves alone.
 """
 
@@ -23,23 +24,33 @@ from kestrel.models.hybrid_recs import POOL, SESSION_ITEMS, ItemItem, blend_rank
 from kestrel.models.retrieval import IndexSnapshot, build_snapshot
 from kestrel.models.two_tower import RecsArtifact
 from kestrel.offline.recs_baselines import EASE, EASE_MAX_ITEMS, interaction_matrix
-from kestrel.offline.recs_data import temporal_split
-from kestrel.offline.recs_metrics import ranking_metrics
+from kestrel.offline.recs_data import SPLITS, temporal_split
+from kestrel.offline.recs_metrics import paired_mean_gain, per_user_recall
 from kestrel.offline.recs_train import query_for_users
 
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOP_K = 200  # EASE weights kept per item (measured: no loss against the dense matrix on simulated shoppers)
 
 
-def choose_weight(recall_by_weight: dict[float, float]) -> float:
-    """The weight with the highest validation Recall@20; a tie goes to the smaller weight (more of the tower,
-    which follows the session).
+def choose_weight(recall_by_weight: dict[float, np.ndarray]) -> tuple[float, dict[str, Any]]:
+    """The rule: the weight with the best mean validation Recall@20 (a tie goes to the smaller weight), if its
+    gain over the tower alone (weight 0) is beyond noise (the 95% interval of the paired per-user gain lies
+    above zero); else the tower alone. The tower is the default because it follows the session; EASE's part has
+    to earn its place. Returns the weight and what the rule saw.
 
-    >>> choose_weight({0.0: 0.09, 0.5: 0.11, 0.75: 0.11, 1.0: 0.10})
+    >>> tower = np.r_[np.ones(100), np.zeros(900)]
+    >>> choose_weight({0.0: tower, 0.5: np.r_[np.ones(200), np.zeros(800)], 1.0: tower})[0]
     0.5
+    >>> choose_weight({0.0: tower, 0.5: np.r_[np.ones(102), np.zeros(898)]})[0]  # a gain within noise
+    0.0
     """
-    best = max(recall_by_weight.values())
-    return min(w for w, r in recall_by_weight.items() if r == best)
+    means = {w: float(np.mean(r)) for w, r in recall_by_weight.items()}
+    best = min(w for w, m in means.items() if m == max(means.values()))
+    gain = paired_mean_gain(recall_by_weight[best], recall_by_weight[0.0]) if best != 0.0 else None
+    chosen = best if gain is not None and gain["ci95"][0] > 0 else 0.0
+    return chosen, {"validation_recall_at_20": {str(w): round(m, 4) for w, m in means.items()},
+                    "best": best, "best_minus_tower": gain,
+                    "rule": "best validation Recall@20 if its paired gain over the tower alone is beyond noise"}
 
 
 def user_matrix(train: pd.DataFrame, item_index: dict[str, int], n_items: int) -> tuple[Any, dict[str, int]]:
@@ -95,10 +106,11 @@ class ServedRanking:
 
 
 def choose_blend(train: pd.DataFrame, train_tower: Callable[[pd.DataFrame], RecsArtifact], lam: float = 200.0,
-                 ) -> tuple[float, dict[float, float]] | None:
-    """The blend weight by the module's rule, and each weight's validation Recall@20 (None: no EASE part, or no
-    validation users)."""
-    inner, held = temporal_split(train)
+                 test_share: float = SPLITS["temporal"]) -> tuple[float, dict[str, Any]] | None:
+    """The blend weight by :func:`choose_weight`, and what the rule saw (None: no EASE part, or no validation
+    users). The validation split is cut from ``train`` as the test split was cut from the whole
+    (``test_share``: see ``recs_data.SPLITS``)."""
+    inner, held = temporal_split(train, test_share)
     if not held:
         return None
     art = train_tower(inner)
@@ -108,24 +120,29 @@ def choose_blend(train: pd.DataFrame, train_tower: Callable[[pd.DataFrame], Recs
     users = sorted(held)
     relevant = [{art.vocab.item_index.get(i, -1) for i in held[u]} for u in users]
     ranked = ServedRanking(art, inner, users).rank(part, WEIGHT_GRID)
-    recalls = {w: round(ranking_metrics(r, relevant, len(art.vocab.item_ids))["recall_at_20"], 4)
-               for w, r in ranked.items()}
-    return choose_weight(recalls), recalls
+    return choose_weight({w: per_user_recall(r, relevant) for w, r in ranked.items()})
 
 
 def with_blend(art: RecsArtifact, train: pd.DataFrame, train_tower: Callable[[pd.DataFrame], RecsArtifact],
-               lam: float = 200.0, log: Callable[[str], None] | None = None) -> RecsArtifact:
+               lam: float = 200.0, log: Callable[[str], None] | None = None,
+               test_share: float = SPLITS["temporal"]) -> RecsArtifact:
     """``art`` (a tower trained on ``train``) with EASE's weights fitted on ``train`` and the blend weight chosen
     on a validation split of it; ``art`` unchanged where EASE does not fit (a catalogue above
     ``EASE_MAX_ITEMS``). ``train_tower`` trains a tower the way ``art`` was trained (for the validation fit)."""
     say = log or (lambda _m: None)
-    chosen = choose_blend(train, train_tower, lam)
+    chosen = choose_blend(train, train_tower, lam, test_share)
     if chosen is None:
         say(f"hybrid: no EASE part ({len(art.vocab.item_ids):,} items, limit {EASE_MAX_ITEMS:,}); the tower alone")
         return art
-    weight, recalls = chosen
+    weight, seen = chosen
+    say(f"hybrid: blend weight {weight} (validation Recall@20 by weight {seen['validation_recall_at_20']}, best "
+        f"{seen['best']}, its gain over the tower alone {seen['best_minus_tower']})")
+    if weight == 0.0:
+        say("hybrid: EASE's part did not beat the tower beyond noise on validation; the tower serves alone")
+        return replace(art, metadata={**art.metadata, "hybrid": {"weight": 0.0, **seen}})
     part = fit_item_item(train, art, lam, weight)
-    say(f"hybrid: blend weight {weight} chosen on validation (Recall@20 by weight {recalls})")
+    if part is None:  # cannot happen: choose_blend fitted one on a subset of the same catalogue
+        return art
     return replace(art, item_item=part, metadata={**art.metadata, "hybrid": {
-        "weight": weight, "validation_recall_at_20": {str(w): r for w, r in recalls.items()},
-        "session_weight": part.session_weight, "ease_lambda": lam, "top_k": TOP_K, "pool": POOL}})
+        "weight": weight, **seen, "session_weight": part.session_weight, "ease_lambda": lam, "top_k": TOP_K,
+        "pool": POOL}})

@@ -58,13 +58,15 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_train)
 
-    p = evaluate.add_parser("recs", help="temporal-split evaluation of the two-tower against baselines")
+    p = evaluate.add_parser("recs", help="per-user split evaluation of the served recommender against baselines")
     _data_args(p, required=False)
     p.add_argument("--simulate", type=int, default=0, metavar="N",
                    help="evaluate on N simulated interactions instead of --csv, and add the simulator checks "
                         "(session shift, expected click-through against popularity)")
     _model_args(p)
     p.add_argument("--ease-lambda", type=float, default=200.0)
+    p.add_argument("--split", default="temporal", choices=["temporal", "last"],
+                   help="held out per user: the last 20%% of interactions (temporal) or the last one (next item)")
     p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
     p.add_argument("--save-model", default=None, metavar="DIR", help="also write the trained artifact here")
     p.add_argument("--json", action="store_true", help="one line of JSON")
@@ -198,16 +200,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("give --csv FILE or --simulate N")
     result = evaluate_recs(df, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, lr=args.lr,
                            ease_lambda=args.ease_lambda, seed=args.seed, progress=not args.no_progress,
-                           index_kind=args.index, log=lambda m: print(m, file=sys.stderr))
+                           index_kind=args.index, split=args.split, log=lambda m: print(m, file=sys.stderr))
     art = result.pop("artifact")
     if args.save_model:
         result["saved_to"] = str(art.save(args.save_model))
     if args.simulate:
-        from kestrel.offline.recs_data import temporal_split
+        from kestrel.offline.recs_data import SPLITS, temporal_split
         from kestrel.offline.recs_simcheck import simulator_check
         from kestrel.offline.simulator import SimConfig
 
-        train, _ = temporal_split(df)
+        train, _ = temporal_split(df, SPLITS[args.split])
         result["simulator"] = simulator_check(art, train, SimConfig(seed=args.seed))
     _print_table(result)
     if args.json:
