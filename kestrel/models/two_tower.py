@@ -58,6 +58,9 @@ class TwoTowerConfig:
     recent_len: int = 3  # the newest of those, pooled separately: the session signal
     n_context: int = 24  # hour-of-day buckets
     temperature: float = 0.2
+    # how the query tower reads the history beside its pooled bags: "bag" (not at all: the bags only) or "gru"
+    # (a GRU over the history in time order, oldest first, on the history table's rows: order and recency)
+    sequence: str = "bag"
 
     @property
     def index_dim(self) -> int:
@@ -122,7 +125,12 @@ class TwoTower(nn.Module):
             EmbeddingBagConfig(name="item_cat", embedding_dim=c.table_dim, num_embeddings=c.n_categories + 1,
                                feature_names=["item_cat"], pooling=PoolingType.SUM),
         ])
-        self.query_mlp = _mlp(c.table_dim * len(QUERY_KEYS), c.hidden_dim, c.output_dim).to(device)
+        if c.sequence not in ("bag", "gru"):
+            raise ValueError(f"sequence must be 'bag' or 'gru', not {c.sequence!r}")
+        self.history_gru = nn.GRU(c.table_dim, c.table_dim, batch_first=True).to(device) \
+            if c.sequence == "gru" else None
+        slots = len(QUERY_KEYS) + (self.history_gru is not None)
+        self.query_mlp = _mlp(c.table_dim * slots, c.hidden_dim, c.output_dim).to(device)
         self.item_mlp = _mlp(c.table_dim * len(ITEM_KEYS), c.hidden_dim, c.output_dim).to(device)
         # A per-item bias (in logit units): how likely an item is for anyone, which a dot product of
         # unit vectors cannot express. It rides into FAISS as one extra dimension (query side: 1).
@@ -134,8 +142,27 @@ class TwoTower(nn.Module):
 
     def query(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.query_ebc(kjt).to_dict()
-        x = torch.cat([pooled[k] for k in QUERY_KEYS], dim=1)
-        return nn.functional.normalize(self.query_mlp(x), dim=1)
+        parts = [pooled[k] for k in QUERY_KEYS]
+        if self.history_gru is not None:
+            parts.append(self._history_state(kjt))
+        return nn.functional.normalize(self.query_mlp(torch.cat(parts, dim=1)), dim=1)
+
+    def _history_state(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The GRU's last state over each row's history, oldest item first (the jagged feature is newest first);
+        zeros for an empty history."""
+        assert self.history_gru is not None
+        jt = kjt["hist_items"]
+        lengths = jt.lengths()
+        width = max(1, int(lengths.max().item()) if len(lengths) else 1)
+        newest_first = jt.to_padded_dense(desired_length=width, padding_value=0)  # rows x width
+        t = torch.arange(width, device=lengths.device)[None, :]
+        oldest_first = torch.gather(newest_first, 1, (lengths[:, None] - 1 - t).clamp(min=0))
+        table = self.query_ebc.embedding_bags["hist_item"].weight
+        emb = nn.functional.embedding(oldest_first, table, sparse=True)  # sparse gradients, as the bags (SparseAdam)
+        packed = nn.utils.rnn.pack_padded_sequence(emb, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, h = self.history_gru(packed)
+        return h[-1] * (lengths > 0).to(h.dtype)[:, None]
 
     def item(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.item_ebc(kjt).to_dict()

@@ -1,1 +1,2 @@
-"""Payment-history generators independent of Kestrel's own simulator, for evaluating models on unseen patterns."""
+"""Data generators independent of Kestrel's own simulator (payment histories, interaction logs), for evaluating
+models on patterns they were not designed around."""

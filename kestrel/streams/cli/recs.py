@@ -31,6 +31,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--sequence", default="bag", choices=["bag", "gru"],
+                   help="how the query tower reads the history: pooled bags only, or also a GRU in time order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -61,8 +63,11 @@ def register(train: argparse._SubParsersAction, evaluate: argparse._SubParsersAc
     p = evaluate.add_parser("recs", help="per-user split evaluation of the served recommender against baselines")
     _data_args(p, required=False)
     p.add_argument("--simulate", type=int, default=0, metavar="N",
-                   help="evaluate on N simulated interactions instead of --csv, and add the simulator checks "
-                        "(session shift, expected click-through against popularity)")
+                   help="evaluate on N simulated interactions instead of --csv; with the shoppers generator, add "
+                        "the simulator checks (session shift, expected click-through against popularity)")
+    p.add_argument("--generator", default="shoppers", choices=["shoppers", "sessions"],
+                   help="with --simulate: the demo's shoppers, or drifting tastes in sessions over a long tail "
+                        "(kestrel/offline/generators/drifting_sessions.py)")
     _model_args(p)
     p.add_argument("--ease-lambda", type=float, default=200.0)
     p.add_argument("--split", default="temporal", choices=["temporal", "last"],
@@ -86,8 +91,11 @@ def _load(args: argparse.Namespace) -> Any:
     from kestrel.offline.recs_data import load_interactions, simulated_interactions
 
     if getattr(args, "simulate", 0):
-        df = simulated_interactions(args.simulate, seed=args.seed)
-        return load_interactions_frame(df)
+        if getattr(args, "generator", "shoppers") == "sessions":
+            from kestrel.offline.generators.drifting_sessions import drifting_sessions
+
+            return load_interactions_frame(drifting_sessions(args.simulate, seed=args.seed))
+        return load_interactions_frame(simulated_interactions(args.simulate, seed=args.seed))
     if getattr(args, "from_archive", None):
         import time
 
@@ -132,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def tower(frame: Any, progress: bool = False) -> Any:
         return train_two_tower(frame, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, progress=progress)
+                               seed=args.seed, progress=progress, config_overrides={"sequence": args.sequence})
 
     # the served form: the tower and EASE's weights blended, the weight chosen on a validation split of df
     art = with_blend(tower(df, not args.no_progress), df, tower, log=lambda m: print(m, file=sys.stderr))
@@ -157,7 +165,8 @@ def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any] | None
         return None  # nothing to learn from (an empty archive): the loop reports it, nothing is registered
     art, record = train_recs_candidate(df, registry, args.out, alias=args.alias, epochs=args.epochs, dim=args.dim,
                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                       user_ids=_user_ids(args), progress=lambda m: print(m, file=sys.stderr))
+                                       user_ids=_user_ids(args), progress=lambda m: print(m, file=sys.stderr),
+                                       sequence=args.sequence)
     out: dict[str, Any] = {"model_version": art.version, "path": record.path, "registry": str(registry.root),
                            "metrics": record.metrics, "evaluation": record.evaluation}
     if args.promote:
@@ -200,11 +209,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("give --csv FILE or --simulate N")
     result = evaluate_recs(df, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, lr=args.lr,
                            ease_lambda=args.ease_lambda, seed=args.seed, progress=not args.no_progress,
-                           index_kind=args.index, split=args.split, log=lambda m: print(m, file=sys.stderr))
+                           index_kind=args.index, split=args.split, log=lambda m: print(m, file=sys.stderr),
+                           config_overrides={"sequence": args.sequence})
     art = result.pop("artifact")
     if args.save_model:
         result["saved_to"] = str(art.save(args.save_model))
-    if args.simulate:
+    if args.simulate and args.generator == "shoppers":  # the checks need the shoppers' ground truth
         from kestrel.offline.recs_data import SPLITS, temporal_split
         from kestrel.offline.recs_simcheck import simulator_check
         from kestrel.offline.simulator import SimConfig
