@@ -38,6 +38,7 @@ QUERY_KEYS = ("user_id", "hist_items", "recent_items", "hist_cats", "context")
 ITEM_KEYS = ("item_id", "item_cat")
 UNKNOWN_USER = 0  # bucket for users never seen in training (and for user-id dropout while training)
 ARTIFACT_FORMAT = 1
+SEQUENCE_KINDS = ("bag", "gru", "attention")
 
 
 def stable_hash(value: str) -> int:
@@ -58,8 +59,10 @@ class TwoTowerConfig:
     recent_len: int = 3  # the newest of those, pooled separately: the session signal
     n_context: int = 24  # hour-of-day buckets
     temperature: float = 0.2
-    # how the query tower reads the history beside its pooled bags: "bag" (not at all: the bags only) or "gru"
-    # (a GRU over the history in time order, oldest first, on the history table's rows: order and recency)
+    # how the query tower reads the history beside its pooled bags: "bag" (not at all: the bags only), "gru" (a
+    # GRU over the history in time order, oldest first) or "attention" (the newest item attends over the history
+    # with position embeddings: one head, SASRec's read-out at the last position without its full layer), on the
+    # history table's rows
     sequence: str = "bag"
 
     @property
@@ -125,11 +128,16 @@ class TwoTower(nn.Module):
             EmbeddingBagConfig(name="item_cat", embedding_dim=c.table_dim, num_embeddings=c.n_categories + 1,
                                feature_names=["item_cat"], pooling=PoolingType.SUM),
         ])
-        if c.sequence not in ("bag", "gru"):
-            raise ValueError(f"sequence must be 'bag' or 'gru', not {c.sequence!r}")
+        if c.sequence not in SEQUENCE_KINDS:
+            raise ValueError(f"sequence must be one of {SEQUENCE_KINDS}, not {c.sequence!r}")
         self.history_gru = nn.GRU(c.table_dim, c.table_dim, batch_first=True).to(device) \
             if c.sequence == "gru" else None
-        slots = len(QUERY_KEYS) + (self.history_gru is not None)
+        if c.sequence == "attention":
+            self.history_positions = nn.Embedding(c.history_len, c.table_dim, device=device)  # 0 = the newest
+            nn.init.normal_(self.history_positions.weight, std=0.05)
+            self.history_query = nn.Linear(c.table_dim, c.table_dim, device=device)
+            self.history_out = nn.Linear(c.table_dim, c.table_dim, device=device)
+        slots = len(QUERY_KEYS) + (c.sequence != "bag")
         self.query_mlp = _mlp(c.table_dim * slots, c.hidden_dim, c.output_dim).to(device)
         self.item_mlp = _mlp(c.table_dim * len(ITEM_KEYS), c.hidden_dim, c.output_dim).to(device)
         # A per-item bias (in logit units): how likely an item is for anyone, which a dot product of
@@ -145,7 +153,24 @@ class TwoTower(nn.Module):
         parts = [pooled[k] for k in QUERY_KEYS]
         if self.history_gru is not None:
             parts.append(self._history_state(kjt))
+        elif self.config.sequence == "attention":
+            parts.append(self._history_attention(kjt))
         return nn.functional.normalize(self.query_mlp(torch.cat(parts, dim=1)), dim=1)
+
+    def _history_attention(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The newest item's attention over each row's history (newest first, with position embeddings, padding
+        masked); zeros for an empty history. One matrix product per batch: cheap enough to train on CPU."""
+        jt = kjt["hist_items"]
+        lengths = jt.lengths()
+        width = max(1, min(int(lengths.max().item()) if len(lengths) else 1, self.config.history_len))
+        rows = jt.to_padded_dense(desired_length=width, padding_value=0)
+        table = self.query_ebc.embedding_bags["hist_item"].weight
+        x = nn.functional.embedding(rows, table, sparse=True) + self.history_positions.weight[:width][None, :, :]
+        pad = torch.arange(width, device=lengths.device)[None, :] >= lengths.clamp(min=1)[:, None]
+        scores = torch.einsum("bwd,bd->bw", x, self.history_query(x[:, 0, :])) / self.config.table_dim ** 0.5
+        weights = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=1)
+        out = self.history_out(torch.einsum("bw,bwd->bd", weights, x)) + x[:, 0, :]
+        return out * (lengths > 0).to(out.dtype)[:, None]
 
     def _history_state(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """The GRU's last state over each row's history, oldest item first (the jagged feature is newest first);

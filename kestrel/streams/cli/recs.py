@@ -31,8 +31,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--sequence", default="bag", choices=["bag", "gru"],
-                   help="how the query tower reads the history: pooled bags only, or also a GRU in time order")
+    p.add_argument("--sequence", default="bag", choices=["bag", "gru", "attention"],
+                   help="how the query tower reads the history: pooled bags only, or also a GRU in time order, or "
+                        "self-attention with positions read at the newest item")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
