@@ -42,7 +42,7 @@ def _gate_view(metrics: dict[str, Any]) -> dict[str, float]:
 def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | Path, *, alias: str = "champion",
                          epochs: int = 8, dim: int = 64, batch_size: int = 512, lr: float = 3e-3, seed: int = 7,
                          user_ids: str = "raw", progress: Progress | None = None,
-                         sequence: str = "bag") -> tuple[RecsArtifact, ModelRecord]:
+                         sequence: str | None = None) -> tuple[RecsArtifact, ModelRecord]:
     """Train on all but each user's newest interactions, measure candidate and ``alias`` there, register.
 
     Registering promotes nothing: ``kestrel models promote --kind recs`` (or
@@ -57,7 +57,7 @@ def train_recs_candidate(df: pd.DataFrame, registry: Registry, out_root: str | P
     say(f"gate split: {len(held):,} users' newest interactions held out of {len(df):,}")
     def tower(frame: pd.DataFrame) -> RecsArtifact:
         return train_two_tower(frame, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                               config_overrides={"sequence": sequence})
+                               config_overrides={"sequence": sequence} if sequence else None)
 
     art = with_blend(tower(train), train, tower, log=say)  # the served form: the tower and EASE blended
     measured = two_tower_metrics(art, train, held, seed=seed)

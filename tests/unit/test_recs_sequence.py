@@ -32,7 +32,7 @@ def _reader(kind: str) -> tuple[TwoTower, object]:
 @pytest.mark.parametrize("kind", ["gru", "attention"])
 @torch.no_grad()
 def test_order_matters_and_an_empty_history_gives_a_zero_state(kind):
-    model, read = _reader(kind)
+    _, read = _reader(kind)
     forward, backward, empty = read(_rows([[3, 4, 5], [5, 4, 3], []]))
     assert not torch.allclose(forward, backward)  # the same bag in another order reads differently
     assert torch.count_nonzero(empty) == 0

@@ -31,9 +31,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--sequence", default="bag", choices=["bag", "gru", "attention"],
-                   help="how the query tower reads the history: pooled bags only, or also a GRU in time order, or "
-                        "self-attention with positions read at the newest item")
+    p.add_argument("--sequence", default=None, choices=["bag", "gru", "attention"],
+                   help="how the query tower reads the history beside its pooled bags: not at all (bag), a GRU in "
+                        "time order, or the newest item's attention over it with positions (the default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def tower(frame: Any, progress: bool = False) -> Any:
         return train_two_tower(frame, dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, progress=progress, config_overrides={"sequence": args.sequence})
+                               seed=args.seed, progress=progress, config_overrides=_sequence(args))
 
     # the served form: the tower and EASE's weights blended, the weight chosen on a validation split of df
     art = with_blend(tower(df, not args.no_progress), df, tower, log=lambda m: print(m, file=sys.stderr))
@@ -183,6 +183,11 @@ def _train_candidate(args: argparse.Namespace, df: Any) -> dict[str, Any] | None
     return out
 
 
+def _sequence(args: argparse.Namespace) -> dict[str, str]:
+    """``--sequence`` as a config override (none given: the trainer's default reader)."""
+    return {"sequence": args.sequence} if args.sequence else {}
+
+
 def _user_ids(args: argparse.Namespace) -> str:
     """How the artifact knows users: "tokens" (the archive stores keyed tokens, not ids) or "raw"."""
     return "tokens" if getattr(args, "from_archive", None) else "raw"
@@ -211,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_recs(df, epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, lr=args.lr,
                            ease_lambda=args.ease_lambda, seed=args.seed, progress=not args.no_progress,
                            index_kind=args.index, split=args.split, log=lambda m: print(m, file=sys.stderr),
-                           config_overrides={"sequence": args.sequence})
+                           config_overrides=_sequence(args))
     art = result.pop("artifact")
     if args.save_model:
         result["saved_to"] = str(art.save(args.save_model))
