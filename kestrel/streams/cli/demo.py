@@ -60,7 +60,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                         "first run, ~10 s); rules: the rules baseline; PATH: an artifact (root)")
     p.add_argument("--recs-model", default="auto", metavar="auto|trending|PATH",
                    help="auto: KESTREL_RECS_MODEL, else artifacts/recs-demo (a two-tower trained on simulated "
-                        "interactions on the first run, ~15 s); trending: no model; PATH: an artifact (root)")
+                        "interactions on the first run, ~45 s); trending: no model; PATH: an artifact (root)")
     p.add_argument("--promote-midway", action="store_true",
                    help="serve the fraud model from a registry, train a second version halfway through the stream, "
                         "promote it through the gate (or report why the gate refused) and hot-swap the worker")
@@ -513,7 +513,7 @@ def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
         return chosen
     root = Path("artifacts/recs-demo")
     if not (root / "CURRENT").exists():
-        say("training a two-tower recommender on 100,000 simulated interactions (first run only, ~15 s)")
+        say("training a two-tower recommender and its EASE part on 100,000 simulated interactions (first run only, ~45 s)")
         # Same seed as the demo's stream: the seed makes the world (catalog, shoppers' tastes) the model must know.
         subprocess.run([sys.executable, "-m", "kestrel", "train", "recs", "--simulate", "100000",
                         "--seed", str(seed), "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
