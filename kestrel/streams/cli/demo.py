@@ -513,7 +513,8 @@ def demo_recs_model(choice: str, seed: int, say: Callable[[str], None]) -> str:
         return chosen
     root = Path("artifacts/recs-demo")
     if not (root / "CURRENT").exists():
-        say("training a two-tower recommender and its EASE part on 100,000 simulated interactions (first run only, ~45 s)")
+        say("training a two-tower recommender and its EASE part on 100,000 simulated interactions "
+            "(first run only, ~45 s)")
         # Same seed as the demo's stream: the seed makes the world (catalog, shoppers' tastes) the model must know.
         subprocess.run([sys.executable, "-m", "kestrel", "train", "recs", "--simulate", "100000",
                         "--seed", str(seed), "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
