@@ -10,14 +10,20 @@ from kestrel.offline.recs_simcheck import simulator_check
 from kestrel.offline.recs_train import train_two_tower
 from kestrel.offline.simulator import SimConfig
 
+WORLD = {"n_users": 200, "n_items": 300, "n_categories": 6}
+
+
+def _trained(tmp_path, seed: int):
+    """A small shoppers' world through a CSV, and a tower trained on it."""
+    csv = tmp_path / "interactions.csv"
+    simulated_interactions(12_000, seed=seed, **WORLD).to_csv(csv, index=False)
+    df = load_interactions(csv, "user_id", "item_id", "timestamp", category_col="category")
+    return df, SimConfig(seed=seed, **WORLD), train_two_tower(df, dim=32, epochs=6, batch_size=256, progress=False)
+
 
 def test_recommendations_shift_toward_a_category_within_a_few_interactions_and_beat_popularity(tmp_path):
-    world = {"n_users": 200, "n_items": 300, "n_categories": 6}
-    csv = tmp_path / "interactions.csv"
-    simulated_interactions(12_000, seed=3, **world).to_csv(csv, index=False)
-    df = load_interactions(csv, "user_id", "item_id", "timestamp", category_col="category")
-    art = train_two_tower(df, dim=32, epochs=6, batch_size=256, progress=False)
-    report = simulator_check(art, df, SimConfig(seed=3, **world), users=60)
+    df, world, art = _trained(tmp_path, 3)
+    report = simulator_check(art, df, world, users=60)
     share = report["session_category_share_at_10"]
     # A category the user rarely visits: almost absent before, a clear part of the list after 3 clicks in it.
     assert share["0"] < 0.2
@@ -27,15 +33,11 @@ def test_recommendations_shift_toward_a_category_within_a_few_interactions_and_b
 
 
 def test_the_hybrid_still_follows_the_session_and_beats_popularity(tmp_path):
-    world = {"n_users": 200, "n_items": 300, "n_categories": 6}
-    csv = tmp_path / "interactions.csv"
-    simulated_interactions(12_000, seed=4, **world).to_csv(csv, index=False)
-    df = load_interactions(csv, "user_id", "item_id", "timestamp", category_col="category")
-    tower = train_two_tower(df, dim=32, epochs=6, batch_size=256, progress=False)
+    df, world, tower = _trained(tmp_path, 4)
     # EASE's part at a heavy weight (whatever the validation rule would choose on this small world): the
     # served ranking reads the session through it too, not only through the tower's query
     art = dataclasses.replace(tower, item_item=fit_item_item(df, tower, weight=0.75))
-    report = simulator_check(art, df, SimConfig(seed=4, **world), users=60)
+    report = simulator_check(art, df, world, users=60)
     share = report["session_category_share_at_10"]
     assert share["3"] >= share["0"] + 0.15
     assert report["expected_ctr_two_tower"] > 1.1 * report["expected_ctr_popularity"]
