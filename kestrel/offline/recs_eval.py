@@ -177,7 +177,7 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     # predicts test is what judges the rule (reported only; nothing here feeds a choice)
     by_weight: dict[str, float] = {}
     if rule is not None:
-        part = fit_item_item(train, art, ease_lambda)
+        part = served.item_item or fit_item_item(train, art, ease_lambda)  # the served weights when it has them
         if part is not None:
             ranked = ServedRanking(art, train, users, snap).rank(part, WEIGHT_GRID)
             by_weight = {str(w): round(ranking_metrics(r, relevant, n_items)["recall_at_20"], 4)
