@@ -50,10 +50,13 @@ class ItemItem:
 
     def _mean_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         w = self.weights
-        rows = np.asarray([r for r in rows if 0 <= r < w.shape[0]], dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = rows[(rows >= 0) & (rows < w.shape[0])]
         if len(rows) == 0:
             return np.zeros(w.shape[1], dtype=np.float64)
-        picks = np.concatenate([np.arange(w.indptr[r], w.indptr[r + 1]) for r in rows])
+        # the history rows' entries gathered in one step (their positions in the CSR arrays), then summed per item
+        starts, lengths = w.indptr[rows], w.indptr[rows + 1] - w.indptr[rows]
+        picks = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
         return np.bincount(w.indices[picks], weights=w.data[picks], minlength=w.shape[1]) / len(rows)
 
     def scores(self, history: Sequence[int] | np.ndarray, session: Sequence[int] | np.ndarray = ()) -> np.ndarray:
@@ -128,14 +131,15 @@ def blend_rank(query: np.ndarray, vectors: np.ndarray, tower_rows: np.ndarray, e
     [3, 2]
     """
     ease = np.pad(ease.astype(np.float64), (0, max(0, len(vectors) - len(ease))))  # items added since the fit: 0
-    ease[drop] = -np.inf
-    dropped = set(drop.tolist())
-    from_tower = [int(r) for r in tower_rows if r >= 0 and int(r) not in dropped][:pool]
-    live = int(np.isfinite(ease).sum())
-    kk = min(pool, live)
-    from_ease = np.argpartition(-ease, kk - 1)[:kk].tolist() if kk > 0 else []
-    cand = np.asarray(list(dict.fromkeys(from_tower + [int(r) for r in from_ease if np.isfinite(ease[r])])),
-                      dtype=np.int64)
+    ease[np.asarray(drop, dtype=np.int64)] = -np.inf  # dropped rows, and only they, are not finite from here on
+    tower_rows = np.asarray(tower_rows, dtype=np.int64)
+    tower_rows = tower_rows[tower_rows >= 0]
+    from_tower = tower_rows[np.isfinite(ease[tower_rows])][:pool]
+    kk = min(pool, int(np.isfinite(ease).sum()))
+    from_ease = np.argpartition(-ease, kk - 1)[:kk] if kk > 0 else np.zeros(0, dtype=np.int64)
+    both = np.concatenate([from_tower, from_ease[np.isfinite(ease[from_ease])]])
+    _, first = np.unique(both, return_index=True)
+    cand = both[np.sort(first)]  # the union, in order of first appearance: the tower's first
     if len(cand) == 0:
         return cand, np.zeros(0)
     t = vectors[cand] @ query
