@@ -29,7 +29,7 @@ from kestrel.offline.recs_baselines import EASE, EASE_MAX_ITEMS, ItemKNN, Popula
 from kestrel.offline.recs_data import SPLITS, temporal_split
 from kestrel.offline.recs_hybrid import WEIGHT_GRID, ServedRanking, fit_item_item, user_matrix, with_blend
 from kestrel.offline.recs_metrics import ranking_metrics, recall_curve
-from kestrel.offline.recs_train import query_for_users, train_two_tower
+from kestrel.offline.recs_train import train_two_tower
 
 LATENCY_SAMPLE = 300
 
@@ -71,38 +71,20 @@ def two_tower_metrics(art: Any, train: pd.DataFrame, held: dict[str, set[str]], 
     users = sorted(held)
     unknown = iter(range(-1, -10 ** 9, -1))  # rows no index returns: items this version does not know
     relevant = [{vocab.item_index.get(i, next(unknown)) for i in held[u]} for u in users]
-    seen_items = train.groupby("user")["item"].agg(list).to_dict()
-    seen = [np.fromiter((vocab.item_index[i] for i in seen_items.get(u, ()) if i in vocab.item_index), dtype=np.int64)
-            for u in users]
     sample = np.random.default_rng(seed).choice(len(users), min(LATENCY_SAMPLE, len(users)), replace=False)
-    snap = snap or build_snapshot(vocab.item_ids, art.item_embeddings, art.version, kind=index_kind)
-    encoder = art.encoder()
-    recents, times = query_for_users(train, users, art.model.config.history_len)
-
-    def retrieve(qvecs: np.ndarray, seen_rows: Sequence[np.ndarray]) -> list[list[int]]:
-        depth = min(n_items, 20 + max(len(s) for s in seen_rows))
-        _, rows = snap.search(qvecs, depth)
-        out = []
-        for found, s in zip(rows, seen_rows, strict=True):
-            sset = set(s.tolist())
-            out.append([int(r) for r in found if r >= 0 and r not in sset][:20])
-        return out
-
-    ranked: list[list[int]] = []
+    served = ServedRanking(art, train, users,
+                           snap or build_snapshot(vocab.item_ids, art.item_embeddings, art.version, kind=index_kind))
+    snap = served.snap
     part = art.item_item
-    if part is not None:  # the hybrid: served as blend_rank over both parts' candidates
-        served = ServedRanking(art, train, users, snap)
-        ranked = served.rank(part, [part.weight])[part.weight]
-        metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
-        metrics |= _latency(lambda i: served.rank(part, [part.weight], i, i + 1), sample)
-    else:
-        for start in range(0, len(users), 1024):
-            end = start + 1024
-            ranked.extend(retrieve(encoder.encode(users[start:end], recents[start:end], times[start:end]),
-                                   seen[start:end]))
-        metrics = ranking_metrics(ranked, relevant, n_items)
-        metrics |= _latency(lambda i: retrieve(encoder.encode([users[i]], [recents[i]], [times[i]]), [seen[i]]),
-                            sample)
+
+    def rank(start: int, end: int) -> list[list[int]]:
+        if part is None:
+            return served.tower(start, end)
+        return served.rank(part, [part.weight], start, end)[part.weight]  # the hybrid, as blend_rank serves it
+
+    ranked = rank(0, len(users))
+    metrics: dict[str, Any] = ranking_metrics(ranked, relevant, n_items)
+    metrics |= _latency(lambda i: rank(i, i + 1), sample)
     metrics["recall_at_k"] = recall_curve(ranked, relevant, 20)  # K = 1..20, for the run report's plot
     return metrics | {"index": snap.kind, "index_recall_at_20": snap.measured_recall}
 
@@ -156,13 +138,14 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
         metrics["fit_s"] = round(time.perf_counter() - fit_start, 3)
         results[model.name] = metrics
         say(f"baseline {model.name}: recall@20 {metrics['recall_at_20']:.4f}")
+    fitted = next((m.b for m in baselines if isinstance(m, EASE)), None)  # the hybrid reuses it: same matrix
 
     # -- what `kestrel train recs` deploys: the tower and EASE blended, the weight chosen on validation ----------
     def tower(frame: pd.DataFrame) -> Any:
         return train_two_tower(frame, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                progress=False, **train_options)
 
-    served = with_blend(art, train, tower, ease_lambda, log=say, test_share=test_share)
+    served = with_blend(art, train, tower, ease_lambda, log=say, test_share=test_share, fitted=fitted)
     two_tower = results.pop("two_tower")
     two_tower |= {"model_version": art.version, "train_seconds": art.metadata["train_seconds"],
                   "examples": art.metadata["examples"], "target_window": art.metadata["target_window"]}
@@ -177,7 +160,7 @@ def evaluate_recs(df: pd.DataFrame, *, epochs: int = 8, dim: int = 64, batch_siz
     # predicts test is what judges the rule (reported only; nothing here feeds a choice)
     by_weight: dict[str, float] = {}
     if rule is not None:
-        part = served.item_item or fit_item_item(train, art, ease_lambda)  # the served weights when it has them
+        part = served.item_item or fit_item_item(train, art, ease_lambda, fitted=fitted)
         if part is not None:
             ranked = ServedRanking(art, train, users, snap).rank(part, WEIGHT_GRID)
             by_weight = {str(w): round(ranking_metrics(r, relevant, n_items)["recall_at_20"], 4)

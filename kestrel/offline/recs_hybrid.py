@@ -61,13 +61,16 @@ def user_matrix(train: pd.DataFrame, item_index: dict[str, int], n_items: int) -
     return interaction_matrix(known["user"].map(user_row).to_numpy(), items, len(user_row), n_items), user_row
 
 
-def fit_item_item(train: pd.DataFrame, art: RecsArtifact, lam: float = 200.0, weight: float = 0.0) -> ItemItem | None:
-    """EASE fitted on ``train`` in ``art``'s item rows, sparsified; None above ``EASE_MAX_ITEMS`` items."""
+def fit_item_item(train: pd.DataFrame, art: RecsArtifact, lam: float = 200.0, weight: float = 0.0,
+                  fitted: np.ndarray | None = None) -> ItemItem | None:
+    """EASE fitted on ``train`` in ``art``'s item rows, sparsified; None above ``EASE_MAX_ITEMS`` items.
+    ``fitted``: EASE's dense weights already fitted on exactly that matrix (the evaluation's baseline)."""
     n_items = len(art.vocab.item_ids)
     if n_items > EASE_MAX_ITEMS:
         return None
-    x, _ = user_matrix(train, art.vocab.item_index, n_items)
-    return ItemItem(sparsify(EASE(lam).fit(x).b, TOP_K), weight)
+    if fitted is None:
+        fitted = EASE(lam).fit(user_matrix(train, art.vocab.item_index, n_items)[0]).b
+    return ItemItem(sparsify(fitted, TOP_K), weight)
 
 
 class ServedRanking:
@@ -86,6 +89,19 @@ class ServedRanking:
         self.session = [np.asarray([vocab.item_index[i] for i in r[:SESSION_ITEMS] if i in vocab.item_index],
                                    dtype=np.int64) for r in self.recents]
         self.encoder = art.encoder()
+
+    def tower(self, start: int = 0, end: int | None = None, k: int = 20) -> list[list[int]]:
+        """Users ``start:end``'s top ``k`` item rows from the tower alone (FAISS, seen items dropped)."""
+        end = len(self.users) if end is None else end
+        out: list[list[int]] = []
+        for lo in range(start, end, 1024):
+            hi = min(lo + 1024, end)
+            q = self.encoder.encode(self.users[lo:hi], self.recents[lo:hi], self.times[lo:hi])
+            _, found = self.snap.search(q, min(self.snap.size, k + max(len(s) for s in self.seen[lo:hi])))
+            for rows, seen in zip(found, self.seen[lo:hi], strict=True):
+                drop = set(seen.tolist())
+                out.append([int(r) for r in rows if r >= 0 and r not in drop][:k])
+        return out
 
     def rank(self, part: ItemItem, weights: Sequence[float], start: int = 0, end: int | None = None,
              k: int = 20) -> dict[float, list[list[int]]]:
@@ -125,10 +141,11 @@ def choose_blend(train: pd.DataFrame, train_tower: Callable[[pd.DataFrame], Recs
 
 def with_blend(art: RecsArtifact, train: pd.DataFrame, train_tower: Callable[[pd.DataFrame], RecsArtifact],
                lam: float = 200.0, log: Callable[[str], None] | None = None,
-               test_share: float = SPLITS["temporal"]) -> RecsArtifact:
+               test_share: float = SPLITS["temporal"], fitted: np.ndarray | None = None) -> RecsArtifact:
     """``art`` (a tower trained on ``train``) with EASE's weights fitted on ``train`` and the blend weight chosen
     on a validation split of it; ``art`` unchanged where EASE does not fit (a catalogue above
-    ``EASE_MAX_ITEMS``). ``train_tower`` trains a tower the way ``art`` was trained (for the validation fit)."""
+    ``EASE_MAX_ITEMS``). ``train_tower`` trains a tower the way ``art`` was trained (for the validation fit);
+    ``fitted``: see :func:`fit_item_item`."""
     say = log or (lambda _m: None)
     chosen = choose_blend(train, train_tower, lam, test_share)
     if chosen is None:
@@ -140,7 +157,7 @@ def with_blend(art: RecsArtifact, train: pd.DataFrame, train_tower: Callable[[pd
     if weight == 0.0:
         say("hybrid: EASE's part did not beat the tower beyond noise on validation; the tower serves alone")
         return replace(art, metadata={**art.metadata, "hybrid": {"weight": 0.0, **seen}})
-    part = fit_item_item(train, art, lam, weight)
+    part = fit_item_item(train, art, lam, weight, fitted)
     if part is None:  # cannot happen: choose_blend fitted one on a subset of the same catalogue
         return art
     return replace(art, item_item=part, metadata={**art.metadata, "hybrid": {
